@@ -1,0 +1,33 @@
+// The one place where fastfair's operator schemas live. Kernels register
+// themselves per backend from csrc/cpu/*.cpp and csrc/cuda/*.cu; autograd and
+// fake (meta) kernels are registered from Python (fastfair/ops.py), following
+// pytorch/extension-cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fastfair._C only has to load this shared library so that the
+// static TORCH_LIBRARY registrations run; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "fastfair custom operators", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastfair, m) {
+  // Segmented reductions over rows: segment s collects the rows i with
+  // ids[i] == s. ids are int32/int64 in any order; empty segments give 0.
+  m.def("segment_sum(Tensor x, Tensor ids, int num_segments) -> Tensor");
+  m.def("segment_mean(Tensor x, Tensor ids, int num_segments) -> Tensor");
+  m.def("segment_count(Tensor ids, int num_segments) -> Tensor");
+  // Segmented weight gradients for one-pass per-group DC: out[s] is the sum
+  // over rows i in segment s of grad_out_i^T input_i.
+  m.def(
+      "segment_linear_weight_grad(Tensor grad_out, Tensor input, Tensor ids, "
+      "int num_segments) -> Tensor");
+  m.def(
+      "segment_conv2d_weight_grad(Tensor grad_out, Tensor input, Tensor ids, "
+      "int num_segments, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation) -> Tensor");
+}
