@@ -72,14 +72,14 @@ def get_objective(name: str | Objective) -> Objective:
         ) from None
 
 
-def group_weights(counts: Tensor, objective: Objective) -> Tensor:
+def group_weights(counts: Tensor, objective: Objective, dtype: torch.dtype = torch.float32) -> Tensor:
     """[C, G] weights of the per-group terms; 0 for absent groups.
 
     For ``max`` the weights are the present mask; the max is taken by
     :func:`reduce_group_terms`.
     """
     present = counts > 0
-    c = counts.to(torch.float64 if counts.dtype == torch.float64 else torch.float32)
+    c = counts.to(dtype)
     if objective.weighting in ("uniform", "max"):
         return present.to(c.dtype)
     if objective.weighting == "inverse":
@@ -99,7 +99,7 @@ def reduce_group_terms(terms: Tensor, counts: Tensor, objective: Objective) -> T
         masked = terms.masked_fill(~present, float("-inf"))
         best = masked.max(dim=1).values
         return torch.where(present.any(1), best, torch.zeros_like(best))
-    w = group_weights(counts, objective).to(terms.dtype)
+    w = group_weights(counts, objective, terms.dtype)
     # where() rather than a product so that a non-finite term of an absent
     # group (0/0 of an empty segment) cannot leak into the sum.
     return torch.where(present, w * terms, torch.zeros_like(terms)).sum(1)
