@@ -42,24 +42,6 @@ def want_cuda() -> bool:
     return mode == "1" or (mode == "auto" and available)
 
 
-def cuda_library_includes() -> list[str]:
-    """Header folders of the CUDA math libraries that torch's headers include.
-
-    A bare nvcc install (like /usr/local/cuda on the build machines) lacks
-    cusparse.h / cublas_v2.h; pip's torch brings them in the nvidia-* wheels.
-    """
-    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
-        return []
-    try:
-        import nvidia  # the namespace package of the nvidia-* wheels
-    except ImportError:
-        return []
-    dirs = []
-    for root in nvidia.__path__:
-        dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
-    return [d for d in dirs if glob.glob(os.path.join(d, "cu*.h"))]
-
-
 def extensions():
     sources = [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))]
     sources += [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
@@ -71,7 +53,6 @@ def extensions():
             CUDAExtension(
                 "fastfair._C",
                 sources,
-                include_dirs=cuda_library_includes(),
                 extra_compile_args={
                     "cxx": cxx + ["-DFASTFAIR_WITH_CUDA"],
                     "nvcc": ["-O3", "-lineinfo",

@@ -16,8 +16,11 @@
 // there are (unlike one-thread-per-output or atomic scatter schemes).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers rather than ATen/cuda/CUDAContext.h: the
+// latter pulls in cuSPARSE/cuBLAS headers that a bare nvcc install lacks.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -121,7 +124,7 @@ at::Tensor segment_count_cuda(const at::Tensor& ids_in, int64_t num_segments) {
   if (n == 0 || num_segments == 0) return counts;
   const int threads = 256;
   const int64_t blocks = (n + threads - 1) / threads;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "segment_count_cuda", [&] {
     count_kernel<index_t><<<blocks, threads, 0, stream>>>(
         ids.const_data_ptr<index_t>(), n, num_segments,
@@ -157,7 +160,7 @@ at::Tensor segment_reduce_cuda(const at::Tensor& x, const at::Tensor& ids_in,
   const auto acc_type = at::toOpMathType(x.scalar_type());
   at::Tensor head = at::empty({chunks, d}, x.options().dtype(acc_type));
   at::Tensor tail = at::empty({chunks, d}, x.options().dtype(acc_type));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "segment_reduce_cuda_ids", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(
