@@ -1,0 +1,173 @@
+"""Train-on-synthetic evaluation: accuracy and fairness of networks trained on a
+(distilled or baseline) training set and tested on the balanced test split.
+
+Protocol of the DC/DM/FairDD papers: a fresh network per run, SGD lr 0.01,
+momentum 0.9, weight decay 5e-4, batch 256, lr x0.1 at half of the epochs,
+cross-entropy, DSA on every training batch; 1000 epochs for DM (DC uses 300).
+
+``dataset`` is duck-typed (``fastfair.data.BiasedDataset``): ``train`` / ``test``
+splits with ``.images`` [N, C, H, W] float, ``.labels`` [N] and ``.groups`` [N]
+int64, plus ``num_classes``, ``num_groups``, ``channels``, ``image_size``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .augment import DEFAULT_STRATEGY, dsa as dsa_augment
+from .metrics import fairness_report
+from .nets import get_network
+
+DEFAULT_EPOCHS = 1000
+_EVAL_BATCH = 1024
+_METRICS = ("acc", "deo_m", "deo_a")
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_synset(images: Tensor, labels: Tensor, dataset: Any) -> None:
+    if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
+        raise ValueError("images and labels must be torch tensors")
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor [N], got {labels.dtype} {tuple(labels.shape)}")
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("the training set is empty")
+    if labels.shape[0] != n:
+        raise ValueError(f"{n} images but {labels.shape[0]} labels")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= dataset.num_classes:
+        raise ValueError(f"labels must lie in [0, {dataset.num_classes}), got range [{lo}, {hi}]")
+    want = (dataset.channels, dataset.image_size, dataset.image_size)
+    if tuple(images.shape[1:]) != want:
+        raise ValueError(f"images must be [N, {want[0]}, {want[1]}, {want[2]}] to match the dataset, "
+                         f"got {tuple(images.shape)}")
+
+
+@torch.no_grad()
+def predict(net: nn.Module, images: Tensor, device: torch.device, batch_size: int = _EVAL_BATCH) -> Tensor:
+    """Predicted class ids (on CPU) of ``images``, in batches, eval mode, no grad."""
+    net.eval()
+    out = [net(images[i:i + batch_size].to(device, non_blocking=True)).argmax(dim=1).cpu()
+           for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def train_network(net: nn.Module, images: Tensor, labels: Tensor, epochs: int, batch_size: int, lr: float,
+                  dsa: bool, gen: torch.Generator, device: torch.device, bar: Any = None) -> nn.Module:
+    """Train ``net`` in place with the evaluation protocol (shuffled batches from
+    ``gen``, a fresh DSA seed per batch, lr x0.1 at epoch ``epochs // 2``)."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    n = images.shape[0]
+    net.train()
+    for ep in range(epochs):
+        if ep == epochs // 2 and ep > 0:
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size].to(images.device)
+            x = images[idx].to(device, non_blocking=True)
+            y = labels[idx].to(device, non_blocking=True)
+            if dsa:
+                x = dsa_augment(x, seed=int(torch.randint(2**62, (1,), generator=gen)), strategy=DEFAULT_STRATEGY)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if bar is not None:
+            bar.update(1)
+    return net
+
+
+def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "ConvNet", epochs: int | None = None,
+                    runs: int = 5, batch_size: int = 256, lr: float = 0.01, dsa: bool = True, seed: int = 0,
+                    device: str | torch.device | None = None, progress: bool = True,
+                    net_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``runs`` fresh ``model`` networks on (images, labels) and test each
+    on ``dataset.test``.
+
+    Run r initialises its network and draws its batches and DSA seeds from seed
+    ``seed + r`` (the global RNG state is restored afterwards). ``epochs`` None
+    means 1000 (the DM protocol). ``net_kwargs`` go to
+    :func:`fastfair.nets.get_network` (e.g. ``width``, ``norm``).
+
+    Returns ``acc``, ``deo_m``, ``deo_a`` (means over runs, percent), their
+    ``*_std`` (POPULATION standard deviation over runs, ddof=0, as ``np.std``
+    in the DC/DM code), ``runs`` (per-run dicts with acc / deo_m / deo_a /
+    cell_acc / empty_cells), ``model`` and ``epochs``.
+    """
+    _check_synset(images, labels, dataset)
+    epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
+    if epochs < 1 or runs < 1 or batch_size < 1:
+        raise ValueError(f"epochs, runs and batch_size must be >= 1, got {epochs}, {runs}, {batch_size}")
+    dev = _resolve_device(device)
+    images = images.detach()
+    labels = labels.detach().long()
+    test = dataset.test
+
+    per_run: list[dict[str, Any]] = []
+    with tqdm(total=runs * epochs, disable=not progress, desc=f"eval {model}", unit="ep") as bar:
+        for r in range(runs):
+            gen = torch.Generator().manual_seed(seed + r)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + r)
+                net = get_network(model, dataset.channels, dataset.num_classes, dataset.image_size,
+                                  **(net_kwargs or {}))
+            net = net.to(dev)
+            train_network(net, images, labels, epochs, batch_size, lr, dsa, gen, dev, bar)
+            pred = predict(net, test.images, dev)
+            rep = fairness_report(pred, test.labels, test.groups, dataset.num_classes, dataset.num_groups)
+            per_run.append(rep)
+            bar.set_postfix(acc=f"{rep['acc']:.1f}", deo_m=f"{rep['deo_m']:.1f}")
+    out: dict[str, Any] = {}
+    for k in _METRICS:
+        vals = np.array([rep[k] for rep in per_run], dtype=np.float64)
+        out[k] = float(vals.mean())
+        out[f"{k}_std"] = float(vals.std())
+    out.update(runs=per_run, model=model, epochs=epochs)
+    return out
+
+
+def baseline_set(kind: str, dataset: Any, ipc: int = 10, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Training set of a baseline: ``"random"`` = ``ipc`` real train images per
+    class drawn with ``seed`` (all of a class's images if it has fewer),
+    ``"whole"`` = the full train split."""
+    train = dataset.train
+    if kind == "whole":
+        return train.images, train.labels
+    if kind != "random":
+        raise ValueError(f"unknown baseline kind {kind!r}; expected 'random' or 'whole'")
+    if ipc < 1:
+        raise ValueError(f"ipc must be >= 1, got {ipc}")
+    gen = torch.Generator().manual_seed(seed)
+    labels = train.labels.cpu()
+    picks = []
+    for c in range(dataset.num_classes):
+        idx = (labels == c).nonzero().flatten()
+        if idx.numel() == 0:
+            raise ValueError(f"class {c} has no training images")
+        picks.append(idx[torch.randperm(idx.numel(), generator=gen)[:ipc]])
+    sel = torch.cat(picks).to(train.images.device)
+    return train.images[sel], train.labels[sel]
+
+
+def evaluate_baseline(kind: str, dataset: Any, ipc: int = 10, **kwargs: Any) -> dict[str, Any]:
+    """:func:`evaluate_synset` on a baseline training set (see
+    :func:`baseline_set`); same keyword arguments. Adds ``kind`` and ``ipc``
+    (None for ``"whole"``) to the result."""
+    images, labels = baseline_set(kind, dataset, ipc=ipc, seed=int(kwargs.get("seed", 0)))
+    res = evaluate_synset(images, labels, dataset, **kwargs)
+    res.update(kind=kind, ipc=ipc if kind == "random" else None)
+    return res

@@ -1,0 +1,86 @@
+"""Accuracy and fairness (difference of equal opportunity) of predictions.
+
+For class y and group a, r[a, y] is the accuracy on the test samples of class y
+and group a. gap[y] = max_a r[a, y] - min_a r[a, y] over the groups that have
+test samples in class y. DEO_M = max_y gap[y] * 100, DEO_A = mean_y gap[y] * 100
+(FairDD, Zhou et al. NeurIPS'25; lower is fairer).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def _as_long_1d(v: Any, what: str) -> Tensor:
+    t = torch.as_tensor(v).detach().cpu()
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{what} must be integer ids, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{what} must be one-dimensional, got shape {tuple(t.shape)}")
+    return t.long()
+
+
+def fairness_report(pred: Any, labels: Any, groups: Any, num_classes: int, num_groups: int) -> dict[str, Any]:
+    """Accuracy and DEO of predictions against labels, per (class, group) cell.
+
+    ``pred`` is [N] predicted class ids or [N, num_classes] scores (argmax is
+    taken); ``labels`` and ``groups`` are [N] integer ids (tensors or arrays).
+
+    Returns a dict:
+      ``acc``         overall top-1 accuracy in percent;
+      ``deo_m``       max over classes of the per-class gap, in percent;
+      ``deo_a``       mean over ALL ``num_classes`` classes of the gap, in percent;
+      ``cell_acc``    [num_classes][num_groups] nested list of r[a, y] in percent,
+                      None for a cell without test samples;
+      ``empty_cells`` list of (class, group) pairs without test samples.
+
+    An empty cell is left out of its class's gap (never counted as 0%). A class
+    with fewer than two non-empty cells (or no samples at all) has gap 0 and
+    still counts in the DEO_A mean.
+    """
+    if num_classes < 1 or num_groups < 1:
+        raise ValueError(f"num_classes and num_groups must be >= 1, got {num_classes}, {num_groups}")
+    p = torch.as_tensor(pred).detach().cpu()
+    if p.dim() == 2:
+        if p.shape[1] != num_classes:
+            raise ValueError(f"pred scores must be [N, {num_classes}], got shape {tuple(p.shape)}")
+        p = p.argmax(dim=1)
+    p = _as_long_1d(p, "pred")
+    y = _as_long_1d(labels, "labels")
+    g = _as_long_1d(groups, "groups")
+    n = y.numel()
+    if n == 0:
+        raise ValueError("fairness_report needs at least one sample")
+    if p.numel() != n or g.numel() != n:
+        raise ValueError(f"pred, labels and groups must have the same length, got {p.numel()}, {n}, {g.numel()}")
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]")
+    if int(g.min()) < 0 or int(g.max()) >= num_groups:
+        raise ValueError(f"groups must lie in [0, {num_groups}), got range [{int(g.min())}, {int(g.max())}]")
+
+    correct = p == y
+    cell = y * num_groups + g
+    size = num_classes * num_groups
+    count = torch.bincount(cell, minlength=size).view(num_classes, num_groups)
+    hits = torch.bincount(cell, weights=correct.double(), minlength=size).view(num_classes, num_groups)
+    present = count > 0
+    rate = hits / count.clamp(min=1).double()  # [C, G], 0 in empty cells (masked below)
+
+    hi = torch.where(present, rate, torch.full_like(rate, -np.inf)).max(dim=1).values
+    lo = torch.where(present, rate, torch.full_like(rate, np.inf)).min(dim=1).values
+    gap = torch.where(present.sum(dim=1) >= 2, hi - lo, torch.zeros_like(hi))
+
+    rate_pct = (rate * 100.0).tolist()
+    pres = present.tolist()
+    cell_acc = [[rate_pct[c][a] if pres[c][a] else None for a in range(num_groups)] for c in range(num_classes)]
+    empty = [tuple(ca) for ca in (~present).nonzero().tolist()]
+    return {
+        "acc": float(correct.double().mean()) * 100.0,
+        "deo_m": float(gap.max()) * 100.0,
+        "deo_a": float(gap.mean()) * 100.0,
+        "cell_acc": cell_acc,
+        "empty_cells": empty,
+    }

@@ -1,0 +1,109 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastfair.evaluate import baseline_set, evaluate_baseline, evaluate_synset
+
+NET = {"width": 16, "depth": 2}  # tiny ConvNet keeps the tests fast
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny convs are far faster on one thread than on two contended ones
+    # (OpenMP threads wait on each other when the cores are shared).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _split(n_per_cell, size, seed):
+    """2 classes x 2 groups: class = stripe orientation (survives every DSA op),
+    group = which colour channel is bright."""
+    g = torch.Generator().manual_seed(seed)
+    imgs, labels, groups = [], [], []
+    stripes = (torch.arange(size) // 2 % 2).float() * 2 - 1
+    for c in range(2):
+        pattern = stripes.view(size, 1).expand(size, size) if c == 0 else stripes.view(1, size).expand(size, size)
+        for a in range(2):
+            x = pattern.expand(n_per_cell, 3, size, size).clone()
+            x[:, a] *= 2.0
+            imgs.append(x + 0.3 * torch.randn(x.shape, generator=g))
+            labels += [c] * n_per_cell
+            groups += [a] * n_per_cell
+    return SimpleNamespace(images=torch.cat(imgs), labels=torch.tensor(labels), groups=torch.tensor(groups))
+
+
+def _dataset(size=16):
+    return SimpleNamespace(train=_split(10, size, 0), test=_split(8, size, 1), num_classes=2, num_groups=2,
+                           channels=3, image_size=size)
+
+
+def _check_schema(res, runs, epochs):
+    for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std"):
+        assert isinstance(res[k], float)
+    assert res["model"] == "ConvNet" and res["epochs"] == epochs
+    assert len(res["runs"]) == runs
+    for r in res["runs"]:
+        assert set(r) >= {"acc", "deo_m", "deo_a", "cell_acc"}
+        assert len(r["cell_acc"]) == 2 and all(len(row) == 2 for row in r["cell_acc"])
+    accs = torch.tensor([r["acc"] for r in res["runs"]], dtype=torch.float64)
+    assert res["acc"] == pytest.approx(float(accs.mean()))
+    assert res["acc_std"] == pytest.approx(float(accs.std(unbiased=False)))
+
+
+@pytest.mark.parametrize("dsa", [False, True])
+def test_learns_separable_task(dsa):
+    ds = _dataset()
+    tr = ds.train
+    res = evaluate_synset(tr.images, tr.labels, ds, epochs=25, runs=2, batch_size=16, dsa=dsa, device="cpu",
+                          progress=False, net_kwargs=NET)
+    _check_schema(res, 2, 25)
+    assert res["acc"] >= 90.0  # chance is 50%
+    assert res["deo_m"] <= 25.0
+
+
+def test_deterministic_in_seed():
+    ds = _dataset(8)
+    kw = dict(epochs=3, runs=1, batch_size=8, device="cpu", progress=False, net_kwargs=NET)
+    a = evaluate_synset(ds.train.images, ds.train.labels, ds, seed=3, **kw)
+    b = evaluate_synset(ds.train.images, ds.train.labels, ds, seed=3, **kw)
+    assert a == b
+
+
+def test_baselines():
+    ds = _dataset(8)
+    imgs, labels = baseline_set("random", ds, ipc=3, seed=1)
+    assert imgs.shape == (6, 3, 8, 8) and labels.bincount().tolist() == [3, 3]
+    # the chosen images are real training images of their class
+    for x, y in zip(imgs, labels):
+        match = (ds.train.images == x).flatten(1).all(1).nonzero().flatten()
+        assert match.numel() == 1 and ds.train.labels[match].item() == y
+    kw = dict(epochs=2, runs=1, batch_size=16, device="cpu", progress=False, net_kwargs=NET)
+    r = evaluate_baseline("random", ds, ipc=3, **kw)
+    _check_schema(r, 1, 2)
+    assert r["kind"] == "random" and r["ipc"] == 3
+    w = evaluate_baseline("whole", ds, **kw)
+    _check_schema(w, 1, 2)
+    assert w["kind"] == "whole"
+    with pytest.raises(ValueError, match="kind"):
+        evaluate_baseline("best", ds)
+
+
+def test_input_validation():
+    ds = _dataset(8)
+    x, y = ds.train.images, ds.train.labels
+    kw = dict(epochs=1, runs=1, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="labels"):
+        evaluate_synset(x, y[:-1], ds, **kw)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        evaluate_synset(x, y + 1, ds, **kw)
+    with pytest.raises(ValueError, match="match the dataset"):
+        evaluate_synset(x[:, :1], y, ds, **kw)
+    with pytest.raises(ValueError, match="match the dataset"):
+        evaluate_synset(torch.zeros(len(y), 3, 16, 16), y, ds, **kw)
+    with pytest.raises(ValueError, match="integer"):
+        evaluate_synset(x, y.float(), ds, **kw)
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_synset(x[:0], y[:0], ds, **kw)
