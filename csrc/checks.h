@@ -10,7 +10,7 @@ inline void check_ids(const at::Tensor& ids, int64_t num_segments,
   TORCH_CHECK_VALUE(ids.dim() == 1, op, ": ids must be 1-D, got shape ", ids.sizes());
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
               op, ": ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(num_segments >= 0, op, ": num_segments must be >= 0, got ",
+  TORCH_CHECK_VALUE(num_segments > 0, op, ": num_segments must be positive, got ",
               num_segments);
 }
 

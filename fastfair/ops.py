@@ -80,8 +80,8 @@ def validate_ids(enabled: bool) -> Iterator[None]:
 def _check_args(x: Tensor | None, ids: Tensor, num_segments: int, op: str) -> None:
     if not isinstance(num_segments, int) or isinstance(num_segments, bool):
         raise TypeError(f"{op}: num_segments must be an int, got {type(num_segments).__name__}")
-    if num_segments < 0:
-        raise ValueError(f"{op}: num_segments must be >= 0, got {num_segments}")
+    if num_segments <= 0:
+        raise ValueError(f"{op}: num_segments must be positive, got {num_segments}")
     if ids.dim() != 1:
         raise ValueError(f"{op}: ids must be 1-D, got shape {tuple(ids.shape)}")
     if ids.dtype not in (torch.int32, torch.int64):

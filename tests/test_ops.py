@@ -124,8 +124,11 @@ def test_errors(device):
         ops.segment_sum(x, ids.float(), 4)
     with pytest.raises(TypeError, match="floating"):
         ops.segment_sum(x.long(), ids, 4)
-    with pytest.raises(ValueError, match=">= 0"):
-        ops.segment_sum(x, ids, -1)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="positive"):
+            ops.segment_sum(x, ids, bad)
+    with pytest.raises(TypeError, match="int"):
+        ops.segment_mean(x, ids, 4.0)
 
 
 @compiled
@@ -138,6 +141,8 @@ def test_kernel_errors_are_value_errors():
         torch.ops.fastfair.segment_mean(x, torch.zeros(3, dtype=torch.long), 4)
     with pytest.raises(TypeError):
         torch.ops.fastfair.segment_count(torch.zeros(3), 4)
+    with pytest.raises(ValueError, match="positive"):
+        torch.ops.fastfair.segment_sum(x, torch.zeros(10, dtype=torch.long), 0)
 
 
 @compiled

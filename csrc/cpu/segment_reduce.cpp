@@ -28,10 +28,10 @@ void check_range_cpu(const index_t* ids, int64_t n, int64_t num_segments,
 
 // Rows in fixed chunks of this many; a chunk's partial sums are combined in
 // chunk order. Used when D is too small to split the work by columns.
-constexpr int64_t kRowChunk = 16384;
+constexpr int64_t kRowChunk = 4096;
 // Cap on the partial-sum buffer (elements) of the row-chunk strategy.
 constexpr int64_t kMaxPartial = int64_t(1) << 24;
-// Columns per task of the column strategy: 64 floats = one cache line x4.
+// Columns per task of the column strategy: 64 floats = four cache lines.
 constexpr int64_t kColBlock = 64;
 // Below this many column blocks the column split leaves cores idle.
 constexpr int64_t kMinColBlocks = 4;
@@ -48,7 +48,9 @@ void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
   const int64_t nchunks = (n + kRowChunk - 1) / kRowChunk;
   const int64_t ncolblocks = (d + kColBlock - 1) / kColBlock;
 
-  if (nchunks > 1 && ncolblocks < kMinColBlocks &&
+  // The row-chunk strategy pays nchunks * S * D for zeroing and combining
+  // its buffers: worth it only while that stays below the N * D main pass.
+  if (nchunks > 1 && ncolblocks < kMinColBlocks && nchunks * num_segments <= n &&
       nchunks * num_segments * d <= kMaxPartial) {
     // Few columns, many rows: each row chunk sums into its own buffer, then
     // the buffers are added in chunk order.

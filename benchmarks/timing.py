@@ -1,0 +1,128 @@
+"""Shared timing helpers for the benchmarks: medians after warm-up, device
+events and an L2 flush on CUDA, inputs rotated so caches do not flatter."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def describe_machine(device: str) -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info["gpu"] = props.name
+        info["sms"] = props.multi_processor_count
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info["cpu"] = cpu
+    info["cores"] = os.cpu_count()
+    return info
+
+
+_flush_buf: torch.Tensor | None = None
+
+
+def _flush_l2(device: str) -> None:
+    # 256 MB is well above the H100/H200 L2 (50-60 MB).
+    global _flush_buf
+    if _flush_buf is None or _flush_buf.device != torch.device(device):
+        _flush_buf = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device=device)
+    _flush_buf.zero_()
+
+
+def median_ms(
+    fn: Callable[[int], object],
+    *,
+    device: str,
+    warmup: int = 2,
+    repeats: int = 7,
+    max_seconds: float = 20.0,
+) -> float:
+    """Median wall time of fn(i) in milliseconds; i rotates the inputs.
+
+    CUDA: timed with events around each call after an L2 flush. CPU: wall
+    clock. Stops early (with at least 3 samples) when max_seconds is spent, so
+    very slow baselines do not stall a sweep.
+    """
+    cuda = device.startswith("cuda")
+    for i in range(warmup):
+        fn(i)
+    if cuda:
+        torch.cuda.synchronize()
+    samples: list[float] = []
+    start_all = time.perf_counter()
+    for i in range(repeats):
+        if cuda:
+            _flush_l2(device)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(warmup + i)
+            b.record()
+            b.synchronize()
+            samples.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn(warmup + i)
+            samples.append((time.perf_counter() - t0) * 1e3)
+        if len(samples) >= 3 and time.perf_counter() - start_all > max_seconds:
+            break
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth, counting bytes read + written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda i: dst.copy_(src), device=device, repeats=10)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def write_json(path: str, payload: object) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def loglog_plot(rows: Sequence[dict], x: str, y: str, series: str, title: str, path: str) -> None:
+    """One line per implementation, log-log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r[series] for r in rows):
+        pts = sorted((r[x], r[y]) for r in rows if r[series] == name and r.get(y) is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
