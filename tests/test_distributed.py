@@ -1,0 +1,264 @@
+"""fastfair.distributed: exact global segment statistics over a real process group.
+
+The multi-process tests launch this very file under ``torchrun`` (2 gloo ranks
+on the CPU, OMP_NUM_THREADS=1), once per scenario; the ranks write their
+results to a temporary folder and pytest compares them with independent
+single-process references over the union of the shards. A hung rank fails the
+test after a timeout instead of hanging CI (the whole process group is killed).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastfair
+from fastfair import distributed as fd
+
+NPROC = 2
+LAUNCH_TIMEOUT_S = 120
+_REPO_ROOT = str(Path(fastfair.__file__).resolve().parent.parent)
+
+
+def _launch(nproc: int, args: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> str:
+    """Run this file under torchrun with ``nproc`` ranks; returns its output."""
+    env = dict(os.environ)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
+    # --standalone: a c10d rendezvous on localhost with a free port chosen by torchrun.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(nproc), os.path.abspath(__file__), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun {args} did not finish in {timeout} s:\n{out[-4000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun {args} failed (exit {proc.returncode}):\n{out[-6000:]}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Segment-statistics scenario: data every rank (and the test) builds the same way.
+
+
+def _segment_cases() -> list[dict]:
+    """Global batches; ``perm`` is the batch order that :func:`shard` splits."""
+    g = torch.Generator().manual_seed(1234)
+    cases = []
+    # 1) segment 5 only in rank 0's shard, segment 6 empty everywhere, int64 ids.
+    n, d, s = 37, 5, 7
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 3 + 1
+    ids = torch.randint(0, 5, (n,), generator=g)
+    perm = torch.randperm(n, generator=g)
+    ids[perm[:3]] = 5  # the first rows of the batch: rank 0's shard
+    cases.append(dict(x=x, ids=ids, num_segments=s, perm=perm))
+    # 2) int32 ids, one segment only in the LAST rank's shard, rows out of order.
+    n, d, s = 23, 3, 4
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 3, (n,), generator=g, dtype=torch.int32)
+    perm = torch.randperm(n, generator=g)
+    ids[perm[-2:]] = 3
+    cases.append(dict(x=x, ids=ids, num_segments=s, perm=perm))
+    # 3) a single row: the other rank holds nothing at all.
+    x = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    cases.append(dict(x=x, ids=torch.tensor([2]), num_segments=3, perm=torch.tensor([0])))
+    return cases
+
+
+def _loss_weights(num_segments: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(99 + num_segments)
+    return (torch.randn(num_segments, d, generator=g, dtype=torch.float64),
+            torch.randn(num_segments, d, generator=g, dtype=torch.float64))
+
+
+def _mean_loss(mean: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # Non-linear in the mean, so the gradient depends on the global statistics.
+    return (w * (mean - t) ** 2).sum()
+
+
+def _worker_segments(out_dir: Path) -> None:
+    r, w = fd.rank(), fd.world_size()
+    result: dict = {"rank": r, "world_size": w, "is_main": fd.is_main(), "local_rank": fd.local_rank()}
+    cases = []
+    for case in _segment_cases():
+        mine = fd.shard(case["perm"])
+        x = case["x"][mine].clone().requires_grad_(True)
+        ids, s = case["ids"][mine], case["num_segments"]
+        mean = fd.segment_mean(x, ids, s)
+        wt, tt = _loss_weights(s, x.shape[1])
+        (grad_mean,) = torch.autograd.grad(_mean_loss(mean, wt, tt), x)
+        total = fd.segment_sum(x, ids, s)
+        (grad_sum,) = torch.autograd.grad((wt * total).sum(), x)
+        sum2, count2 = fd.segment_sum_count(x.detach(), ids, s)
+        cases.append(dict(
+            mine=mine, mean=mean.detach(), sum=total.detach(), count=fd.segment_count(ids, s),
+            grad_mean=grad_mean, grad_sum=grad_sum, sum2=sum2, count2=count2,
+        ))
+    result["cases"] = cases
+    # The plain collectives the driver uses.
+    result["reduced_int"] = fd.all_reduce_sum_(torch.tensor([r + 1, 10 * (r + 1)], dtype=torch.int64))
+    result["reduced_float"] = fd.all_reduce_sum_(torch.full((3,), 0.5 + r, dtype=torch.float64))
+    result["broadcast"] = fd.broadcast_(torch.full((2,), float(r + 7)), src=w - 1)
+    fd.barrier()
+    torch.save(result, out_dir / f"segments_rank{r}.pt")
+
+
+def _worker_main(argv: list[str]) -> None:
+    scenario, out_dir = argv[0], Path(argv[1])
+    if not fd.init_from_env(backend="gloo", device="cpu"):
+        raise SystemExit("worker: expected a multi-process group from torchrun")
+    try:
+        {"segments": _worker_segments}[scenario](out_dir)
+    finally:
+        fd.cleanup()
+
+
+# ---------------------------------------------------------------------------
+# Independent single-process references (masks and loops, no fastfair ops).
+
+
+def _reference_stats(x: torch.Tensor, ids: torch.Tensor, s: int):
+    sums = torch.zeros(s, x.shape[1], dtype=x.dtype)
+    counts = torch.zeros(s, dtype=torch.int64)
+    means = torch.zeros(s, x.shape[1], dtype=x.dtype)
+    for seg in range(s):
+        rows = x[ids.long() == seg]
+        counts[seg] = rows.shape[0]
+        if rows.shape[0]:
+            sums[seg] = rows.sum(0)
+            means[seg] = rows.mean(0)
+    return sums, counts, means
+
+
+def _reference_mean_grad(x: torch.Tensor, ids: torch.Tensor, s: int) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    rows = [x[ids.long() == seg] for seg in range(s)]
+    mean = torch.stack([r.mean(0) if r.shape[0] else x.new_zeros(x.shape[1]) for r in rows])
+    wt, tt = _loss_weights(s, x.shape[1])
+    (grad,) = torch.autograd.grad(_mean_loss(mean, wt, tt), x)
+    return grad
+
+
+@pytest.fixture(scope="module")
+def segment_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("distributed_segments")
+    _launch(NPROC, ["segments", str(out_dir)])
+    return [torch.load(out_dir / f"segments_rank{r}.pt") for r in range(NPROC)]
+
+
+def test_distributed_segment_stats_match_single_process(segment_results: list[dict]) -> None:
+    cases = _segment_cases()
+    for ci, case in enumerate(cases):
+        ref_sum, ref_count, ref_mean = _reference_stats(case["x"], case["ids"], case["num_segments"])
+        seen = torch.cat([res["cases"][ci]["mine"] for res in segment_results])
+        # The shards are disjoint and their union (in rank order) is the whole batch.
+        assert torch.equal(seen, case["perm"])
+        for res in segment_results:
+            got = res["cases"][ci]
+            assert torch.equal(got["count"], ref_count) and torch.equal(got["count2"], ref_count)
+            assert got["count"].dtype == torch.int64
+            torch.testing.assert_close(got["sum"], ref_sum, rtol=0, atol=1e-12)
+            torch.testing.assert_close(got["sum2"], ref_sum, rtol=0, atol=1e-12)
+            torch.testing.assert_close(got["mean"], ref_mean, rtol=0, atol=1e-12)
+            assert not torch.isnan(got["mean"]).any()
+        # Every rank holds bit-identical global statistics.
+        a, b = segment_results[0]["cases"][ci], segment_results[1]["cases"][ci]
+        assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["sum"], b["sum"])
+    # The scenarios cover what they claim: empty on one rank, and on all.
+    c0 = segment_results[0]["cases"][0]
+    ids0 = cases[0]["ids"]
+    assert int(c0["count"][6]) == 0
+    assert bool((ids0[segment_results[1]["cases"][0]["mine"]] != 5).all()) and int(c0["count"][5]) == 3
+    assert segment_results[1]["cases"][2]["mine"].numel() == 0
+
+
+def test_distributed_segment_gradients_match_single_process(segment_results: list[dict]) -> None:
+    for ci, case in enumerate(_segment_cases()):
+        ref_grad = _reference_mean_grad(case["x"], case["ids"], case["num_segments"])
+        wt, _ = _loss_weights(case["num_segments"], case["x"].shape[1])
+        for res in segment_results:
+            got = res["cases"][ci]
+            # d loss(global mean) / d (this rank's rows) == the rows of the
+            # single-process gradient: no world_size factor, no local counts.
+            torch.testing.assert_close(got["grad_mean"], ref_grad[got["mine"]], rtol=0, atol=1e-12)
+            torch.testing.assert_close(got["grad_sum"], wt[case["ids"][got["mine"]].long()], rtol=0, atol=0)
+
+
+def test_distributed_collectives_and_ranks(segment_results: list[dict]) -> None:
+    assert [res["rank"] for res in segment_results] == list(range(NPROC))
+    for res in segment_results:
+        assert res["world_size"] == NPROC and res["is_main"] == (res["rank"] == 0)
+        assert res["local_rank"] == res["rank"]  # one node
+        assert torch.equal(res["reduced_int"], torch.tensor([3, 30]))
+        assert res["reduced_int"].dtype == torch.int64
+        torch.testing.assert_close(res["reduced_float"], torch.full((3,), 2.0, dtype=torch.float64))
+        torch.testing.assert_close(res["broadcast"], torch.full((2,), float(NPROC - 1 + 7)))
+
+
+# ---------------------------------------------------------------------------
+# Single process: everything is a no-op; shard() covers the batch.
+
+
+def test_distributed_helpers_are_noops_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert fd.init_from_env() is False
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert fd.init_from_env() is False
+    assert not fd.is_initialized()
+    assert (fd.rank(), fd.world_size(), fd.is_main()) == (0, 1, True)
+    t = torch.arange(4.0)
+    assert fd.all_reduce_sum_(t) is t and torch.equal(t, torch.arange(4.0))
+    assert fd.broadcast_(t) is t
+    fd.barrier()
+    fd.cleanup()
+    x = torch.randn(9, 3, dtype=torch.float64)
+    ids = torch.tensor([0, 2, 2, 1, 0, 2, 2, 0, 1])
+    ref_sum, ref_count, ref_mean = _reference_stats(x, ids, 4)
+    torch.testing.assert_close(fd.segment_sum(x, ids, 4), ref_sum, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fd.segment_mean(x, ids, 4), ref_mean, rtol=0, atol=1e-12)
+    assert torch.equal(fd.segment_count(ids, 4), ref_count)
+
+
+def test_distributed_init_from_env_refuses_incomplete_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        fd.init_from_env(backend="gloo", device="cpu")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        fd.init_from_env()
+    assert not fd.is_initialized()
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 8, 257])
+@pytest.mark.parametrize("w", [1, 2, 3, 4])
+def test_distributed_shard_covers_the_batch(n: int, w: int) -> None:
+    idx = torch.randperm(n) + 100
+    parts = [fd.shard(idx, r, w) for r in range(w)]
+    assert torch.equal(torch.cat(parts), idx)  # disjoint, complete, in order
+    sizes = [p.numel() for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert torch.equal(fd.shard(idx, 1, w) if w > 1 else fd.shard(idx), parts[1 if w > 1 else 0])
+
+
+def test_distributed_shard_rejects_bad_ranks() -> None:
+    with pytest.raises(ValueError):
+        fd.shard(torch.arange(4), 2, 2)
+    with pytest.raises(ValueError):
+        fd.shard(torch.arange(4).view(2, 2), 0, 2)
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
