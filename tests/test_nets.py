@@ -15,7 +15,7 @@ def _one_thread():
 
 
 @pytest.mark.parametrize("name", NETWORKS)
-@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("size", [28, 32, 64])
 def test_every_network_builds_and_runs(name, size):
     torch.manual_seed(0)
     net = get_network(name, channels=3, num_classes=7, image_size=size)
