@@ -18,7 +18,7 @@ et al., ICML'26, arXiv 2605.00185) for the barycenter target.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -161,4 +161,83 @@ def dm_matching_loss(
     else:
         target = class_target(seg_sum, counts, obj)
         per_class = _dm_distance(target - syn_mean, obj)
+    return torch.where(class_ok, per_class, torch.zeros_like(per_class)).sum()
+
+
+# ---------------------------------------------------------------------------
+# DC: gradient matching (match_loss of the DC code family, REFERENCE.md).
+
+Metric = Literal["ours", "mse", "cos"]
+
+
+def dc_matching_loss(
+    real_grads: Sequence[Tensor],
+    real_counts: Tensor,
+    syn_grads: Sequence[Tensor],
+    num_groups: int,
+    objective: str | Objective = "fairdd",
+    metric: Metric = "ours",
+) -> Tensor:
+    """DC loss from per-segment real gradients and per-class synthetic gradients.
+
+    real_grads: per parameter [C*G, *shape] (segment mean gradients, constants);
+    real_counts: [C*G] segment sizes; syn_grads: per parameter [C, *shape]
+    carrying autograd. Per class over the present groups: ``vanilla`` matches
+    the count-weighted mean of the group gradients (the class gradient),
+    ``fairdd`` sums the match against each group gradient (weighted by the
+    ablations), ``cobra`` matches the unweighted mean of the group gradients.
+    metric: 'ours' (per parameter with more than one dimension, reshaped to
+    (out_units, -1), the sum over units of 1 - cos; 1-D parameters give 0),
+    'mse' (sum of squared differences), 'cos' (1 - cosine of the gradients of
+    all parameters flattened into one vector). Classes without real rows are
+    skipped. Returns the sum over classes.
+    """
+    obj = get_objective(objective)
+    if metric not in ("ours", "mse", "cos"):
+        raise ValueError(f"unknown metric {metric!r}; choose 'ours', 'mse' or 'cos'")
+    if len(real_grads) != len(syn_grads):
+        raise ValueError("real_grads and syn_grads must list the same parameters")
+    num_classes = syn_grads[0].shape[0]
+    counts = real_counts.view(num_classes, num_groups)
+    per_group = obj.target == "groups"
+    dot = nr = ns = None
+    dist = None
+    for r, s in zip(real_grads, syn_grads):
+        if r.shape[0] != num_classes * num_groups or r.shape[1:] != s.shape[1:]:
+            raise ValueError(
+                f"real gradient {tuple(r.shape)} does not match synthetic {tuple(s.shape)} "
+                f"with {num_classes} classes x {num_groups} groups"
+            )
+        r = r.detach().to(s.dtype).reshape(num_classes, num_groups, *s.shape[1:])
+        if per_group:
+            target, syn = r, s.unsqueeze(1)  # [C, G, ...] against [C, 1, ...]
+        else:
+            seg_sum = r * counts.to(r.dtype).view(num_classes, num_groups, *([1] * (r.dim() - 2)))
+            target, syn = class_target(seg_sum, counts, obj), s  # [C, ...] against [C, ...]
+        lead = target.dim() - (s.dim() - 1)
+        if metric == "ours":
+            if s.dim() - 1 <= 1:
+                continue
+            units = s.shape[1]
+            t = target.reshape(*target.shape[:lead], units, -1)
+            y = syn.reshape(*syn.shape[:lead], units, -1)
+            cos = (t * y).sum(-1) / (t.norm(dim=-1) * y.norm(dim=-1) + 1e-6)
+            term = (1 - cos).sum(-1)
+            dist = term if dist is None else dist + term
+        elif metric == "mse":
+            term = (target - syn).pow(2).reshape(*target.shape[:lead], -1).sum(-1)
+            dist = term if dist is None else dist + term
+        else:
+            t = target.reshape(*target.shape[:lead], -1)
+            y = syn.reshape(*syn.shape[:lead], -1)
+            d_, a_, b_ = (t * y).sum(-1), t.pow(2).sum(-1), y.pow(2).sum(-1)
+            dot = d_ if dot is None else dot + d_
+            nr = a_ if nr is None else nr + a_
+            ns = b_ if ns is None else ns + b_
+    if metric == "cos":
+        dist = 1 - dot / (nr.sqrt() * ns.sqrt() + 1e-6)
+    if dist is None:  # only 1-D parameters under 'ours'
+        return syn_grads[0].sum() * 0
+    per_class = reduce_group_terms(dist, counts, obj) if per_group else dist
+    class_ok = counts.sum(1) > 0
     return torch.where(class_ok, per_class, torch.zeros_like(per_class)).sum()
