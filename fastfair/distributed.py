@@ -144,18 +144,19 @@ def barrier(group: dist.ProcessGroup | None = None) -> None:
 
 
 def _collective_tensor(tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """The tensor itself when a collective can work on it in place, else a
+    contiguous copy on the backend's device (copied back by the caller)."""
     # NCCL only moves CUDA tensors; small CPU tensors (a logged loss, a step
     # counter) travel through the current device instead of failing.
     if tensor.device.type == "cpu" and _is_nccl(group):
-        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    if not tensor.is_contiguous():
-        raise ValueError("collectives need a contiguous tensor (call .contiguous() first)")
-    return tensor
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()), memory_format=torch.contiguous_format)
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
 def all_reduce_sum_(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """Sum ``tensor`` over the ranks IN PLACE and return it (identity when not
-    distributed). Integer tensors (counts) are reduced exactly in their dtype."""
+    distributed). Integer tensors (counts) are reduced exactly in their dtype.
+    Every rank must call it with a tensor of the same shape and dtype."""
     if not _active(group):
         return tensor
     work = _collective_tensor(tensor, group)
