@@ -1,0 +1,310 @@
+"""The ``fastfair`` command: ``demo`` | ``distill`` | ``eval`` | ``bench``.
+
+Bad input (an unknown dataset, a missing data root, an IPC larger than a
+class, an unknown objective, a bad option) ends with ONE line on stderr and
+exit code 2; Ctrl-C ends with exit code 130 (``distill`` saves a checkpoint
+first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from .objectives import OBJECTIVES
+
+EXIT_USAGE = 2
+EXIT_INTERRUPT = 130
+
+
+class UsageError(Exception):
+    """A user error that the CLI reports in one line (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints the usage block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        msg = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {msg} (see {self.prog} --help)\n")
+
+
+_FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="torch device (cpu, cuda, cuda:1); default: cuda when available, else cpu")
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--dataset", required=required, default=None,
+                   help="dataset name (see fastfair.data.names()); cdigits-fg is embedded and needs no download")
+    p.add_argument("--root", default=None, help="data directory of datasets that need files")
+    p.add_argument("--bias-ratio", type=float, default=0.9,
+                   help="fraction of each class in its majority group (biased datasets)")
+    p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra dataset option, repeatable (e.g. image_size=16 for the synthetic dataset)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastfair", formatter_class=_FMT,
+                description="Fair dataset distillation (DM, DC, IDC, DREAM x vanilla / FairDD / COBRA) "
+                            "with one-pass per-group statistics.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ---------------------------------------------------------------- demo
+    d = sub.add_parser("demo", formatter_class=_FMT,
+                       help="quick DM vs DM+FairDD vs DM+COBRA (and DC) comparison on the embedded dataset",
+                       description="The main job: on the embedded cdigits-fg dataset at IPC 10, distil with "
+                                   "DM vanilla, DM+FairDD, DM+COBRA, DC vanilla and DC+FairDD under a reduced "
+                                   "quick protocol (a few CPU minutes), evaluate each synthetic set and report "
+                                   "Acc, DEO_M, DEO_A.")
+    d.add_argument("--out", default=".", help="directory for results.json, the image grids and the bar chart")
+    d.add_argument("--json", default=None, help="path of the results JSON (default: OUT/results.json)")
+    _add_device(d)
+    d.add_argument("--seed", type=int, default=0, help="seed of the distillation and evaluation runs")
+    d.add_argument("--no-dc", action="store_true", help="skip the DC runs (DM only)")
+    d.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # testing: a seconds-long protocol
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    # ------------------------------------------------------------- distill
+    s = sub.add_parser("distill", formatter_class=_FMT, help="distil a dataset into a synthetic set",
+                       description="Distil a dataset. Writes synset.pt, grid.png, log.jsonl and checkpoint.pt "
+                                   "into --out; --resume continues an interrupted run. Launch with torchrun for "
+                                   "several processes. Options left at 'None' take the paper default of the "
+                                   "method and IPC.")
+    _add_data(s, required=True)
+    s.add_argument("--method", default="dm", choices=["dm", "dc", "idc", "dream"], help="distillation method")
+    s.add_argument("--objective", default="fairdd", choices=list(OBJECTIVES), help="matching objective")
+    s.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
+    s.add_argument("--iterations", type=int, default=None, help="iterations (DM 20000, DC family 1000)")
+    s.add_argument("--out", required=True, help="output directory")
+    _add_device(s)
+    s.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if present")
+    s.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: never)")
+    s.add_argument("--eval-model", default="ConvNet", help="network of the evaluations during the run")
+    s.add_argument("--eval-epochs", type=int, default=None, help="epochs of those evaluations (None: 1000)")
+    s.add_argument("--eval-runs", type=int, default=1, help="trained networks per evaluation")
+    s.add_argument("--lr-img", type=float, default=None, help="image learning rate (DM 1, 10 at IPC>=100; DC 0.1)")
+    s.add_argument("--momentum", type=float, default=0.5, help="SGD momentum of the image update")
+    s.add_argument("--batch-real", type=int, default=256, help="real images per class per step")
+    s.add_argument("--outer-loop", type=int, default=None, help="DC family: matching steps per iteration (by IPC)")
+    s.add_argument("--inner-loop", type=int, default=None, help="DC family: network epochs between steps (by IPC)")
+    s.add_argument("--lr-net", type=float, default=0.01, help="SGD lr of the DC inner loop and COBRA warm-up")
+    s.add_argument("--model", default="ConvNet", help="distillation network")
+    s.add_argument("--width", type=int, default=128, help="ConvNet width")
+    s.add_argument("--depth", type=int, default=3, help="ConvNet depth")
+    s.add_argument("--norm", default="instancenorm", help="normalisation layer of the network")
+    s.add_argument("--init", default="real", choices=["real", "noise"], help="synthetic set initialisation")
+    s.add_argument("--no-dsa", action="store_true", help="turn DSA augmentation off")
+    s.add_argument("--cobra-warmup-epochs", type=int, default=None,
+                   help="COBRA DM warm-up epochs (10; 50 at IPC 50; 100 at IPC 100)")
+    s.add_argument("--group-noise", type=float, default=0.0, help="fraction of real samples given a wrong group")
+    s.add_argument("--groups", default="true", choices=["true", "pseudo"],
+                   help="group labels: the dataset's, or DBSCAN pseudo groups per class batch")
+    s.add_argument("--sample-per-group", action="store_true", help="draw each class batch equally from its groups")
+    s.add_argument("--log-every", type=int, default=10, help="log the loss every N iterations")
+    s.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N iterations")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # ---------------------------------------------------------------- eval
+    e = sub.add_parser("eval", formatter_class=_FMT, help="train networks on a synthetic set (or a baseline) and "
+                                                          "report Acc, DEO_M, DEO_A",
+                       description="Evaluate PATH (a synset.pt or the directory holding it) and write "
+                                   "metrics.json beside it, or evaluate a baseline with --baseline and --dataset.")
+    e.add_argument("path", nargs="?", default=None, help="synset.pt or its directory")
+    e.add_argument("--baseline", default=None, choices=["random", "whole"],
+                   help="evaluate IPC random real images per class, or the whole training set, instead of PATH")
+    _add_data(e, required=False)
+    e.add_argument("--ipc", type=int, default=10, help="images per class of the random baseline")
+    e.add_argument("--model", default="ConvNet", choices=["ConvNet", "AlexNet", "VGG11", "ResNet18", "ViT"],
+                   help="evaluation network")
+    e.add_argument("--runs", type=int, default=5, help="trained networks (mean and std over them)")
+    e.add_argument("--epochs", type=int, default=None, help="training epochs (None: 1000, the DM protocol)")
+    e.add_argument("--width", type=int, default=None, help="ConvNet/ViT width (None: the network's default)")
+    e.add_argument("--no-dsa", action="store_true", help="train without DSA")
+    e.add_argument("--seed", type=int, default=0, help="seed of the first run (run r uses seed + r)")
+    e.add_argument("--json", default=None, help="where to write the metrics (default: metrics.json beside PATH)")
+    _add_device(e)
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # --------------------------------------------------------------- bench
+    b = sub.add_parser("bench", formatter_class=_FMT, help="benchmarks (run from the repository's benchmarks/)")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="benchmark arguments")
+    return p
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:6.2f} +- {std:5.2f}"
+
+
+def format_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
+    """Plain-text table of results rows (method, objective, metrics, seconds)."""
+    head = f"{'method':<8} {'objective':<16} {'Acc':>15} {'DEO_M':>15} {'DEO_A':>15} {'seconds':>8}"
+    lines = [title] if title else []
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        secs = r.get("seconds")
+        lines.append(f"{r['method']:<8} {r['objective']:<16} {_pm(r['acc'], r['acc_std']):>15} "
+                     f"{_pm(r['deo_m'], r['deo_m_std']):>15} {_pm(r['deo_a'], r['deo_a_std']):>15} "
+                     f"{(f'{secs:8.1f}' if secs is not None else '-'):>8}")
+    return "\n".join(lines)
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--data-option expects KEY=VALUE, got {item!r}")
+        for conv in (int, float):
+            try:
+                out[key] = conv(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def _load_data(name: str, root: str | None, bias_ratio: float, options: dict[str, Any] | None = None) -> Any:
+    from . import data
+
+    if root is not None and not os.path.isdir(root):
+        raise FileNotFoundError(f"data root {root!r} does not exist")
+    return data.load(name, root=root, bias_ratio=bias_ratio, **(options or {}))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    from . import distill
+    from . import distributed as dist
+
+    options = _parse_options(a.data_option)
+    cfg = distill.DistillConfig(
+        dataset=a.dataset, method=a.method, objective=a.objective, ipc=a.ipc, iterations=a.iterations,
+        lr_img=a.lr_img, momentum=a.momentum, batch_real=a.batch_real, outer_loop=a.outer_loop,
+        inner_loop=a.inner_loop, lr_net=a.lr_net, dsa=not a.no_dsa, init=a.init, model=a.model, width=a.width,
+        depth=a.depth, norm=a.norm, cobra_warmup_epochs=a.cobra_warmup_epochs, group_noise=a.group_noise,
+        groups=a.groups, sample_per_group=a.sample_per_group, seed=a.seed, log_every=a.log_every,
+        checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, eval_model=a.eval_model,
+        eval_epochs=a.eval_epochs, eval_runs=a.eval_runs, root=a.root, bias_ratio=a.bias_ratio,
+        extra={"data_options": options} if options else {},
+    )
+    cfg = distill.resolve(cfg)  # bad settings fail before the data are loaded
+    dist.init_from_env(device=a.device)
+    ds = _load_data(a.dataset, a.root, a.bias_ratio, options)
+    res = distill.run(cfg, ds, out_dir=a.out, device=a.device, resume=a.resume, progress=not a.no_progress)
+    if dist.is_main():
+        print(f"{cfg.method}+{cfg.objective} on {cfg.dataset}, IPC {cfg.ipc}: {res.config.iterations} iterations "
+              f"in {res.seconds:.1f} s; synthetic set in {os.path.join(a.out, 'synset.pt')}")
+    return 0
+
+
+def _synset_path(path: str) -> str:
+    p = os.path.join(path, "synset.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"no synthetic set at {p!r} (expected a synset.pt written by fastfair distill)")
+    return p
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import evaluate_baseline, evaluate_synset
+
+    kw: dict[str, Any] = dict(model=a.model, epochs=a.epochs, runs=a.runs, dsa=not a.no_dsa, seed=a.seed,
+                              device=a.device, progress=not a.no_progress)
+    if a.width is not None:
+        kw["net_kwargs"] = {"width": a.width}
+    if a.baseline is not None:
+        if a.path is not None:
+            raise UsageError("give either PATH or --baseline, not both")
+        if a.dataset is None:
+            raise UsageError("--baseline needs --dataset")
+        ds = _load_data(a.dataset, a.root, a.bias_ratio, _parse_options(a.data_option))
+        res = evaluate_baseline(a.baseline, ds, ipc=a.ipc, **kw)
+        row = {"method": a.baseline, "objective": "-", "dataset": a.dataset}
+        out_path = a.json
+    else:
+        if a.path is None:
+            raise UsageError("give PATH (a synset.pt) or --baseline random|whole")
+        sp = _synset_path(a.path)
+        syn = torch.load(sp, map_location="cpu", weights_only=True)
+        cfg = syn.get("config", {})
+        name = a.dataset or cfg.get("dataset")
+        if name is None:
+            raise UsageError(f"{sp} records no dataset; pass --dataset")
+        root = a.root if a.root is not None else cfg.get("root")
+        if a.dataset is None:  # the dataset the synthetic set was distilled from
+            bias = cfg.get("bias_ratio", a.bias_ratio)
+            options = {**cfg.get("extra", {}).get("data_options", {}), **_parse_options(a.data_option)}
+        else:
+            bias, options = a.bias_ratio, _parse_options(a.data_option)
+        ds = _load_data(name, root, bias, options)
+        res = evaluate_synset(syn["images"], syn["labels"], ds, **kw)
+        row = {"method": cfg.get("method", "?"), "objective": cfg.get("objective", "?"), "dataset": name}
+        out_path = a.json or os.path.join(os.path.dirname(os.path.abspath(sp)), "metrics.json")
+    row.update({k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std")})
+    row.update(model=a.model, epochs=res["epochs"], runs=a.runs, seconds=None)
+    print(format_table([row], title=f"{row['dataset']}: {a.model}, {a.runs} runs x {res['epochs']} epochs"))
+    if out_path:
+        _write_json(out_path, {**row, "per_run": [{k: r[k] for k in ("acc", "deo_m", "deo_a")} for r in res["runs"]]})
+        print(f"metrics written to {out_path}")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    print("fastfair bench: the benchmarks run from the repository checkout: see benchmarks/ "
+          "(e.g. python benchmarks/<script>.py --help)", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .distill.demo import run_demo
+
+    tiny = a.tiny or os.environ.get("FASTFAIR_DEMO_TINY", "") not in ("", "0")
+    run_demo(out_dir=a.out, json_path=a.json, device=a.device, seed=a.seed, tiny=tiny, with_dc=not a.no_dc,
+             progress=not a.no_progress)
+    return 0
+
+
+_COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "eval": cmd_eval, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (UsageError, ValueError, FileNotFoundError) as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"fastfair {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fastfair: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Distillation settings: one dataclass, paper defaults, per-IPC rules, validation.
+
+Defaults follow REFERENCE.md ("Distillation hyper-parameters"):
+DM (Zhao & Bilen, WACV'23): 20000 iterations, lr_img 1 (10 at IPC >= 100),
+SGD momentum 0.5, real batch 256 per class, init from real images, DSA on.
+DC (Zhao et al., ICLR'21; also the IDC / DREAM DC versions here): 1000 outer
+iterations, lr_img 0.1, momentum 0.5, (outer_loop, inner_loop) by IPC, inner
+network SGD lr 0.01. COBRA's DM warm-up: 10 epochs (50 at IPC 50, 100 at IPC 100).
+
+Fields left ``None`` are filled by :func:`resolve` from the method and IPC, so a
+saved config always records the values that were actually used.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..augment import DEFAULT_STRATEGY
+from ..objectives import OBJECTIVES
+
+METHODS = ("dm", "dc", "idc", "dream")
+DC_FAMILY = ("dc", "idc", "dream")
+INITS = ("real", "noise")
+GROUP_SOURCES = ("true", "pseudo")
+
+# Fields that may change between an interrupted run and its resumption: they
+# do not alter the trajectory of the synthetic set (no schedule depends on the
+# total number of iterations).
+RESUMABLE_CHANGES = frozenset({
+    "iterations", "eval_every", "eval_model", "eval_epochs", "eval_runs", "eval_width",
+    "log_every", "checkpoint_every", "root",
+})
+
+
+def dc_loops(ipc: int) -> tuple[int, int]:
+    """(outer_loop, inner_loop) of the DC code family for an IPC."""
+    table = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+    if ipc in table:
+        return table[ipc]
+    if ipc > 50:
+        return 100, 10
+    # Between table entries: the loops of the next larger listed IPC.
+    for k in sorted(table):
+        if ipc < k:
+            return table[k]
+    return 100, 10  # pragma: no cover - unreachable
+
+
+def cobra_warmup(ipc: int) -> int:
+    """COBRA's warm-up epochs of the random DM network on the synthetic set."""
+    if ipc >= 100:
+        return 100
+    if ipc >= 50:
+        return 50
+    return 10
+
+
+@dataclass
+class DistillConfig:
+    """Everything that defines one distillation run (see module docstring).
+
+    Data provenance (``dataset``, ``root``, ``bias_ratio``) is recorded so a
+    saved synthetic set can be evaluated later; :func:`fastfair.distill.run`
+    loads the dataset from them only when it is not given one.
+    """
+
+    dataset: str = "cdigits-fg"
+    method: str = "dm"
+    objective: str = "fairdd"
+    ipc: int = 10
+    iterations: int | None = None        # DM 20000, DC family 1000 (outer iterations)
+    lr_img: float | None = None          # DM 1 (10 at IPC >= 100), DC family 0.1
+    momentum: float = 0.5
+    batch_real: int = 256                # per class
+    outer_loop: int | None = None        # DC family, by IPC
+    inner_loop: int | None = None        # DC family, by IPC
+    lr_net: float = 0.01                 # inner-loop / warm-up network SGD
+    batch_train: int = 256               # inner-loop / warm-up batch of synthetic images
+    dsa: bool = True
+    dsa_strategy: str = DEFAULT_STRATEGY
+    init: str = "real"
+    model: str = "ConvNet"
+    width: int = 128
+    depth: int = 3
+    norm: str = "instancenorm"
+    dc_metric: str = "ours"              # DC match_loss: ours | mse | cos
+    cobra_warmup_epochs: int | None = None  # DM + cobra only; by IPC
+    group_noise: float = 0.0             # fraction of real samples given a wrong group
+    groups: str = "true"                 # "true" labels or "pseudo" (DBSCAN per class batch)
+    pseudo_eps: float | None = None      # DBSCAN eps; None: median k-NN distance per class batch
+    pseudo_min_samples: int = 5
+    pseudo_max_groups: int | None = None  # None: the dataset's number of groups
+    sample_per_group: bool = False       # draw each class batch equally from its groups
+    idc_factor: int = 2                  # IDC multi-formation: factor x factor sub-images
+    dream_interval: int = 10             # DREAM: re-cluster every this many matching steps
+    dream_pool: int = 1024               # DREAM: per-class pool that is clustered
+    dream_kmeans_iters: int = 10
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    eval_every: int = 0                  # 0: no evaluation during distillation
+    eval_model: str = "ConvNet"
+    eval_epochs: int | None = None       # None: evaluate_synset's default (1000)
+    eval_runs: int = 1
+    eval_width: int | None = None        # None: the evaluation network's default width
+    root: str | None = None
+    bias_ratio: float = 0.9
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown DistillConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def _positive(cfg: DistillConfig, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if v is None or v < 1:
+            raise ValueError(f"{n} must be a positive integer, got {v!r}")
+
+
+def resolve(cfg: DistillConfig) -> DistillConfig:
+    """A copy of ``cfg`` with every ``None`` filled and every field checked.
+
+    Raises ValueError with a message naming the field and the allowed values.
+    """
+    c = dataclasses.replace(cfg, extra=dict(cfg.extra))
+    if c.method not in METHODS:
+        raise ValueError(f"unknown method {c.method!r}; choose one of {', '.join(METHODS)}")
+    if c.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {c.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if c.init not in INITS:
+        raise ValueError(f"unknown init {c.init!r}; choose one of {', '.join(INITS)}")
+    if c.groups not in GROUP_SOURCES:
+        raise ValueError(f"unknown groups source {c.groups!r}; choose one of {', '.join(GROUP_SOURCES)}")
+    if c.dc_metric not in ("ours", "mse", "cos"):
+        raise ValueError(f"unknown dc_metric {c.dc_metric!r}; choose one of ours, mse, cos")
+    dm = c.method == "dm"
+    if c.iterations is None:
+        c.iterations = 20000 if dm else 1000
+    if c.lr_img is None:
+        c.lr_img = (10.0 if c.ipc >= 100 else 1.0) if dm else 0.1
+    if not dm:
+        outer, inner = dc_loops(c.ipc)
+        c.outer_loop = outer if c.outer_loop is None else c.outer_loop
+        c.inner_loop = inner if c.inner_loop is None else c.inner_loop
+    if c.cobra_warmup_epochs is None:
+        c.cobra_warmup_epochs = cobra_warmup(c.ipc) if (dm and c.objective == "cobra") else 0
+    _positive(c, "ipc", "iterations", "batch_real", "batch_train", "width", "depth", "log_every",
+              "checkpoint_every", "eval_runs", "pseudo_min_samples", "dream_interval", "dream_pool",
+              "dream_kmeans_iters")
+    if not dm:
+        _positive(c, "outer_loop", "inner_loop")
+    if c.method == "idc" and c.idc_factor < 1:
+        raise ValueError(f"idc_factor must be >= 1, got {c.idc_factor}")
+    if c.eval_every < 0 or c.cobra_warmup_epochs < 0:
+        raise ValueError("eval_every and cobra_warmup_epochs must be >= 0")
+    if not 0.0 <= c.group_noise <= 1.0:
+        raise ValueError(f"group_noise must be a fraction in [0, 1], got {c.group_noise}")
+    if not c.lr_img > 0 or not c.lr_net > 0 or not 0.0 <= c.momentum < 1.0:
+        raise ValueError(f"need lr_img > 0, lr_net > 0 and 0 <= momentum < 1, got "
+                         f"{c.lr_img}, {c.lr_net}, {c.momentum}")
+    if c.pseudo_max_groups is not None and c.pseudo_max_groups < 1:
+        raise ValueError(f"pseudo_max_groups must be >= 1, got {c.pseudo_max_groups}")
+    return c
+
+
+def resume_mismatch(saved: dict[str, Any], current: DistillConfig) -> list[str]:
+    """Fields whose change would make a resumed run differ from an uninterrupted one."""
+    cur = current.to_dict()
+    return sorted(k for k in cur if k not in RESUMABLE_CHANGES and saved.get(k) != cur[k])

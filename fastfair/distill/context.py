@@ -1,0 +1,156 @@
+"""What every distillation step needs, built once per run: the dataset on the
+device, the sampler, the synthetic labels, the network builder, and the shared
+pieces of the DM and DC steps (real batches with their groups, siamese DSA,
+training a network on the synthetic set).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import distributed as dist
+from ..augment import dsa
+from ..nets import get_network
+from . import rng
+from .config import DistillConfig
+from .groups import noisy_groups, pseudo_groups
+from .sampler import Batch, RealSampler
+
+# Keep the train split on the accelerator when it is smaller than this; larger
+# sets (CelebA at 64x64 is ~8 GB) stay on the host and each batch is copied.
+_DEVICE_RESIDENT_BYTES = 4 << 30
+
+
+@dataclass
+class RunContext:
+    cfg: DistillConfig
+    dataset: Any
+    device: torch.device
+    num_classes: int
+    num_groups: int
+    train_images: Tensor          # on ``device`` when small enough, else CPU
+    train_labels: Tensor          # on ``device``
+    train_groups: Tensor          # on ``device``; noisy when cfg.group_noise > 0
+    sampler: RealSampler
+    syn_labels: Tensor            # stored synthetic labels, class-major, on device
+    factor: int                   # IDC multi-formation factor (1 otherwise)
+    syn_sizes: list[int]          # decoded synthetic rows per class
+    dec_labels: Tensor            # decoded synthetic labels, on device
+    rank: int
+    world_size: int
+
+    @property
+    def num_segments(self) -> int:
+        return self.num_classes * self.num_groups
+
+    # ------------------------------------------------------------------ nets
+
+    def new_network(self, it: int, *keys: int) -> nn.Module:
+        """A freshly initialised network, the same on every rank and on resume."""
+        c = self.cfg
+        ds = self.dataset
+
+        def build() -> nn.Module:
+            return get_network(c.model, ds.channels, ds.num_classes, ds.image_size, width=c.width,
+                               depth=c.depth, norm=c.norm)
+
+        return rng.make_network(build, rng.derive(c.seed, it, rng.NET, *keys)).to(self.device)
+
+    # ------------------------------------------------------------ real data
+
+    def real_batch(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Images, labels and (true or noisy) groups of a sampled batch."""
+        idx = batch.indices
+        imgs = self.train_images[idx.to(self.train_images.device, non_blocking=True)]
+        imgs = imgs.to(self.device, non_blocking=True)
+        idx_d = idx.to(self.device, non_blocking=True)
+        return imgs, self.train_labels[idx_d], self.train_groups[idx_d]
+
+    def pseudo(self, emb: Tensor, sizes: list[int]) -> Tensor:
+        """DBSCAN pseudo groups of class-major real embeddings (host sync)."""
+        c = self.cfg
+        cap = c.pseudo_max_groups if c.pseudo_max_groups is not None else self.num_groups
+        return pseudo_groups(emb, sizes, cap, c.pseudo_eps, c.pseudo_min_samples)
+
+    # ---------------------------------------------------------- augmentation
+
+    def siamese(self, real: Tensor, real_sizes: list[int], syn: Tensor, it: int, *keys: int) -> tuple[Tensor, Tensor]:
+        """DSA with one seed per class shared by that class's real and synthetic
+        rows (same op family, row i of both gets the same parameters), as the
+        DSA/DM reference code does. A cheap loop over classes; the network
+        forward stays one pass over all classes."""
+        if not self.cfg.dsa:
+            return real, syn
+        strategy = self.cfg.dsa_strategy
+        real_parts = torch.split(real, real_sizes)
+        syn_parts = torch.split(syn, self.syn_sizes)
+        out_r, out_s = [], []
+        for c in range(self.num_classes):
+            s = rng.derive(self.cfg.seed, it, rng.DSA, *keys, c)
+            out_r.append(dsa(real_parts[c], s, strategy))
+            out_s.append(dsa(syn_parts[c], s, strategy))
+        return torch.cat(out_r), torch.cat(out_s)
+
+    # ----------------------------------------------------- network training
+
+    def train_on_synset(self, net: nn.Module, opt: torch.optim.Optimizer, images: Tensor, labels: Tensor,
+                        epochs: int, gen: torch.Generator) -> None:
+        """``epochs`` passes of cross-entropy SGD over the (detached) synthetic
+        set in batches of ``batch_train``, with DSA: the DC inner loop and
+        COBRA's warm-up."""
+        x_all, y_all = images.detach(), labels
+        n = x_all.shape[0]
+        bs = self.cfg.batch_train
+        net.train()
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen).to(self.device)
+            for i in range(0, n, bs):
+                idx = perm[i:i + bs]
+                x, y = x_all[idx], y_all[idx]
+                if self.cfg.dsa:
+                    x = dsa(x, int(torch.randint(1 << 62, (1,), generator=gen)), self.cfg.dsa_strategy)
+                loss = F.cross_entropy(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+
+def build_context(cfg: DistillConfig, dataset: Any, device: torch.device) -> RunContext:
+    """Move the data where the steps need it and fix every static shape."""
+    train = dataset.train
+    C, G = int(dataset.num_classes), int(dataset.num_groups)
+    rank, world = dist.rank(), dist.world_size()
+    if cfg.groups == "pseudo" and world > 1:
+        raise ValueError("groups='pseudo' clusters each class batch as a whole; it does not support "
+                         "distributed runs (every rank would cluster its own shard differently)")
+    if cfg.groups == "pseudo" and cfg.sample_per_group:
+        raise ValueError("sample_per_group needs group labels; it cannot be combined with groups='pseudo'")
+    labels = train.labels.long()
+    groups = train.groups.long()
+    if cfg.group_noise > 0:
+        groups = noisy_groups(groups, G, cfg.group_noise, cfg.seed)
+    images = train.images
+    nbytes = images.numel() * images.element_size()
+    keep = device if (device.type == "cpu" or nbytes <= _DEVICE_RESIDENT_BYTES) else torch.device("cpu")
+    images = images.to(keep)
+    sampler = RealSampler(labels, groups, C, G, cfg.batch_real, cfg.sample_per_group, rank, world)
+    for c, n in enumerate(sampler.class_sizes):
+        if n < cfg.ipc:
+            name = getattr(dataset, "class_names", None)
+            label = f"{c} ({name[c]})" if name else str(c)
+            raise ValueError(f"ipc {cfg.ipc} is larger than class {label}, which has {n} training images")
+    factor = cfg.idc_factor if cfg.method == "idc" else 1
+    per = cfg.ipc * factor * factor
+    syn_labels = torch.arange(C, device=device).repeat_interleave(cfg.ipc)
+    # Pseudo groups are DBSCAN cluster ids: their capacity sets the segments.
+    match_groups = (cfg.pseudo_max_groups or G) if cfg.groups == "pseudo" else G
+    return RunContext(
+        cfg=cfg, dataset=dataset, device=device, num_classes=C, num_groups=match_groups,
+        train_images=images, train_labels=labels.to(device), train_groups=groups.to(device),
+        sampler=sampler, syn_labels=syn_labels, factor=factor, syn_sizes=[per] * C,
+        dec_labels=torch.arange(C, device=device).repeat_interleave(per), rank=rank, world_size=world,
+    )

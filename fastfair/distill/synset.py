@@ -1,0 +1,116 @@
+"""The synthetic set: initialisation, IDC multi-formation, the image update,
+and the files a run leaves behind (``synset.pt``, ``grid.png``).
+
+The image update is SGD with momentum written out of place (the same rule as
+``torch.optim.SGD`` with dampening 0): a step returns NEW tensors and the loop
+commits them only when an iteration finishes, so a Ctrl-C in the middle of an
+iteration still leaves the last finished state intact for the checkpoint,
+without copying anything.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sgd_step(images: Tensor, buf: Tensor | None, grad: Tensor, lr: float, momentum: float) -> tuple[Tensor, Tensor]:
+    """(new images, new momentum buffer): buf = momentum * buf + grad; x -= lr * buf."""
+    new_buf = grad.clone() if buf is None else buf * momentum + grad
+    return images - lr * new_buf, new_buf
+
+
+def decode(stored: Tensor, factor: int) -> Tensor:
+    """IDC multi-formation (Kim et al., ICML'22): every stored image holds a
+    ``factor x factor`` grid of sub-images, each upsampled back to full size.
+
+    [N, C, H, W] -> [N * factor^2, C, H, W]; the sub-images of stored image i
+    are rows i*f^2 .. i*f^2 + f^2 - 1 (row-major over the grid). Differentiable.
+    """
+    if factor == 1:
+        return stored
+    n, c, h, w = stored.shape
+    if h % factor or w % factor:
+        raise ValueError(f"IDC factor {factor} must divide the image size {h}x{w}")
+    sh, sw = h // factor, w // factor
+    parts = stored.reshape(n, c, factor, sh, factor, sw).permute(0, 2, 4, 1, 3, 5)
+    parts = parts.reshape(n * factor * factor, c, sh, sw)
+    return F.interpolate(parts, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def encode(images: Tensor, factor: int) -> Tensor:
+    """Inverse layout of :func:`decode` for initialisation: tile groups of
+    ``factor^2`` consecutive images, each downsampled, into one stored image."""
+    if factor == 1:
+        return images
+    m, c, h, w = images.shape
+    if m % (factor * factor):
+        raise ValueError(f"encode needs a multiple of {factor * factor} images, got {m}")
+    sh, sw = h // factor, w // factor
+    small = F.interpolate(images, size=(sh, sw), mode="area")
+    n = m // (factor * factor)
+    grid = small.reshape(n, factor, factor, c, sh, sw).permute(0, 3, 1, 4, 2, 5)
+    return grid.reshape(n, c, h, w).contiguous()
+
+
+def init_images(class_pools: list[Tensor], train_images: Tensor, ipc: int, init: str, factor: int,
+                gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Stored synthetic images [C * ipc, ...] (class-major) and their labels.
+
+    ``init="real"``: random real images of each class (IDC: ``factor^2`` real
+    images tiled into each stored image; a class with fewer images than that
+    reuses its images cyclically). ``init="noise"``: standard normal pixels
+    (the data are normalised, so this is noise at the data's scale).
+    """
+    num_classes = len(class_pools)
+    shape = tuple(train_images.shape[1:])
+    for c, pool in enumerate(class_pools):
+        if pool.numel() < ipc:
+            raise ValueError(f"ipc {ipc} is larger than class {c}, which has {pool.numel()} training images")
+    labels = torch.arange(num_classes).repeat_interleave(ipc)
+    if init == "noise":
+        return torch.randn((num_classes * ipc, *shape), generator=gen), labels
+    need = ipc * factor * factor
+    picks = []
+    for pool in class_pools:
+        perm = torch.randperm(pool.numel(), generator=gen)
+        reps = -(-need // pool.numel())
+        picks.append(pool[perm.repeat(reps)[:need]])
+    idx = torch.cat(picks).to(train_images.device)
+    real = train_images[idx].detach().float().cpu()
+    return encode(real, factor).clone(), labels
+
+
+def save_grid(images: Tensor, labels: Tensor, num_classes: int, denormalize: Any, path: str) -> None:
+    """PNG grid, one row per class (images in label order), denormalised to [0, 1]."""
+    from torchvision.utils import make_grid, save_image
+
+    imgs = images.detach().float().cpu()
+    labs = labels.detach().cpu()
+    order = torch.argsort(labs, stable=True)
+    imgs, labs = imgs[order], labs[order]
+    per_class = int(torch.bincount(labs, minlength=num_classes).max())
+    rows = []
+    for c in range(num_classes):
+        row = imgs[labs == c]
+        if row.shape[0] < per_class:  # pad short rows with blank tiles
+            row = torch.cat([row, row.new_full((per_class - row.shape[0], *row.shape[1:]), float("nan"))])
+        rows.append(row)
+    grid = torch.cat(rows)
+    if denormalize is not None:
+        grid = denormalize(grid)
+    grid = torch.nan_to_num(grid, nan=1.0).clamp(0, 1)
+    tmp = path + ".tmp.png"
+    save_image(make_grid(grid, nrow=per_class, padding=1, pad_value=1.0), tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file beside ``path``, then os.replace: a kill
+    at any moment leaves either the old file or the new one, never half."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
