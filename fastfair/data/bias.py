@@ -1,0 +1,141 @@
+"""Injecting the spurious correlation: which group each image gets, and how
+the group is drawn into the pixels (colour, grayscale).
+
+All randomness comes from local generators derived from the user's seed and a
+named stream, never from the global RNG, so a load is reproducible bitwise and
+independent of whatever else the process has drawn.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor
+
+# C-MNIST colour map (RGB), index = colour = majority colour of that class
+# (FairDD paper, Sec. 5; REFERENCE.md "Datasets").
+COLOURS = [
+    (255, 0, 0), (255, 128, 0), (255, 255, 0), (255, 255, 128), (0, 255, 0),
+    (0, 255, 255), (0, 0, 255), (128, 0, 255), (255, 0, 255), (255, 255, 255),
+]
+COLOUR_NAMES = ["red", "orange", "yellow", "light yellow", "green", "cyan", "blue",
+                "violet", "magenta", "white"]
+
+# Test sets do not depend on the user's seed, so metrics of runs with
+# different seeds are measured on the same images.
+TEST_SEED = 0
+
+
+def generator(seed: int, stream: str) -> torch.Generator:
+    """A torch generator for one named purpose; distinct streams of one seed
+    are independent (the seed and the name are hashed together)."""
+    digest = hashlib.sha256(f"{int(seed)}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _class_ranks(labels: Tensor, num_classes: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Shuffle the rows within each class: returns (order, rank, counts) where
+    ``order`` lists row indices sorted by class (random within a class) and
+    ``rank[i]`` is the position of ``order[i]`` inside its class."""
+    n = labels.numel()
+    perm = torch.randperm(n, generator=gen)
+    order = perm[torch.argsort(labels[perm], stable=True)]
+    counts = torch.bincount(labels, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n) - starts[labels[order]]
+    return order, rank, counts
+
+
+def skewed_groups(labels: Tensor, majority: Tensor, num_groups: int, bias_ratio: float,
+                  gen: torch.Generator) -> Tensor:
+    """The bias-ratio recipe (REFERENCE.md): in class c a fraction
+    ``bias_ratio`` of the rows (rounded) gets group ``majority[c]``; the rest
+    are spread evenly over the other groups (counts differ by at most one, the
+    groups that get the extra rows chosen at random). Vectorised over classes.
+    """
+    labels = labels.to(torch.int64)
+    majority = majority.to(torch.int64)
+    if labels.numel() == 0:
+        return labels.clone()
+    order, rank, counts = _class_ranks(labels, majority.numel(), gen)
+    cls = labels[order]
+    n_major = torch.floor(counts.to(torch.float64) * bias_ratio + 0.5).to(torch.int64)
+    major = majority[cls]
+    if num_groups == 1:
+        sorted_groups = major
+    else:
+        shift = torch.randint(0, num_groups - 1, (majority.numel(),), generator=gen)
+        offset = (rank - n_major[cls] + shift[cls]) % (num_groups - 1)
+        minority = (major + 1 + offset) % num_groups
+        sorted_groups = torch.where(rank < n_major[cls], major, minority)
+    groups = torch.empty_like(labels)
+    groups[order] = sorted_groups
+    return groups
+
+
+def balanced_groups(labels: Tensor, num_classes: int, num_groups: int, gen: torch.Generator) -> Tensor:
+    """Every group equally often within each class (counts differ by at most
+    one when the class size is not a multiple of the number of groups)."""
+    labels = labels.to(torch.int64)
+    if labels.numel() == 0:
+        return labels.clone()
+    order, rank, _ = _class_ranks(labels, num_classes, gen)
+    shift = torch.randint(0, num_groups, (num_classes,), generator=gen)
+    groups = torch.empty_like(labels)
+    groups[order] = (rank + shift[labels[order]]) % num_groups
+    return groups
+
+
+def colourise(gray: Tensor, colours: Tensor, mode: str) -> Tensor:
+    """Paint grayscale images with one colour each.
+
+    gray: uint8 [N, H, W]; colours: [N] indices into COLOURS.
+    mode 'fg': pixels >= 128 get the colour, the rest black;
+         'bg': pixels < 128 get the colour, the rest (the object) black;
+         'fg-scaled': every pixel is the colour scaled by its intensity
+                      (C-FMNIST FG keeps the garment's texture).
+    Returns uint8 [N, 3, H, W].
+    """
+    rgb = torch.tensor(COLOURS, dtype=torch.int32)[colours.to(torch.int64)].view(-1, 3, 1, 1)
+    g = gray.to(torch.int32).unsqueeze(1)
+    if mode == "fg":
+        out = (g >= 128).to(torch.int32) * rgb
+    elif mode == "bg":
+        out = (g < 128).to(torch.int32) * rgb
+    elif mode == "fg-scaled":
+        out = (rgb * g + 127) // 255  # round(colour * gray / 255) in integers
+    else:
+        raise ValueError(f"unknown colouring mode {mode!r}")
+    return out.to(torch.uint8)
+
+
+def to_grayscale(images: Tensor) -> Tensor:
+    """uint8 RGB [N, 3, H, W] -> uint8 gray kept 3-channel, with ITU-R 601-2
+    luma in the same fixed-point arithmetic as PIL's ``convert('L')``."""
+    x = images.to(torch.int32)
+    lum = (x[:, 0] * 19595 + x[:, 1] * 38470 + x[:, 2] * 7471 + 0x8000) >> 16
+    return lum.to(torch.uint8).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+GRAY_GROUPS = ["grayscale", "colour"]
+
+
+def grayscale_skew(train_images: Tensor, train_labels: Tensor, test_images: Tensor,
+                   test_labels: Tensor, num_classes: int, bias_ratio: float, seed: int
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The CIFAR10-S recipe (FairDD paper; REFERENCE.md): the first half of
+    the classes is grayscale for a fraction BR of its training images, the
+    second half in colour for a fraction BR; every test image appears twice,
+    grayscale (group 0) and in colour (group 1).
+    Returns train (images, labels, groups) and test (images, labels, groups).
+    """
+    majority = (torch.arange(num_classes) >= num_classes // 2).to(torch.int64)
+    groups = skewed_groups(train_labels, majority, 2, bias_ratio, generator(seed, "grayscale-skew"))
+    gray = groups == 0
+    train = train_images.clone()
+    if gray.any():
+        train[gray] = to_grayscale(train_images[gray])
+    n = test_labels.numel()
+    test = torch.cat([to_grayscale(test_images), test_images])
+    test_groups = torch.cat([torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.int64)])
+    return train, train_labels, groups, test, test_labels.repeat(2), test_groups

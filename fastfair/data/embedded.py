@@ -1,0 +1,113 @@
+"""Datasets that need no download.
+
+``cdigits-fg`` / ``cdigits-bg``: the 1797 handwritten 8x8 digits that ship
+inside scikit-learn, upscaled to 28x28, padded to 32x32 and coloured with the
+C-MNIST recipe; every test digit is rendered in all ten colours, so every
+(class, colour) test cell is full.
+
+``synthetic``: class x group prototype images plus noise, any number of
+classes and groups, generated in a few vectorised calls (benchmarks, scale
+tests).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .bias import colourise, generator, skewed_groups
+from .core import Raw
+from .mnist import coloured, pad32
+
+# The train/test split of cdigits is fixed (not drawn from the user's seed).
+SPLIT_SEED = 0
+TRAIN_FRACTION = 0.7
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8] in 0..16, labels [1797]). Read from the CSV file
+    inside the scikit-learn package: ``import sklearn.datasets`` alone costs
+    over a second, the file takes a fraction of that."""
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec else ""
+    if spec and os.path.isfile(path):
+        table = np.loadtxt(path, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # the file moved: the public API
+
+    d = load_digits()
+    return d.images, d.target.astype(np.int64)
+
+
+def _stratified_split(labels: Tensor, fraction: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    train, test = [], []
+    for c in range(int(labels.max()) + 1):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        k = int(round(fraction * idx.numel()))
+        train.append(idx[:k])
+        test.append(idx[k:])
+    return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(test)).values
+
+
+def load_cdigits(background: bool, bias_ratio: float, seed: int) -> Raw:
+    images, target = _digits()
+    img = torch.tensor(images, dtype=torch.float32) * (255.0 / 16.0)
+    img = F.interpolate(img.unsqueeze(1), size=(28, 28), mode="bilinear", align_corners=False).squeeze(1)
+    gray = pad32(img.round().clamp(0, 255).to(torch.uint8))
+    labels = torch.from_numpy(target)
+    tr, te = _stratified_split(labels, TRAIN_FRACTION, generator(SPLIT_SEED, "cdigits-split"))
+    mode = "bg" if background else "fg"
+    raw = coloured(gray[tr], labels[tr], gray[te], labels[te], mode, bias_ratio, seed,
+                   [str(i) for i in range(10)])
+    # Every test digit in every colour: test N = 10 x the number of test digits.
+    colours = torch.arange(10).repeat(te.numel())
+    raw.test_images = colourise(gray[te].repeat_interleave(10, 0), colours, mode)
+    raw.test_labels = labels[te].repeat_interleave(10)
+    raw.test_groups = colours
+    return raw
+
+
+def load_synthetic(bias_ratio: float, seed: int, num_classes: int, num_groups: int, image_size: int,
+                   channels: int, n_per_class: int, n_test_per_cell: int) -> Raw:
+    """Image = class pattern + 0.7 x group pattern + 0.3 x N(0, 1) noise; the
+    patterns are smooth (bilinear upsampling of a coarse Gaussian grid), so
+    both class and group are learnable by a small ConvNet. Train: class c's
+    majority group is c mod G for a fraction BR of its ``n_per_class`` rows.
+    Test: ``n_test_per_cell`` images of every (class, group) cell."""
+    for key, value, low in (("num_classes", num_classes, 1), ("num_groups", num_groups, 1),
+                            ("image_size", image_size, 1), ("channels", channels, 1),
+                            ("n_per_class", n_per_class, 1), ("n_test_per_cell", n_test_per_cell, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"synthetic: {key} must be an integer >= {low}, got {value!r}")
+    gen = generator(seed, "synthetic")
+    coarse = max(4, image_size // 8)
+
+    def smooth(n: int) -> Tensor:
+        z = torch.randn(n, channels, coarse, coarse, generator=gen)
+        return F.interpolate(z, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+    class_patterns, group_patterns = smooth(num_classes), smooth(num_groups)
+
+    def render(labels: Tensor, groups: Tensor) -> Tensor:
+        out = torch.randn(labels.numel(), channels, image_size, image_size, generator=gen).mul_(0.3)
+        out.add_(class_patterns.index_select(0, labels))
+        return out.add_(group_patterns.index_select(0, groups), alpha=0.7)
+
+    tr_labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    tr_groups = skewed_groups(tr_labels, torch.arange(num_classes) % num_groups, num_groups, bias_ratio, gen)
+    te_labels = torch.arange(num_classes).repeat_interleave(num_groups * n_test_per_cell)
+    te_groups = torch.arange(num_groups).repeat_interleave(n_test_per_cell).repeat(num_classes)
+    return Raw(
+        render(tr_labels, tr_groups), tr_labels, tr_groups,
+        render(te_labels, te_groups), te_labels, te_groups,
+        class_names=[f"class{i}" for i in range(num_classes)],
+        group_names=[f"group{i}" for i in range(num_groups)],
+        mean=(0.0,) * channels, std=(1.0,) * channels, normalised=True,
+    )

@@ -1,0 +1,118 @@
+"""C-MNIST and C-FMNIST (FG / BG): MNIST or Fashion-MNIST coloured with a
+class-correlated colour (FairDD paper, Sec. 5; REFERENCE.md "Datasets").
+
+Source files: torchvision's on-disk layout, root/MNIST/raw/*-ubyte and
+root/FashionMNIST/raw/*-ubyte (plain or .gz), read directly as IDX files.
+Train: class c gets colour c for a fraction BR of its images, the rest spread
+evenly over the other nine colours (drawn from ``seed``). Test: every colour
+equally often within each class (a fixed assignment, the same for every seed).
+28x28 padded by 2 to 32x32 (the padding is background), 3 channels,
+mean = std = 0.5.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .bias import COLOUR_NAMES, TEST_SEED, balanced_groups, colourise, generator, skewed_groups
+from .core import Raw, missing_files
+
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FOLDERS = {"mnist": "MNIST", "fmnist": "FashionMNIST"}
+CLASS_NAMES = {
+    "mnist": [str(i) for i in range(10)],
+    "fmnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+               "Bag", "Ankle boot"],
+}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (the MNIST format): a big-endian header, magic 0x0000TTNN
+    with TT = 0x08 for unsigned bytes and NN the number of dimensions, NN
+    uint32 sizes, then the data."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4:
+        raise ValueError(f"{path}: not an IDX file (too short)")
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes")
+    return body.reshape(dims)
+
+
+def _find(raw_dir: str, stem: str) -> str | None:
+    for candidate in (stem, stem + ".gz"):
+        path = os.path.join(raw_dir, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _download(root: str, source: str) -> None:
+    import torchvision
+
+    cls = torchvision.datasets.MNIST if source == "mnist" else torchvision.datasets.FashionMNIST
+    cls(root, train=True, download=True)
+    cls(root, train=False, download=True)
+
+
+def read_split(root: str, source: str, split: str, download: bool) -> tuple[Tensor, Tensor]:
+    """uint8 images [N, 28, 28] and int64 labels [N] of one split."""
+    raw_dir = os.path.join(root, FOLDERS[source], "raw")
+    stems = FILES[split]
+    paths = [_find(raw_dir, s) for s in stems]
+    if None in paths and download:
+        _download(root, source)
+        paths = [_find(raw_dir, s) for s in stems]
+    if None in paths:
+        raise missing_files(
+            f"{FOLDERS[source]} ({split})", [os.path.join(raw_dir, s) + "[.gz]" for s in stems],
+            f"Pass download=True to fetch {FOLDERS[source]} with torchvision into {root}.")
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{paths[0]}: {images.shape} images do not match {labels.shape} labels")
+    if labels.size and labels.max() > 9:
+        raise ValueError(f"{paths[1]}: labels must be 0..9")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def pad32(gray: Tensor) -> Tensor:
+    """28x28 -> 32x32 with a 2-pixel black (background) border."""
+    return F.pad(gray, (2, 2, 2, 2))
+
+
+def coloured(train_gray: Tensor, train_labels: Tensor, test_gray: Tensor, test_labels: Tensor,
+             mode: str, bias_ratio: float, seed: int, class_names: list[str]) -> Raw:
+    """The C-MNIST recipe on padded uint8 grayscale images (shared with cdigits)."""
+    train_groups = skewed_groups(train_labels, torch.arange(10), 10, bias_ratio, generator(seed, "colour"))
+    test_groups = balanced_groups(test_labels, 10, 10, generator(TEST_SEED, "test-colour"))
+    return Raw(
+        colourise(train_gray, train_groups, mode), train_labels, train_groups,
+        colourise(test_gray, test_groups, mode), test_labels, test_groups,
+        class_names=class_names, group_names=list(COLOUR_NAMES),
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+    )
+
+
+def load_coloured(source: str, background: bool, root: str, bias_ratio: float, seed: int,
+                  download: bool) -> Raw:
+    tr_img, tr_lab = read_split(root, source, "train", download)
+    te_img, te_lab = read_split(root, source, "test", download)
+    # C-FMNIST FG scales the colour by the intensity (REFERENCE.md); the
+    # binary threshold would erase most of a garment's texture.
+    mode = "bg" if background else ("fg-scaled" if source == "fmnist" else "fg")
+    return coloured(pad32(tr_img), tr_lab, pad32(te_img), te_lab, mode, bias_ratio, seed, CLASS_NAMES[source])
