@@ -5,7 +5,7 @@
   fraction of wrong labels. Fixed for the whole run (drawn once from the seed).
 * :func:`pseudo_groups` (Table 18): no group labels at all; each class's real
   batch is clustered with DBSCAN (scikit-learn) on its embeddings and the
-  cluster ids serve as groups. This runs on the host, so it necessarily
+  cluster ids serve as groups (DBSCAN's noise points form one extra group). This runs on the host, so it necessarily
   synchronises with the device once per class batch.
 """
 from __future__ import annotations
@@ -34,14 +34,15 @@ def noisy_groups(groups: Tensor, num_groups: int, fraction: float, seed: int) ->
 
 
 def _auto_eps(x: np.ndarray, min_samples: int) -> float:
-    """Median distance to the ``min_samples``-th nearest neighbour: about half
-    the points become core points, whatever the embedding scale."""
+    """The 90th percentile of the distance to the ``min_samples``-th nearest
+    neighbour: most points become core points whatever the embedding scale,
+    and only the sparsest tenth (isolated minority samples) can be noise."""
     from sklearn.metrics import pairwise_distances
 
     d = pairwise_distances(x)
     k = min(min_samples, x.shape[0] - 1)
     kth = np.sort(d, axis=1)[:, k]
-    eps = float(np.median(kth))
+    eps = float(np.quantile(kth, 0.9))
     return eps if eps > 0 else 1e-6
 
 
@@ -56,18 +57,12 @@ def _cluster_one(x: np.ndarray, max_groups: int, eps: float | None, min_samples:
     clustered = lab >= 0
     if not clustered.any():
         return np.zeros(n, dtype=np.int64)
-    # Noise points join the cluster of their nearest clustered point.
-    if not clustered.all():
-        noise = np.flatnonzero(~clustered)
-        core = np.flatnonzero(clustered)
-        from sklearn.metrics import pairwise_distances
-
-        d = pairwise_distances(x[noise], x[core])
-        lab = lab.copy()
-        lab[noise] = lab[core[d.argmin(1)]]
-    # Largest cluster first; clusters past the capacity merge into the last group.
-    ids, counts = np.unique(lab, return_counts=True)
+    # Largest cluster first; DBSCAN's noise points (typically the rare members
+    # of a minority group: too few to be dense) form one more group of their
+    # own, so FairDD still matches them; ids past the capacity merge into the last.
+    ids, counts = np.unique(lab[clustered], return_counts=True)
     rank_of = {int(i): r for r, i in enumerate(ids[np.argsort(-counts, kind="stable")])}
+    rank_of[-1] = len(ids)
     return np.array([min(rank_of[int(v)], max_groups - 1) for v in lab], dtype=np.int64)
 
 
