@@ -21,4 +21,8 @@ TORCH_LIBRARY(fastfair, m) {
   m.def("segment_sum(Tensor x, Tensor ids, int num_segments) -> Tensor");
   m.def("segment_mean(Tensor x, Tensor ids, int num_segments) -> Tensor");
   m.def("segment_count(Tensor ids, int num_segments) -> Tensor");
+  // Segmented weight gradients for one-pass per-group DC: out[s] is the sum
+  // over rows i in segment s of the weight gradient of row i alone.
+  m.def("segment_linear_weight_grad(Tensor grad_out, Tensor input, Tensor ids, int num_segments) -> Tensor");
+  m.def("segment_conv2d_weight_grad(Tensor grad_out, Tensor input, Tensor ids, int num_segments, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
 }

@@ -186,18 +186,33 @@ def dc_matching_loss(
     the count-weighted mean of the group gradients (the class gradient),
     ``fairdd`` sums the match against each group gradient (weighted by the
     ablations), ``cobra`` matches the unweighted mean of the group gradients.
-    metric: 'ours' (per parameter with more than one dimension, reshaped to
-    (out_units, -1), the sum over units of 1 - cos; 1-D parameters give 0),
-    'mse' (sum of squared differences), 'cos' (1 - cosine of the gradients of
-    all parameters flattened into one vector). Classes without real rows are
-    skipped. Returns the sum over classes.
+    metric (match_loss of the DC code family, REFERENCE.md), summed over
+    parameter tensors:
+      'ours': per parameter with more than one dimension, the gradient is
+        reshaped to (out_units, -1) (out_units = its first dimension) and the
+        terms 1 - <g_r, g_s> / (||g_r|| * ||g_s|| + 1e-6) are summed over
+        units; 1-D parameters (biases, norm affine) contribute 0;
+      'mse': the sum of squared differences over all parameters;
+      'cos': 1 - <g_r, g_s> / (||g_r|| * ||g_s|| + 1e-6) of the gradients of
+        ALL parameters (1-D ones included) concatenated into one vector each.
+    Per-group objectives apply the metric to each (class, group) pair, then
+    weight the groups (group_weights / reduce_group_terms); pooled and
+    barycenter objectives apply it once per class to class_target. Classes
+    without real rows are skipped, absent groups too. Returns the sum over
+    classes. Vectorised over classes and groups ([C, G, ...] tensors); the only
+    loop is over parameter tensors.
     """
     obj = get_objective(objective)
     if metric not in ("ours", "mse", "cos"):
         raise ValueError(f"unknown metric {metric!r}; choose 'ours', 'mse' or 'cos'")
-    if len(real_grads) != len(syn_grads):
-        raise ValueError("real_grads and syn_grads must list the same parameters")
+    if len(real_grads) != len(syn_grads) or not syn_grads:
+        raise ValueError("real_grads and syn_grads must list the same (non-empty) parameters")
     num_classes = syn_grads[0].shape[0]
+    if real_counts.shape != (num_classes * num_groups,):
+        raise ValueError(
+            f"real_counts must have num_classes * num_groups = {num_classes} * {num_groups} entries, "
+            f"got shape {tuple(real_counts.shape)}"
+        )
     counts = real_counts.view(num_classes, num_groups)
     per_group = obj.target == "groups"
     dot = nr = ns = None

@@ -3,82 +3,242 @@
 FairDD's DC runs one extra backward pass per group; COBRA's DC needs the same
 per-group gradients. Here ONE forward and ONE backward of the summed
 per-sample losses over the whole real batch (all classes, all groups) give
-every segment's gradient: hooks capture each layer's input A and output
-gradient B, and the gradient of segment s's summed loss is
-sum_{i in s} B_i^T A_i for a weight (DESIGN.md, op 3), sum_{i in s} B_i for a
-bias, and sum_{i in s} B_i * xhat_i for a norm scale. This is exact for
-networks whose samples do not interact (instance/group/layer norm), not for
-BatchNorm in training mode, which is refused.
+every segment's gradient (DESIGN.md, op 3): hooks capture each layer's input A
+and, from the one backward, the gradient B at its output; then
 
-The per-sample products are formed in bounded chunks of rows and reduced with
-fastfair.ops.segment_sum; counts stay on the device (no host sync).
+- Linear / Conv2d weight: sum_{i in s} B_i^T A_i, by the segmented kernels
+  ``fastfair.ops.segment_linear_weight_grad`` / ``segment_conv2d_weight_grad``
+  (a grouped GEMM over each segment's rows; the conv's im2col is implicit);
+- biases: segment sums of B summed over positions;
+- GroupNorm / LayerNorm / eval-mode BatchNorm scale: segment sums of
+  B * xhat summed over positions (xhat the normalised input, from A and its
+  statistics), shift: of B;
+
+all through ``fastfair.ops.segment_sum``, then divided by the segment counts.
+This is exact for networks whose samples do not interact (instance, group or
+layer norm; BatchNorm only in eval mode). BatchNorm in training mode couples
+the samples of a batch and is refused. Counts stay on the device: no host
+sync on this path beyond, at most, one range check of the ids.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import ops
 
-_SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)
-# Rows per chunk when per-sample weight gradients are materialised.
-_CHUNK_ELEMS = 1 << 24
+_SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm, _BatchNorm)
 
 
-def _check_model(model: nn.Module) -> None:
+def _trainable(m: nn.Module) -> bool:
+    return any(p.requires_grad for p in m.parameters(recurse=False))
+
+
+def _refusal(name: str, m: nn.Module) -> str | None:
+    """Why layer ``m`` cannot be decomposed per sample (None when it can)."""
+    where = f"layer '{name}' ({type(m).__name__})"
+    if isinstance(m, _BatchNorm):
+        if m.training:
+            return (f"{where} is in training mode: BatchNorm couples the samples of a batch, so "
+                    "per-group gradients are not separable; use instance/group norm, call "
+                    "model.eval(), or fallback='loop'")
+        if m.running_mean is None or m.running_var is None:
+            return (f"{where} has no running statistics, so it normalises with batch statistics even "
+                    "in eval mode: it couples the samples, per-group gradients are not separable; "
+                    "use fallback='loop'")
+        return None
+    if not isinstance(m, _SUPPORTED):
+        return (f"{where} has trainable parameters that cannot be decomposed per sample (supported: "
+                "Conv2d, Linear, GroupNorm, LayerNorm, BatchNorm in eval mode); use fallback='loop'")
+    if isinstance(m, nn.Conv2d) and m.groups != 1:
+        return f"{where} has groups={m.groups}; only groups=1 is supported; use fallback='loop'"
+    return None
+
+
+def check_decomposable(model: nn.Module) -> None:
+    """Raise ValueError naming the first layer whose parameter gradients are
+    not a sum of per-sample terms (or that this module cannot split)."""
     for name, m in model.named_modules():
-        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-        if not own:
+        if _trainable(m):
+            why = _refusal(name, m)
+            if why is not None:
+                raise ValueError(f"segment_gradients: {why}")
+
+
+@dataclass
+class _Call:
+    """One call of a hooked layer: its input A and output (later: gradient B)."""
+
+    name: str
+    module: nn.Module
+    a: Tensor
+    out: Tensor | None
+    versions: tuple[int, int]
+    b: Tensor | None = None
+
+
+def _capture(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor],
+             create_graph: bool) -> list[_Call]:
+    """One forward and one backward; every hooked call's A and B.
+
+    The backward asks autograd for the layer outputs' gradients only, so it
+    skips the batch weight gradients that the segment sums replace.
+    """
+    calls: list[_Call] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        a = args[0] if create_graph else args[0].detach()
+        calls.append(_Call(names[mod], mod, a, out, (args[0]._version, out._version)))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, _SUPPORTED) and _trainable(m)]
+    try:
+        with torch.enable_grad():
+            total = loss_fn(model(inputs))
+            for c in calls:
+                # A layer input or output overwritten in place later on (e.g.
+                # ReLU(inplace=True) after a conv) would give silently wrong A or B.
+                if (c.a._version, c.out._version) != c.versions:
+                    raise ValueError(
+                        f"segment_gradients: the input or output of layer '{c.name}' "
+                        f"({type(c.module).__name__}) is modified in place later in the forward "
+                        "(e.g. ReLU(inplace=True)); use out-of-place ops or fallback='loop'"
+                    )
+            needs = [c for c in calls if c.out.requires_grad]
+            if needs:
+                bs = torch.autograd.grad(total, [c.out for c in needs], allow_unused=True,
+                                         create_graph=create_graph)
+                for c, b in zip(needs, bs):
+                    c.b = b if create_graph or b is None else b.detach()
+    finally:
+        for h in handles:
+            h.remove()
+    for c in calls:
+        c.out = None  # drop the graph of the real side
+    return calls
+
+
+def _conv_input_and_padding(m: nn.Conv2d, a: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    # 'same' / 'valid' padding and non-zero padding modes: pad A the way
+    # Conv2d's forward does, then the conv itself has no padding.
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        return F.pad(a, m._reversed_padding_repeated_twice, mode=mode), (0, 0)
+    return a, tuple(m.padding)
+
+
+def _spatial_sum(t: Tensor) -> Tensor:
+    """[N, C, *] -> [N, C]."""
+    return t.flatten(2).sum(2) if t.dim() > 2 else t
+
+
+def _layer_sums(c: _Call, ids: Tensor, s: int) -> list[tuple[nn.Parameter, Tensor]]:
+    """Per-segment SUMS of this call's parameter gradients, [S, numel] each."""
+    m, a, b = c.module, c.a, c.b
+    n = a.shape[0]
+    dt = torch.promote_types(a.dtype, b.dtype)  # autocast may give B another dtype
+    a, b = a.to(dt), b.to(dt)
+    out: list[tuple[nn.Parameter, Tensor]] = []
+    want = lambda p: p is not None and p.requires_grad  # noqa: E731
+    if isinstance(m, nn.Linear):
+        if a.dim() < 2:
+            raise ValueError(f"segment_gradients: Linear '{c.name}' needs a batched input [N, ..., K]")
+        if want(m.weight):
+            if a.dim() == 2:
+                w = ops.segment_linear_weight_grad(b, a, ids, s)
+            else:  # [N, T, K]: every position of a sample joins its segment's reduction
+                t = a[0].numel() // a.shape[-1] if n else 0
+                w = ops.segment_linear_weight_grad(
+                    b.reshape(-1, b.shape[-1]), a.reshape(-1, a.shape[-1]), ids.repeat_interleave(t), s)
+            out.append((m.weight, w.reshape(s, -1)))
+        if want(m.bias):
+            out.append((m.bias, ops.segment_sum(b.reshape(n, -1, b.shape[-1]).sum(1), ids, s)))
+    elif isinstance(m, nn.Conv2d):
+        if a.dim() != 4:
+            raise ValueError(f"segment_gradients: Conv2d '{c.name}' needs a batched input [N, C, H, W]")
+        if want(m.weight):
+            a_pad, padding = _conv_input_and_padding(m, a)
+            w = ops.segment_conv2d_weight_grad(b, a_pad, ids, s, m.kernel_size, m.stride, padding, m.dilation)
+            out.append((m.weight, w.reshape(s, -1)))
+        if want(m.bias):
+            out.append((m.bias, ops.segment_sum(_spatial_sum(b), ids, s)))
+    else:  # normalisation layers: y = xhat * weight + bias
+        if isinstance(m, nn.LayerNorm):  # affine over the trailing normalized_shape
+            d = len(m.normalized_shape)
+            per = lambda t: t.reshape(t.shape[0], -1, *t.shape[t.dim() - d:]).sum(1).flatten(1)  # noqa: E731
+        else:  # GroupNorm, eval-mode BatchNorm: affine per channel (dim 1)
+            per = _spatial_sum
+        if want(m.weight):
+            out.append((m.weight, ops.segment_sum(_norm_scale_grad(m, a, b, per), ids, s)))
+        if want(m.bias):
+            out.append((m.bias, ops.segment_sum(per(b), ids, s)))
+    return out
+
+
+# Rows per chunk of the normalised input are capped at this many elements.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _normalise(m: nn.Module, a: Tensor) -> Tensor:
+    """xhat, the normalised input before the affine map, as m's forward computes it."""
+    if isinstance(m, nn.GroupNorm):
+        return F.group_norm(a, m.num_groups, None, None, m.eps)
+    if isinstance(m, nn.LayerNorm):
+        return F.layer_norm(a, m.normalized_shape, None, None, m.eps)
+    # eval-mode BatchNorm: a fixed per-channel affine map of the running statistics
+    return F.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
+
+
+def _norm_scale_grad(m: nn.Module, a: Tensor, b: Tensor, per: Callable[[Tensor], Tensor]) -> Tensor:
+    """Per-sample gradients of a norm's scale, per(B * xhat), [N, numel].
+
+    xhat is recomputed in bounded chunks of rows, so no second tensor of A's
+    size is allocated (at width 128 and a real batch of 2560 one is 1.3 GB).
+    """
+    n = a.shape[0]
+    rows = max(1, _CHUNK_ELEMS // max(1, a[0].numel())) if n else 1
+    parts = [per(b[r0:r0 + rows] * _normalise(m, a[r0:r0 + rows])) for r0 in range(0, n, rows)]
+    return torch.cat(parts) if parts else per(b)
+
+
+def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor],
+                              ids: Tensor, num_segments: int, counts: Tensor,
+                              create_graph: bool) -> tuple[Tensor, ...]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    calls = _capture(model, inputs, loss_fn, create_graph)
+    sums: dict[int, Tensor] = {}
+    # The ids were range-checked once by the caller's segment_count: the
+    # per-layer ops skip the check (it is a host sync on GPUs).
+    with ops.validate_ids(False):
+        for c in calls:
+            if c.b is None:  # the loss does not depend on this layer's output
+                continue
+            for p, g in _layer_sums(c, ids, num_segments):
+                # Shared parameters and layers called twice add up.
+                sums[id(p)] = g if id(p) not in sums else sums[id(p)] + g
+    result = []
+    for p in params:
+        g = sums.get(id(p))
+        if g is None:  # a parameter the loss does not reach
+            result.append(p.new_zeros((num_segments, *p.shape)))
             continue
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            raise ValueError(
-                f"segment_gradients: layer '{name}' ({type(m).__name__}) is in training mode: "
-                "BatchNorm couples the samples of a batch, so per-group gradients are not "
-                "separable; use instance/group norm, call model.eval(), or fallback='loop'"
-            )
-        if not isinstance(m, _SUPPORTED):
-            raise ValueError(
-                f"segment_gradients: layer '{name}' ({type(m).__name__}) has parameters that "
-                "cannot be decomposed per sample (supported: Conv2d, Linear, GroupNorm, "
-                "LayerNorm); use fallback='loop'"
-            )
-        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
-            raise ValueError(f"segment_gradients: Conv2d '{name}' needs groups=1 and zero padding")
+        inv = 1.0 / counts.clamp(min=1).to(g.dtype)
+        result.append((g * inv.unsqueeze(1)).to(p.dtype).reshape(num_segments, *p.shape))
+    return tuple(result)
 
 
-def _per_sample_loss(logits: Tensor, labels: Tensor, loss: str) -> Tensor:
+def _summed_loss(labels: Tensor, loss: str) -> Callable[[Tensor], Tensor]:
     if loss == "ce":
-        return F.cross_entropy(logits, labels, reduction="sum")
+        return lambda logits: F.cross_entropy(logits, labels, reduction="sum")
     if loss == "mse":
-        return 0.5 * (logits - labels).pow(2).sum()
+        return lambda out: 0.5 * (out - labels).pow(2).sum()
     raise ValueError(f"unknown loss {loss!r}; choose 'ce' or 'mse'")
-
-
-def _linear_weight(a: Tensor, b: Tensor, ids: Tensor, s: int) -> Tensor:
-    if a.dim() > 2:  # [N, T, K]: sequence positions add up within a sample
-        outer = torch.einsum("nto,ntk->nok", b, a)
-    else:
-        outer = torch.einsum("no,nk->nok", b, a)
-    return ops.segment_sum(outer.reshape(outer.shape[0], -1), ids, s)
-
-
-def _conv_weight(m: nn.Conv2d, a: Tensor, b: Tensor, ids: Tensor, s: int) -> Tensor:
-    o = b.shape[1]
-    k = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-    l = b.shape[2] * b.shape[3]
-    # The unfolded input of the whole batch would be N*K*L elements
-    # (gigabytes at width 128): unfold a bounded chunk of rows at a time.
-    rows = max(1, _CHUNK_ELEMS // max(1, k * l))
-    total = None
-    for r0 in range(0, a.shape[0], rows):
-        cols = F.unfold(a[r0:r0 + rows], m.kernel_size, m.dilation, m.padding, m.stride)  # [n, K, L]
-        per = torch.bmm(b[r0:r0 + rows].reshape(-1, o, l), cols.transpose(1, 2))  # [n, O, K]
-        part = ops.segment_sum(per.reshape(per.shape[0], -1), ids[r0:r0 + rows], s)
-        total = part if total is None else total + part
-    return total
 
 
 def segment_gradients(
@@ -92,95 +252,47 @@ def segment_gradients(
 ) -> tuple[Tensor, ...]:
     """Gradient of each segment's MEAN loss w.r.t. every trainable parameter.
 
-    Returns one tensor per trainable parameter (model.parameters() order),
-    shape [num_segments, *p.shape]; empty segments give zeros. The real side
-    is a constant (no graph is kept). ``fallback="loop"`` runs one backward
-    per segment and works for any model (the reference code's way).
+    inputs: the real batch [N, ...] (all classes and groups together); labels:
+    [N] class labels ('ce') or targets ('mse', 0.5 * squared error);
+    segment_ids: [N] int32/int64 in [0, num_segments), typically
+    ``class * num_groups + group``. Returns one tensor per trainable parameter
+    (model.parameters() order), shape [num_segments, *p.shape]; empty
+    segments give zeros. One forward and one backward in all; the real side is
+    a constant (no graph is kept).
+
+    Raises ValueError naming the layer for models whose gradients are not a
+    sum over samples (BatchNorm in training mode) or that contain trainable
+    layers other than Conv2d (groups=1), Linear, GroupNorm, LayerNorm and
+    eval-mode BatchNorm. ``fallback="loop"`` instead runs one forward and one
+    backward per non-empty segment and works for any model (the reference
+    code's way; it syncs with the host).
     """
     if fallback not in (None, "loop"):
         raise ValueError(f"fallback must be None or 'loop', got {fallback!r}")
-    if inputs.shape[0] != labels.shape[0] or labels.shape[0] != segment_ids.shape[0]:
-        raise ValueError("segment_gradients: inputs, labels and segment_ids need the same length")
-    params = [p for p in model.parameters() if p.requires_grad]
-    counts = ops.segment_count(segment_ids, num_segments)
+    if not (inputs.shape[0] == labels.shape[0] == segment_ids.shape[0]):
+        raise ValueError(
+            f"segment_gradients: inputs, labels and segment_ids need the same length, got "
+            f"{inputs.shape[0]}, {labels.shape[0]} and {segment_ids.shape[0]}"
+        )
+    loss_fn = _summed_loss(labels, loss)
+    counts = ops.segment_count(segment_ids, num_segments)  # also checks the ids
     if fallback == "loop":
-        return _loop_gradients(model, params, inputs, labels, segment_ids, num_segments, loss)
-    _check_model(model)
-
-    captured: dict[nn.Module, list] = {}
-    handles = []
-
-    def forward_hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
-        if mod in captured:
-            raise ValueError(f"segment_gradients: {type(mod).__name__} is used twice in one forward")
-        captured[mod] = [args[0].detach(), out]
-
-    for m in model.modules():
-        if isinstance(m, _SUPPORTED) and any(p.requires_grad for p in m.parameters(recurse=False)):
-            handles.append(m.register_forward_hook(forward_hook))
-    try:
-        with torch.enable_grad():
-            out = model(inputs)
-            total = _per_sample_loss(out, labels, loss)
-            # Ask for the layer outputs' gradients B only: autograd then skips
-            # the batch weight gradients, which the segment sums replace.
-            outs = [slot[1] for slot in captured.values()]
-            bs = torch.autograd.grad(total, outs, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    for slot, b in zip(captured.values(), bs):
-        slot[1] = None if b is None else b.detach()
-
-    grads: dict[int, Tensor] = {}
-    for m, (a, b) in captured.items():
-        if b is None:
-            continue
-        if isinstance(m, nn.Linear):
-            grads[id(m.weight)] = _linear_weight(a, b, segment_ids, num_segments)
-            if m.bias is not None:
-                bb = b.reshape(b.shape[0], -1, b.shape[-1]).sum(1)
-                grads[id(m.bias)] = ops.segment_sum(bb, segment_ids, num_segments)
-        elif isinstance(m, nn.Conv2d):
-            grads[id(m.weight)] = _conv_weight(m, a, b, segment_ids, num_segments)
-            if m.bias is not None:
-                grads[id(m.bias)] = ops.segment_sum(b.sum((2, 3)), segment_ids, num_segments)
-        elif isinstance(m, nn.GroupNorm):
-            xhat = F.group_norm(a, m.num_groups, None, None, m.eps)
-            red = tuple(range(2, a.dim()))
-            if m.weight is not None:
-                grads[id(m.weight)] = ops.segment_sum((b * xhat).sum(red), segment_ids, num_segments)
-            if m.bias is not None:
-                grads[id(m.bias)] = ops.segment_sum(b.sum(red), segment_ids, num_segments)
-        elif isinstance(m, nn.LayerNorm):
-            xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
-            n = a.shape[0]
-            lead = a.dim() - len(m.normalized_shape)
-            red = tuple(range(1, lead))
-            if m.weight is not None:
-                w = (b * xhat).sum(red) if red else b * xhat
-                grads[id(m.weight)] = ops.segment_sum(w.reshape(n, -1), segment_ids, num_segments)
-            if m.bias is not None:
-                bb = b.sum(red) if red else b
-                grads[id(m.bias)] = ops.segment_sum(bb.reshape(n, -1), segment_ids, num_segments)
-    inv = 1.0 / counts.clamp(min=1).to(inputs.dtype if inputs.is_floating_point() else torch.float32)
-    result = []
-    for p in params:
-        g = grads.get(id(p))
-        if g is None:  # a parameter the loss does not reach
-            g = p.new_zeros((num_segments, p.numel()))
-        result.append((g * inv.to(g.dtype).unsqueeze(1)).reshape(num_segments, *p.shape))
-    return tuple(result)
+        return _loop_gradients(model, inputs, labels, segment_ids, num_segments, loss)
+    check_decomposable(model)
+    return _hooked_segment_gradients(model, inputs, loss_fn, segment_ids, num_segments, counts,
+                                     create_graph=False)
 
 
-def _loop_gradients(model, params, inputs, labels, segment_ids, num_segments, loss) -> tuple[Tensor, ...]:
+def _loop_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, segment_ids: Tensor,
+                    num_segments: int, loss: str) -> tuple[Tensor, ...]:
+    params = [p for p in model.parameters() if p.requires_grad]
     out = [p.new_zeros((num_segments, *p.shape)) for p in params]
     for s in range(num_segments):
         rows = (segment_ids == s).nonzero().flatten()
         if rows.numel() == 0:
             continue
         with torch.enable_grad():
-            value = _per_sample_loss(model(inputs[rows]), labels[rows], loss) / rows.numel()
+            value = _summed_loss(labels[rows], loss)(model(inputs[rows])) / rows.numel()
             gs = torch.autograd.grad(value, params, allow_unused=True)
         for o, g in zip(out, gs):
             if g is not None:
@@ -194,22 +306,36 @@ def class_gradients(
     syn_labels: Tensor,
     num_classes: int,
     create_graph: bool = True,
+    batched: bool = False,
 ) -> tuple[Tensor, ...]:
-    """Per-class gradients of the synthetic set's mean loss, [C, *p.shape] each,
-    differentiable w.r.t. the synthetic images when create_graph is set.
+    """Per-class gradients of the synthetic set's mean loss, [C, *p.shape] each
+    (one per trainable parameter), differentiable w.r.t. the synthetic images
+    when ``create_graph`` is set. Classes without rows give zeros.
 
-    A loop over classes on the small synthetic batch (the synthetic side has
-    IPC rows per class); classes without rows give zeros.
+    ``batched=False``: a loop over classes, one forward and one backward per
+    class on the small synthetic batch (the DC reference's way; BatchNorm in
+    training mode then sees one class at a time, as there).
+    ``batched=True``: one forward and one backward over all classes with the
+    segmented kernels (segments = classes), for per-sample-independent models
+    only (ValueError otherwise, like :func:`segment_gradients`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    per_class: list[Sequence[Tensor]] = []
+    if batched:
+        if syn_images.shape[0] != syn_labels.shape[0]:
+            raise ValueError("class_gradients: syn_images and syn_labels need the same length")
+        check_decomposable(model)
+        counts = ops.segment_count(syn_labels, num_classes)
+        return _hooked_segment_gradients(model, syn_images, _summed_loss(syn_labels, "ce"), syn_labels,
+                                         num_classes, counts, create_graph=create_graph)
+    per_class: list[list[Tensor]] = []
     for c in range(num_classes):
         rows = syn_labels == c
         x, y = syn_images[rows], syn_labels[rows]
         if x.shape[0] == 0:
             per_class.append([p.new_zeros(p.shape) for p in params])
             continue
-        value = F.cross_entropy(model(x), y)
-        gs = torch.autograd.grad(value, params, create_graph=create_graph, allow_unused=True)
+        with torch.enable_grad():
+            value = F.cross_entropy(model(x), y)
+            gs = torch.autograd.grad(value, params, create_graph=create_graph, allow_unused=True)
         per_class.append([g if g is not None else p.new_zeros(p.shape) for g, p in zip(gs, params)])
     return tuple(torch.stack([pc[i] for pc in per_class]) for i in range(len(params)))

@@ -1,0 +1,201 @@
+// CPU kernels for the segmented weight gradients of one-pass per-group DC
+// (DESIGN.md, op 3):
+//   segment_linear_weight_grad(B [N, O], A [N, K], ids, S)  -> [S, O, K]
+//   segment_conv2d_weight_grad(B [N, O, H', W'], A [N, I, H, W], ids, S, ...)
+//                                                       -> [S, O, I, kh, kw]
+// out[s] = sum over rows i with ids[i] == s of the weight gradient of row i
+// alone (B_i^T A_i for Linear; the conv weight gradient of sample i).
+//
+// Strategy: a stable counting sort of the ids gives every segment's rows in
+// order; each segment is then reduced by ATen's own dense weight-gradient
+// code (one at::mm per segment for Linear, at::convolution_backward on
+// bounded blocks of the segment's rows for Conv2d), in float32 for half and
+// bfloat16. Nothing of size N x O x K (Linear) or N x K x H'W' (the unfolded
+// conv input of the whole batch) is ever materialised: the largest temporary
+// is one block of gathered rows.
+//
+// Deterministic: no atomics; segments and blocks are visited in a fixed
+// order that depends only on the ids and the shapes, and each block's sum
+// is added to its segment's slot in that order. Whether the result is also
+// bitwise identical across thread counts is up to the BLAS / oneDNN call
+// inside (it is for a fixed thread count).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+
+namespace fastfair {
+
+// Argument checks shared with csrc/cuda/segment_weight_grad.cu (declared
+// there): they run before any kernel so that bad input is a Python
+// ValueError / TypeError, never a crash.
+void check_weight_grad_common(const at::Tensor& grad_out, const at::Tensor& input,
+                              const at::Tensor& ids, int64_t num_segments,
+                              const char* op) {
+  check_ids(ids, num_segments, op);
+  TORCH_CHECK_VALUE(grad_out.size(0) == input.size(0), op, ": grad_out has ",
+                    grad_out.size(0), " rows but input has ", input.size(0));
+  TORCH_CHECK_VALUE(input.size(0) == ids.size(0), op, ": input has ", input.size(0),
+                    " rows but ids has ", ids.size(0), " entries");
+  TORCH_CHECK_VALUE(grad_out.device() == input.device() && input.device() == ids.device(),
+                    op, ": grad_out, input and ids must be on one device, got ",
+                    grad_out.device(), ", ", input.device(), " and ", ids.device());
+  const auto t = input.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+                   op, ": input must be float32/float64/float16/bfloat16, got ", t);
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == t, op, ": grad_out (", grad_out.scalar_type(),
+                   ") and input (", t, ") must have the same dtype");
+}
+
+void check_linear_weight_grad_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                   const at::Tensor& ids, int64_t num_segments) {
+  const char* op = "segment_linear_weight_grad";
+  TORCH_CHECK_VALUE(grad_out.dim() == 2, op, ": grad_out must be 2-D [N, O], got shape ",
+                    grad_out.sizes());
+  TORCH_CHECK_VALUE(input.dim() == 2, op, ": input must be 2-D [N, K], got shape ",
+                    input.sizes());
+  check_weight_grad_common(grad_out, input, ids, num_segments, op);
+}
+
+void check_conv2d_weight_grad_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                   const at::Tensor& ids, int64_t num_segments,
+                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "segment_conv2d_weight_grad";
+  TORCH_CHECK_VALUE(grad_out.dim() == 4, op,
+                    ": grad_out must be 4-D [N, O, H', W'], got shape ", grad_out.sizes());
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must be 4-D [N, I, H, W], got shape ",
+                    input.sizes());
+  check_weight_grad_common(grad_out, input, ids, num_segments, op);
+  TORCH_CHECK_VALUE(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                        dilation.size() == 2,
+                    op, ": kernel_size, stride, padding and dilation must have 2 entries each");
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK_VALUE(kernel_size[d] > 0 && stride[d] > 0 && dilation[d] > 0 && padding[d] >= 0,
+                      op, ": need kernel_size, stride, dilation > 0 and padding >= 0, got ",
+                      kernel_size, ", ", stride, ", ", dilation, ", ", padding);
+    const int64_t span = dilation[d] * (kernel_size[d] - 1) + 1;
+    const int64_t in = input.size(2 + d) + 2 * padding[d];
+    const int64_t expect = in >= span ? (in - span) / stride[d] + 1 : 0;
+    TORCH_CHECK_VALUE(expect > 0 && grad_out.size(2 + d) == expect, op, ": grad_out spatial size ",
+                      grad_out.sizes().slice(2), " does not match a convolution of input size ",
+                      input.sizes().slice(2), " with kernel_size ", kernel_size, ", stride ", stride,
+                      ", padding ", padding, ", dilation ", dilation, " (expected ",
+                      d == 0 ? "H' = " : "W' = ", expect, ")");
+  }
+}
+
+namespace {
+
+// Stable counting sort of the ids: perm lists the rows of segment 0, then of
+// segment 1, ..., each in row order; offsets[s] .. offsets[s + 1] bounds
+// segment s in perm. Checks the range as it reads.
+template <typename index_t>
+void sort_rows(const index_t* ids, int64_t n, int64_t num_segments, const char* op,
+               std::vector<int64_t>& offsets, at::Tensor& perm) {
+  offsets.assign(num_segments + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = static_cast<int64_t>(ids[i]);
+    TORCH_CHECK_VALUE(s >= 0 && s < num_segments, op, ": ids[", i, "] = ", s,
+                      " is outside [0, num_segments = ", num_segments, ")");
+    offsets[s + 1] += 1;
+  }
+  for (int64_t s = 0; s < num_segments; ++s) offsets[s + 1] += offsets[s];
+  std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+  perm = at::empty({n}, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = perm.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) p[next[static_cast<int64_t>(ids[i])]++] = i;
+}
+
+at::Tensor sorted_rows(const at::Tensor& ids_in, int64_t num_segments, const char* op,
+                       std::vector<int64_t>& offsets) {
+  const at::Tensor ids = ids_in.contiguous();
+  at::Tensor perm;
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fastfair_sort_rows", [&] {
+    sort_rows(ids.const_data_ptr<index_t>(), ids.size(0), num_segments, op, offsets, perm);
+  });
+  return perm;
+}
+
+// Gathered rows per block are capped at this many elements (input + grad_out
+// of the block, in the accumulation dtype): 64 MB in float32.
+constexpr int64_t kBlockElems = int64_t(1) << 24;
+
+at::Tensor segment_linear_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                          const at::Tensor& ids, int64_t num_segments) {
+  check_linear_weight_grad_args(grad_out, input, ids, num_segments);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const int64_t o = grad_out.size(1), k = input.size(1);
+  at::Tensor out = at::zeros({num_segments, o, k}, input.options().dtype(acc));
+  std::vector<int64_t> offsets;
+  const at::Tensor perm = sorted_rows(ids, num_segments, "segment_linear_weight_grad", offsets);
+  const int64_t rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, o + k));
+  for (int64_t s = 0; s < num_segments; ++s) {
+    at::Tensor slot = out.select(0, s);
+    for (int64_t r0 = offsets[s]; r0 < offsets[s + 1]; r0 += rows) {
+      const at::Tensor idx = perm.narrow(0, r0, std::min(rows, offsets[s + 1] - r0));
+      const at::Tensor b = grad_out.index_select(0, idx).to(acc);
+      const at::Tensor a = input.index_select(0, idx).to(acc);
+      // First block writes, later ones add: the fixed order keeps it deterministic.
+      if (r0 == offsets[s]) {
+        at::mm_out(slot, b.t(), a);
+      } else {
+        slot.addmm_(b.t(), a);
+      }
+    }
+  }
+  return acc == input.scalar_type() ? out : out.to(input.scalar_type());
+}
+
+at::Tensor segment_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                          const at::Tensor& ids, int64_t num_segments,
+                                          at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_conv2d_weight_grad_args(grad_out, input, ids, num_segments, kernel_size, stride, padding,
+                                dilation);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const int64_t o = grad_out.size(1), ci = input.size(1);
+  at::Tensor out = at::zeros({num_segments, o, ci, kernel_size[0], kernel_size[1]},
+                             input.options().dtype(acc));
+  std::vector<int64_t> offsets;
+  const at::Tensor perm = sorted_rows(ids, num_segments, "segment_conv2d_weight_grad", offsets);
+  // Only the weight's shape and dtype matter to the weight gradient.
+  const at::Tensor weight = at::zeros({o, ci, kernel_size[0], kernel_size[1]},
+                                      input.options().dtype(acc));
+  const int64_t per_row = input.size(1) * input.size(2) * input.size(3) +
+                          o * grad_out.size(2) * grad_out.size(3);
+  const int64_t rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, per_row));
+  const std::vector<int64_t> no_output_padding{0, 0};
+  for (int64_t s = 0; s < num_segments; ++s) {
+    at::Tensor slot = out.select(0, s);
+    for (int64_t r0 = offsets[s]; r0 < offsets[s + 1]; r0 += rows) {
+      const at::Tensor idx = perm.narrow(0, r0, std::min(rows, offsets[s + 1] - r0));
+      const at::Tensor b = grad_out.index_select(0, idx).to(acc).contiguous();
+      const at::Tensor a = input.index_select(0, idx).to(acc).contiguous();
+      // ATen's dense conv weight gradient of this block (oneDNN or im2col +
+      // GEMM per sample): it never unfolds more than the block.
+      const at::Tensor w = std::get<1>(at::convolution_backward(
+          b, a, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,
+          no_output_padding, /*groups=*/1, {false, true, false}));
+      if (r0 == offsets[s]) {
+        slot.copy_(w);
+      } else {
+        slot.add_(w);
+      }
+    }
+  }
+  return acc == input.scalar_type() ? out : out.to(input.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastfair, CPU, m) {
+  m.impl("segment_linear_weight_grad", &segment_linear_weight_grad_cpu);
+  m.impl("segment_conv2d_weight_grad", &segment_conv2d_weight_grad_cpu);
+}
+
+}  // namespace fastfair
