@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(d)
     d.add_argument("--seed", type=int, default=0, help="seed of the distillation and evaluation runs")
     d.add_argument("--no-dc", action="store_true", help="skip the DC runs (DM only)")
+    d.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, one per core); on a machine shared with "
+                        "other jobs, 1 avoids the large slowdowns of oversubscribed OpenMP")
     d.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # testing: a seconds-long protocol
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -285,7 +288,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     tiny = a.tiny or os.environ.get("FASTFAIR_DEMO_TINY", "") not in ("", "0")
     run_demo(out_dir=a.out, json_path=a.json, device=a.device, seed=a.seed, tiny=tiny, with_dc=not a.no_dc,
-             progress=not a.no_progress)
+             progress=not a.no_progress, threads=a.threads)
     return 0
 
 
