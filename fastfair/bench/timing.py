@@ -1,5 +1,7 @@
 """Shared timing helpers for the benchmarks: medians after warm-up, device
-events and an L2 flush on CUDA, inputs rotated so caches do not flatter."""
+events and an L2 flush on CUDA, inputs rotated so caches do not flatter
+(callers pass ``fn(i)`` and pick input set ``i % k``), the machine
+description, JSON output and log-log plots."""
 from __future__ import annotations
 
 import json
@@ -12,18 +14,41 @@ from typing import Callable, Sequence
 import torch
 
 
+def check_device(device: str) -> str:
+    """``device`` (default: cuda when available, else cpu), refused in one
+    line when it names a GPU this machine does not have."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)  # ValueError/RuntimeError for a malformed name
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device}: no CUDA GPU is available here (torch {torch.__version__})")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {device}: only cpu and cuda are benchmarked")
+    return device
+
+
+def default_json(name: str, device: str) -> str:
+    """benchmarks/results/<name>_<device type>.json, relative to the current directory."""
+    return os.path.join("benchmarks", "results", f"{name}_{torch.device(device).type}.json")
+
+
 def describe_machine(device: str) -> dict:
-    """What the numbers were measured on."""
+    """What the numbers were measured on (works with and without a GPU)."""
     info = {
         "device": device,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "gpu": None,
     }
-    if device.startswith("cuda"):
+    if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(torch.device(device))
         info["gpu"] = props.name
         info["sms"] = props.multi_processor_count
+        info["cuda"] = torch.version.cuda
+        # cuDNN convolutions may use TF32 by default; say which way it was.
+        info["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -35,6 +60,7 @@ def describe_machine(device: str) -> dict:
         pass
     info["cpu"] = cpu
     info["cores"] = os.cpu_count()
+    info["name"] = info["gpu"] or cpu  # what a table or plot title shows
     return info
 
 
@@ -49,21 +75,22 @@ def _flush_l2(device: str) -> None:
     _flush_buf.zero_()
 
 
-def median_ms(
+def samples_ms(
     fn: Callable[[int], object],
     *,
     device: str,
     warmup: int = 2,
     repeats: int = 7,
     max_seconds: float = 20.0,
-) -> float:
-    """Median wall time of fn(i) in milliseconds; i rotates the inputs.
+) -> list[float]:
+    """Wall times of fn(i) in milliseconds, after ``warmup`` untimed calls;
+    i rotates the inputs.
 
     CUDA: timed with events around each call after an L2 flush. CPU: wall
     clock. Stops early (with at least 3 samples) when max_seconds is spent, so
     very slow baselines do not stall a sweep.
     """
-    cuda = device.startswith("cuda")
+    cuda = torch.device(device).type == "cuda"
     for i in range(warmup):
         fn(i)
     if cuda:
@@ -85,7 +112,14 @@ def median_ms(
             samples.append((time.perf_counter() - t0) * 1e3)
         if len(samples) >= 3 and time.perf_counter() - start_all > max_seconds:
             break
-    return statistics.median(samples)
+    return samples
+
+
+def median_ms(fn: Callable[[int], object], *, device: str, warmup: int = 2, repeats: int = 7,
+              max_seconds: float = 20.0) -> float:
+    """Median of :func:`samples_ms`."""
+    return statistics.median(samples_ms(fn, device=device, warmup=warmup, repeats=repeats,
+                                        max_seconds=max_seconds))
 
 
 def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
@@ -104,16 +138,19 @@ def write_json(path: str, payload: object) -> None:
     os.replace(tmp, path)
 
 
-def loglog_plot(rows: Sequence[dict], x: str, y: str, series: str, title: str, path: str) -> None:
-    """One line per implementation, log-log axes."""
+def loglog_plot(rows: Sequence[dict], x: str, y: str, series: str | Callable[[dict], str], title: str,
+                path: str) -> None:
+    """One line per implementation (``series``: a row key or a function of
+    the row), log-log axes; writes a PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = series if callable(series) else (lambda r: r[series])
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r[series] for r in rows):
-        pts = sorted((r[x], r[y]) for r in rows if r[series] == name and r.get(y) is not None)
+    for name in dict.fromkeys(key(r) for r in rows):
+        pts = sorted((r[x], r[y]) for r in rows if key(r) == name and r.get(y) is not None)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xscale("log")
@@ -124,5 +161,6 @@ def loglog_plot(rows: Sequence[dict], x: str, y: str, series: str, title: str, p
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
