@@ -215,12 +215,14 @@ def cmd_distill(a: argparse.Namespace) -> int:
         extra={"data_options": options} if options else {},
     )
     cfg = distill.resolve(cfg)  # bad settings fail before the data are loaded
-    dist.init_from_env(device=a.device)
-    ds = _load_data(a.dataset, a.root, a.bias_ratio, options)
-    res = distill.run(cfg, ds, out_dir=a.out, device=a.device, resume=a.resume, progress=not a.no_progress)
-    if dist.is_main():
-        print(f"{cfg.method}+{cfg.objective} on {cfg.dataset}, IPC {cfg.ipc}: {res.config.iterations} iterations "
-              f"in {res.seconds:.1f} s; synthetic set in {os.path.join(a.out, 'synset.pt')}")
+    # Under torchrun: join the group, and destroy it however the run ends (a
+    # group that the caller set up before calling main() is left alone).
+    with dist.process_group(device=a.device):
+        ds = _load_data(a.dataset, a.root, a.bias_ratio, options)
+        res = distill.run(cfg, ds, out_dir=a.out, device=a.device, resume=a.resume, progress=not a.no_progress)
+        if dist.is_main():
+            print(f"{cfg.method}+{cfg.objective} on {cfg.dataset}, IPC {cfg.ipc}: {res.config.iterations} "
+                  f"iterations in {res.seconds:.1f} s; synthetic set in {os.path.join(a.out, 'synset.pt')}")
     return 0
 
 

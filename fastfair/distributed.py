@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,8 +37,8 @@ from torch import Tensor
 from . import ops
 
 __all__ = [
-    "init_from_env", "is_initialized", "rank", "world_size", "local_rank", "is_main",
-    "barrier", "all_reduce_sum_", "broadcast_", "shard", "cleanup",
+    "init_from_env", "process_group", "is_initialized", "rank", "world_size", "local_rank", "is_main",
+    "barrier", "run_on_main", "MAIN_ALONE_TIMEOUT", "all_reduce_sum_", "broadcast_", "shard", "cleanup",
     "segment_sum", "segment_count", "segment_mean", "segment_sum_count",
 ]
 
@@ -111,6 +114,28 @@ def init_from_env(
             kwargs["device_id"] = torch.device("cuda", lr)
     dist.init_process_group(backend=backend, init_method="env://", **kwargs)
     return dist.get_world_size() > 1
+
+
+@contextmanager
+def process_group(
+    backend: str | None = None,
+    device: str | torch.device | None = None,
+    timeout: datetime.timedelta | None = None,
+) -> Iterator[bool]:
+    """:func:`init_from_env` for the duration of a ``with`` block; yields its result.
+
+    The group is destroyed on the way out, however the block ends (an
+    exception, Ctrl-C), so a failing rank does not leave NCCL communicators
+    behind. A group that already existed when the block started belongs to the
+    caller and is left alone: ``fastfair.cli.main(["distill", ...])`` called
+    from a script that set up its own group does not tear it down.
+    """
+    owned = not is_initialized()
+    try:
+        yield init_from_env(backend=backend, device=device, timeout=timeout)
+    finally:
+        if owned:
+            cleanup()
 
 
 def rank(group: dist.ProcessGroup | None = None) -> int:
@@ -202,8 +227,53 @@ _current_rank, _current_world_size = rank, world_size  # shard()'s parameters sh
 
 def cleanup() -> None:
     """Leave the process group (no-op when not initialised)."""
+    _WAIT_GROUPS.clear()
     if is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------
+# Work that rank 0 does alone.
+
+# How long the other ranks wait for rank 0's solo work (an evaluation during a
+# run: ``eval_runs`` networks trained for up to 1000 epochs each, which can take
+# hours at 128x128). Why a separate wait: left alone, those ranks would sit in
+# the next iteration's all-reduce, and NCCL's watchdog aborts a collective
+# after the group's timeout (10 minutes by default; gloo: 30), killing the job.
+# Raising the whole group's timeout instead would also make a REAL hang in the
+# distillation collectives go unnoticed for hours. So the group keeps its
+# default, and the wait runs on a small gloo group (CPU: the idle GPUs do not
+# spin) whose own timeout is this long one.
+MAIN_ALONE_TIMEOUT = datetime.timedelta(hours=24)
+
+_WAIT_GROUPS: dict[tuple[int, datetime.timedelta], dist.ProcessGroup] = {}
+_T = TypeVar("_T")
+
+
+def _wait_group(timeout: datetime.timedelta) -> dist.ProcessGroup:
+    # new_group is collective: every rank reaches this at the same call of
+    # run_on_main (the first one with this timeout), so the creation lines up.
+    key = (id(dist.group.WORLD), timeout)
+    if key not in _WAIT_GROUPS:
+        _WAIT_GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
+    return _WAIT_GROUPS[key]
+
+
+def run_on_main(fn: Callable[[], _T], timeout: datetime.timedelta = MAIN_ALONE_TIMEOUT) -> _T | None:
+    """Call ``fn()`` on rank 0 alone while the other ranks wait for it, up to
+    ``timeout`` (see :data:`MAIN_ALONE_TIMEOUT`); returns its result on rank 0
+    and None elsewhere. Every rank must call it at the same point. In a single
+    process it is just ``fn()``.
+
+    If ``fn`` raises, rank 0 raises at once without joining the wait (torchrun
+    then ends the other ranks); the wait never hides a failure.
+    """
+    if not _active():
+        return fn()
+    group = _wait_group(timeout)
+    out = fn() if is_main() else None
+    dist.barrier(group=group)
+    return out
 
 
 # ---------------------------------------------------------------------------
