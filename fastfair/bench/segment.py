@@ -91,7 +91,7 @@ def _check(name: str, got: Tensor, ref: Tensor, ids: Tensor) -> None:
         raise AssertionError(f"segment benchmark: {name} disagrees with fastfair (relative error {err:.2e})")
 
 
-def _parse_groups(text: str) -> list[int]:
+def parse_groups(text: str) -> list[int]:
     try:
         groups = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "the PNG goes beside it")
     p.add_argument("--n", type=int, default=None, help="rows (default 2^20 on CUDA, 2^17 on CPU; / 8 with --quick)")
     p.add_argument("--d", type=int, default=None, help="features (default 512 on CUDA, 64 on CPU)")
-    p.add_argument("--groups", type=_parse_groups, default=None,
+    p.add_argument("--groups", type=parse_groups, default=None,
                    help="comma-separated G values (default 1,2,4,16,100,1000,10000,100000; up to 10^4 with --quick)")
     p.add_argument("--loop-max-groups", type=int, default=1000, help="skip the loop above this G (it is O(G*N))")
     p.add_argument("--repeats", type=int, default=7, help=argparse.SUPPRESS)  # timed calls per point
