@@ -136,8 +136,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     # --------------------------------------------------------------- bench
-    b = sub.add_parser("bench", formatter_class=_FMT, help="benchmarks (run from the repository's benchmarks/)")
-    b.add_argument("args", nargs=argparse.REMAINDER, help="benchmark arguments")
+    b = sub.add_parser(
+        "bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="benchmarks: segment ops, DC per-group gradients, end-to-end step time",
+        description="Run the benchmarks of fastfair.bench and write, per benchmark, OUT/<name>_<device>.json\n"
+                    "and a log-log plot beside it (OUT/<name>_<device>.png):\n\n"
+                    "  segment  group-count scaling of per-segment means, G = 1 .. 10^5: fastfair vs the\n"
+                    "           reference masked loop, index_add_, scatter_reduce, torch_scatter where it\n"
+                    "           imports (-> segment_ops_<device>.json)\n"
+                    "  dc       the real-gradient side of one DC step, 10 classes, G = 1 .. 100: per-group\n"
+                    "           gradients by the reference loop (one autograd.grad per group) vs one pass\n"
+                    "           of segment_gradients, for the vanilla and FairDD objectives\n"
+                    "           (-> dc_step_<device>.json)\n"
+                    "  step     end-to-end distillation step time and peak memory vs G, DM and DC\n"
+                    "           (-> step_time_<device>.json)\n"
+                    "  all      segment, dc, step in this order\n\n"
+                    "Each also runs on its own with more options: python -m fastfair.bench.segment --help,\n"
+                    "python -m fastfair.bench.dc_step --help, python -m fastfair.bench.step_time --help.\n"
+                    "Full runs are long on a CPU (the reference loops at large G); --quick is shorter.")
+    b.add_argument("which", choices=["segment", "dc", "step", "all"], metavar="BENCHMARK",
+                   help="segment, dc, step or all (see above)")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    b.add_argument("--quick", action="store_true",
+                   help="smaller sizes: fewer rows and G up to 10^4 (segment), 40 real images per class "
+                        "instead of 256 (dc), the scripts' quick settings (step)")
+    b.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                   help="directory of the JSON and PNG files (default: benchmarks/results under the current "
+                        "directory)")
     return p
 
 
@@ -280,9 +305,32 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    print("fastfair bench: the benchmarks run from the repository checkout: see benchmarks/ "
-          "(e.g. python benchmarks/<script>.py --help)", file=sys.stderr)
-    return EXIT_USAGE
+    import importlib
+
+    import torch
+
+    from .bench.timing import check_device
+
+    # benchmark -> (module of fastfair.bench, stem of its result files)
+    plan = {"segment": ("segment", "segment_ops"), "dc": ("dc_step", "dc_step"), "step": ("step_time", "step_time")}
+    device = check_device(a.device)  # ValueError: one line, exit 2
+    status = 0
+    for name in (["segment", "dc", "step"] if a.which == "all" else [a.which]):
+        module, stem = plan[name]
+        full = f"{__package__}.bench.{module}"
+        try:  # lazily: a benchmark's imports (matplotlib, ...) cost nothing until it runs
+            mod = importlib.import_module(full)
+        except ModuleNotFoundError as exc:
+            if exc.name != full:
+                raise
+            print(f"fastfair bench {name}: error: {full} is not available in this installation", file=sys.stderr)
+            status = EXIT_USAGE
+            continue
+        argv = ["--device", device, "--json",
+                os.path.join(a.out, f"{stem}_{torch.device(device).type}.json")] + (["--quick"] if a.quick else [])
+        print(f"== fastfair bench {name}: {' '.join(argv)}", flush=True)
+        mod.main(argv)
+    return status
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

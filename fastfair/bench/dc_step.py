@@ -234,12 +234,16 @@ def _ratios(rows: list[dict]) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    a = build_parser().parse_args(argv)
-    device = check_device(a.device)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        device = check_device(a.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     per_class = a.batch or (40 if a.quick else 256)
     groups_list = a.groups or GROUPS
     if min(per_class, a.classes, a.width, a.depth, a.image_size) < 1:
-        raise SystemExit("error: --batch, --classes, --width, --depth and --image-size must be >= 1")
+        parser.error("--batch, --classes, --width, --depth and --image-size must be >= 1")
     machine = describe_machine(device)
     torch.manual_seed(a.seed)
     model = get_network("ConvNet", 3, a.classes, a.image_size, width=a.width, depth=a.depth,
@@ -285,7 +289,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_json(path, payload)
     png = os.path.splitext(path)[0] + ".png"
     loglog_plot(rows, "groups", "ms", lambda r: f"{r['impl']} {r['objective']}",
-                f"DC per-group gradients, {setting}\n({machine['name']}, {machine['threads']} threads)", png)
+                f"DC per-group gradients, C={a.classes} x {per_class}, ConvNet w{a.width} d{a.depth} "
+                f"{a.image_size}px\n{machine['name']}, {machine['threads']} threads", png)
     print(f"wrote {path} and {png}")
     return rows
 

@@ -118,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    a = build_parser().parse_args(argv)
-    device = check_device(a.device)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        device = check_device(a.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     cuda = torch.device(device).type == "cuda"
     n = a.n or ((1 << 20) if cuda else (1 << 17)) // (8 if a.quick else 1)
     d = a.d or (512 if cuda else 64)

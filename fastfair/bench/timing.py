@@ -15,15 +15,19 @@ import torch
 
 
 def check_device(device: str) -> str:
-    """``device`` (default: cuda when available, else cpu), refused in one
-    line when it names a GPU this machine does not have."""
+    """``device`` (default: cuda when available, else cpu); ValueError (one
+    line) for a malformed name, another device type, or a GPU this machine
+    does not have."""
     if not device:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)  # ValueError/RuntimeError for a malformed name
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {device}: no CUDA GPU is available here (torch {torch.__version__})")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1)") from None
     if dev.type not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device {device}: only cpu and cuda are benchmarked")
+        raise ValueError(f"--device {device}: only cpu and cuda are benchmarked")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__})")
     return device
 
 
