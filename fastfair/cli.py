@@ -31,7 +31,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {msg} (see {self.prog} --help)\n")
 
 
-_FMT = argparse.ArgumentDefaultsHelpFormatter
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Append "(default: X)" to every option's help unless the help already
+    says what its default is (options whose None stands for a rule, such as
+    "the paper default of the method", say so in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or getattr(action, "required", False):
+            return text
+        return super()._get_help_string(action)
+
+
+_FMT = _DefaultsFormatter
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -41,12 +53,19 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--dataset", required=required, default=None,
-                   help="dataset name (see fastfair.data.names()); cdigits-fg is embedded and needs no download")
-    p.add_argument("--root", default=None, help="data directory of datasets that need files")
+                   help="dataset name (see fastfair.data.names()); cdigits-fg is embedded and needs no download"
+                        + ("" if required else "; default: the dataset recorded in the synthetic set"))
+    p.add_argument("--root", default=None,
+                   help="data directory of the datasets read from files (README: Datasets); "
+                        "default: $FASTFAIR_DATA, else ./data")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision fetch MNIST, FashionMNIST, CIFAR-10 or CelebA into --root when missing")
     p.add_argument("--bias-ratio", type=float, default=0.9,
                    help="fraction of each class in its majority group (biased datasets)")
     p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra dataset option, repeatable (e.g. image_size=16 for the synthetic dataset)")
+                   help="extra option of the dataset loader, repeatable, e.g. subset=woof (imagenet-subset-s) or "
+                        "image_size=16 (synthetic); an unknown key is an error that lists the accepted ones "
+                        "(default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,20 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="dm", choices=["dm", "dc", "idc", "dream"], help="distillation method")
     s.add_argument("--objective", default="fairdd", choices=list(OBJECTIVES), help="matching objective")
     s.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
-    s.add_argument("--iterations", type=int, default=None, help="iterations (DM 20000, DC family 1000)")
+    s.add_argument("--iterations", type=int, default=None,
+                   help="iterations; default: 20000 for DM, 1000 for the DC family")
     s.add_argument("--out", required=True, help="output directory")
     _add_device(s)
     s.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
-    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if present")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt; when OUT holds no checkpoint the run starts from "
+                        "iteration 0 (with a notice), so a job script may always pass --resume. Without "
+                        "--resume an existing checkpoint is overwritten")
     s.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: never)")
     s.add_argument("--eval-model", default="ConvNet", help="network of the evaluations during the run")
-    s.add_argument("--eval-epochs", type=int, default=None, help="epochs of those evaluations (None: 1000)")
+    s.add_argument("--eval-epochs", type=int, default=None, help="epochs of those evaluations (default: 1000)")
     s.add_argument("--eval-runs", type=int, default=1, help="trained networks per evaluation")
-    s.add_argument("--lr-img", type=float, default=None, help="image learning rate (DM 1, 10 at IPC>=100; DC 0.1)")
+    s.add_argument("--lr-img", type=float, default=None,
+                   help="image learning rate; default: DM 1 (10 at IPC >= 100), DC family 0.1")
     s.add_argument("--momentum", type=float, default=0.5, help="SGD momentum of the image update")
     s.add_argument("--batch-real", type=int, default=256, help="real images per class per step")
-    s.add_argument("--outer-loop", type=int, default=None, help="DC family: matching steps per iteration (by IPC)")
-    s.add_argument("--inner-loop", type=int, default=None, help="DC family: network epochs between steps (by IPC)")
+    s.add_argument("--outer-loop", type=int, default=None,
+                   help="DC family: matching steps per iteration; default by IPC: 1, 10, 20, 30, 40, 50 at "
+                        "IPC 1, 10, 20, 30, 40, 50; 100 above")
+    s.add_argument("--inner-loop", type=int, default=None,
+                   help="DC family: network epochs between steps; default by IPC: 1, 50, 25, 20, 15, 10 at "
+                        "IPC 1, 10, 20, 30, 40, 50; 10 above")
     s.add_argument("--lr-net", type=float, default=0.01, help="SGD lr of the DC inner loop and COBRA warm-up")
     s.add_argument("--model", default="ConvNet", help="distillation network")
     s.add_argument("--width", type=int, default=128, help="ConvNet width")
@@ -105,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", default="real", choices=["real", "noise"], help="synthetic set initialisation")
     s.add_argument("--no-dsa", action="store_true", help="turn DSA augmentation off")
     s.add_argument("--cobra-warmup-epochs", type=int, default=None,
-                   help="COBRA DM warm-up epochs (10; 50 at IPC 50; 100 at IPC 100)")
+                   help="COBRA DM warm-up epochs; default: 10, 50 at IPC >= 50, 100 at IPC >= 100")
     s.add_argument("--group-noise", type=float, default=0.0, help="fraction of real samples given a wrong group")
     s.add_argument("--groups", default="true", choices=["true", "pseudo"],
                    help="group labels: the dataset's, or DBSCAN pseudo groups per class batch")
@@ -119,16 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "report Acc, DEO_M, DEO_A",
                        description="Evaluate PATH (a synset.pt or the directory holding it) and write "
                                    "metrics.json beside it, or evaluate a baseline with --baseline and --dataset.")
-    e.add_argument("path", nargs="?", default=None, help="synset.pt or its directory")
+    e.add_argument("path", nargs="?", default=None, help="synset.pt or its directory (not with --baseline)")
     e.add_argument("--baseline", default=None, choices=["random", "whole"],
-                   help="evaluate IPC random real images per class, or the whole training set, instead of PATH")
+                   help="evaluate IPC random real images per class, or the whole training set, instead of PATH "
+                        "(default: none, evaluate PATH)")
     _add_data(e, required=False)
     e.add_argument("--ipc", type=int, default=10, help="images per class of the random baseline")
     e.add_argument("--model", default="ConvNet", choices=["ConvNet", "AlexNet", "VGG11", "ResNet18", "ViT"],
                    help="evaluation network")
     e.add_argument("--runs", type=int, default=5, help="trained networks (mean and std over them)")
-    e.add_argument("--epochs", type=int, default=None, help="training epochs (None: 1000, the DM protocol)")
-    e.add_argument("--width", type=int, default=None, help="ConvNet/ViT width (None: the network's default)")
+    e.add_argument("--epochs", type=int, default=None, help="training epochs (default: 1000, the DM protocol)")
+    e.add_argument("--width", type=int, default=None,
+                   help="ConvNet/ViT width (default: 128)")
     e.add_argument("--no-dsa", action="store_true", help="train without DSA")
     e.add_argument("--seed", type=int, default=0, help="seed of the first run (run r uses seed + r)")
     e.add_argument("--json", default=None, help="where to write the metrics (default: metrics.json beside PATH)")
@@ -203,12 +233,43 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _load_data(name: str, root: str | None, bias_ratio: float, options: dict[str, Any] | None = None) -> Any:
+def _load_data(name: str, root: str | None, bias_ratio: float, options: dict[str, Any] | None = None,
+               download: bool = False) -> Any:
     from . import data
 
     if root is not None and not os.path.isdir(root):
         raise FileNotFoundError(f"data root {root!r} does not exist")
-    return data.load(name, root=root, bias_ratio=bias_ratio, **(options or {}))
+    try:
+        return data.load(name, root=root, bias_ratio=bias_ratio, download=download, **(options or {}))
+    except FileNotFoundError as exc:
+        # The loaders' hint speaks Python (download=True); say it in flags.
+        msg = str(exc).replace("Pass download=True", "Pass --download")
+        if root is None:
+            msg += f" (no --root given, so the default root {data.registry.default_root()!r} was searched)"
+        raise FileNotFoundError(msg) from None
+
+
+def _check_device(device: str | None) -> None:
+    """A bad --device is a usage error, found before any data are loaded."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UsageError(f"device {device!r} requested but CUDA is not available here (use --device cpu)")
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"device {device!r} requested but only {n} CUDA device(s) are visible")
+
+
+def _check_out_dir(path: str, flag: str = "--out") -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a file, not a directory")
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -240,15 +301,41 @@ def cmd_distill(a: argparse.Namespace) -> int:
         extra={"data_options": options} if options else {},
     )
     cfg = distill.resolve(cfg)  # bad settings fail before the data are loaded
+    _check_device(a.device)
+    _check_out_dir(a.out)
+    _check_network(a.eval_model, "--eval-model")
+    _resume_notice(a.out, a.resume)
     # Under torchrun: join the group, and destroy it however the run ends (a
     # group that the caller set up before calling main() is left alone).
     with dist.process_group(device=a.device):
-        ds = _load_data(a.dataset, a.root, a.bias_ratio, options)
+        ds = _load_data(a.dataset, a.root, a.bias_ratio, options, a.download)
         res = distill.run(cfg, ds, out_dir=a.out, device=a.device, resume=a.resume, progress=not a.no_progress)
         if dist.is_main():
             print(f"{cfg.method}+{cfg.objective} on {cfg.dataset}, IPC {cfg.ipc}: {res.config.iterations} "
                   f"iterations in {res.seconds:.1f} s; synthetic set in {os.path.join(a.out, 'synset.pt')}")
     return 0
+
+
+def _check_network(name: str, flag: str) -> None:
+    from .nets import NETWORKS
+
+    if name.lower() not in {n.lower() for n in NETWORKS}:
+        raise UsageError(f"{flag}: unknown network {name!r}; choose one of {', '.join(NETWORKS)}")
+
+
+def _resume_notice(out: str, resume: bool) -> None:
+    """Say on stderr (rank 0 only) when --resume finds nothing to resume, or
+    when a run without --resume is about to overwrite a checkpoint."""
+    from .distill.checkpoint import CHECKPOINT
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    has = os.path.isfile(os.path.join(out, CHECKPOINT))
+    if resume and not has:
+        print(f"fastfair distill: no {CHECKPOINT} in {out!r}; starting from iteration 0", file=sys.stderr)
+    elif not resume and has:
+        print(f"fastfair distill: {out!r} holds a {CHECKPOINT}; starting from iteration 0 and overwriting it "
+              "(pass --resume to continue it)", file=sys.stderr)
 
 
 def _synset_path(path: str) -> str:
@@ -258,11 +345,22 @@ def _synset_path(path: str) -> str:
     return p
 
 
+def _check_ipc(ds: Any, ipc: int) -> None:
+    import torch
+
+    sizes = torch.bincount(ds.train.labels.cpu(), minlength=ds.num_classes)
+    c = int(sizes.argmin())
+    if ipc > int(sizes[c]):
+        raise UsageError(f"ipc {ipc} is larger than class {c} ({ds.class_names[c]}), which has {int(sizes[c])} "
+                         "training images (use --baseline whole for every image)")
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
     from .evaluate import evaluate_baseline, evaluate_synset
 
+    _check_device(a.device)
     kw: dict[str, Any] = dict(model=a.model, epochs=a.epochs, runs=a.runs, dsa=not a.no_dsa, seed=a.seed,
                               device=a.device, progress=not a.no_progress)
     if a.width is not None:
@@ -272,7 +370,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
             raise UsageError("give either PATH or --baseline, not both")
         if a.dataset is None:
             raise UsageError("--baseline needs --dataset")
-        ds = _load_data(a.dataset, a.root, a.bias_ratio, _parse_options(a.data_option))
+        ds = _load_data(a.dataset, a.root, a.bias_ratio, _parse_options(a.data_option), a.download)
+        if a.baseline == "random":
+            _check_ipc(ds, a.ipc)
         res = evaluate_baseline(a.baseline, ds, ipc=a.ipc, **kw)
         row = {"method": a.baseline, "objective": "-", "dataset": a.dataset}
         out_path = a.json
@@ -280,7 +380,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
         if a.path is None:
             raise UsageError("give PATH (a synset.pt) or --baseline random|whole")
         sp = _synset_path(a.path)
-        syn = torch.load(sp, map_location="cpu", weights_only=True)
+        try:
+            syn = torch.load(sp, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip and torch errors alike: not a synthetic set
+            raise UsageError(f"cannot read {sp!r} as a synthetic set ({type(exc).__name__}); expected a "
+                             "synset.pt written by fastfair distill") from None
+        if not isinstance(syn, dict) or not {"images", "labels"} <= set(syn):
+            raise UsageError(f"{sp!r} is not a synthetic set (no images and labels); expected a synset.pt "
+                             "written by fastfair distill")
         cfg = syn.get("config", {})
         name = a.dataset or cfg.get("dataset")
         if name is None:
@@ -291,7 +398,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
             options = {**cfg.get("extra", {}).get("data_options", {}), **_parse_options(a.data_option)}
         else:
             bias, options = a.bias_ratio, _parse_options(a.data_option)
-        ds = _load_data(name, root, bias, options)
+        ds = _load_data(name, root, bias, options, a.download)
         res = evaluate_synset(syn["images"], syn["labels"], ds, **kw)
         row = {"method": cfg.get("method", "?"), "objective": cfg.get("objective", "?"), "dataset": name}
         out_path = a.json or os.path.join(os.path.dirname(os.path.abspath(sp)), "metrics.json")
@@ -336,6 +443,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .distill.demo import run_demo
 
+    _check_device(a.device)
+    _check_out_dir(a.out)
+    if a.threads is not None and a.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {a.threads}")
     tiny = a.tiny or os.environ.get("FASTFAIR_DEMO_TINY", "") not in ("", "0")
     run_demo(out_dir=a.out, json_path=a.json, device=a.device, seed=a.seed, tiny=tiny, with_dc=not a.no_dc,
              progress=not a.no_progress, threads=a.threads)
