@@ -1,0 +1,75 @@
+"""fastfair.bench.step_time at toy sizes: rows, files, the gradient check, the CPU peak meter."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastfair.bench import step_time as st
+from fastfair.distill.context import build_context
+
+KEYS = {"method", "impl", "objective", "groups", "ms", "peak_mb", "dataset", "device", "machine", "grad_check"}
+TINY = ["--classes", "2", "--batch", "6", "--image-size", "8", "--width", "4", "--ipc", "1", "--repeats", "1"]
+
+
+def test_sweep_rows_json_and_plots(tmp_path):
+    out = tmp_path / "res" / "step.json"
+    rows = st.main(["--device", "cpu", "--dataset", "synthetic", "--groups", "1,3", "--json", str(out), *TINY])
+    assert len(rows) == 2 * 2 * 4  # methods x groups x impls
+    for r in rows:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["dataset"] == "synthetic" and r["device"] == "cpu"
+        assert r["ms"] is not None and r["ms"] > 0, r
+        assert r["grad_check"] == "ok", r
+        assert r["match_groups"] == (1 if r["impl"] == "vanilla" else r["groups"])
+    assert {r["method"] for r in rows} == {"dm", "dc"}
+    assert {(r["impl"], r["objective"]) for r in rows} == set(st.IMPLS)
+    assert {r["groups"] for r in rows} == {1, 3}
+    assert json.loads(out.read_text()) == rows
+    for m in ("dm", "dc"):
+        png = tmp_path / "res" / f"step_synthetic_{m}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cdigits_groups():
+    scale = st.Scale(classes=0, batch=6, image_size=0, width=4, ipc=1)
+    base = st._base_dataset("cdigits-fg", scale, torch.device("cpu"))
+    real = base.train.groups
+    assert base.num_classes == 10 and base.image_size == 32
+    assert torch.equal(st._with_groups(base, 10, real).train.groups, real)  # its own colours at G = 10
+    four = st._with_groups(base, 4, real)
+    assert four.num_groups == 4 and set(four.train.groups.tolist()) == {0, 1, 2, 3}
+    assert set(st._with_groups(base, 1, real).train.groups.tolist()) == {0}
+
+
+def _contexts(method: str, groups: int):
+    scale = st.Scale(classes=2, batch=6, image_size=8, width=4, ipc=1)
+    base = st._base_dataset("synthetic", scale, torch.device("cpu"))
+    ds = st._with_groups(base, groups, None)
+    fair = build_context(st._config("synthetic", method, "fairdd", scale, 8, 0), ds, torch.device("cpu"))
+    van = build_context(st._config("synthetic", method, "vanilla", scale, 8, 0), ds, torch.device("cpu"))
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return fair, van, images
+
+
+@pytest.mark.parametrize("method", ["dm", "dc"])
+def test_grad_check_tells_fairdd_from_vanilla(method):
+    fair, van, images = _contexts(method, 3)
+    loop = st.loop_dm_step if method == "dm" else st.loop_dc_step
+    ok, err = st.grad_check(lambda x, b, it: loop(fair, x, b, it), st.fastfair_step(fair), images)
+    assert ok and err < 1e-3
+    # The vanilla objective is a different computation: the check must say so.
+    ok, err = st.grad_check(lambda x, b, it: loop(fair, x, b, it), st.fastfair_step(van), images)
+    assert not ok and err > 1e-2
+
+
+def test_cpu_peak_meter_sees_a_step_allocation():
+    meter = st.PeakMeter(torch.device("cpu"))
+    if meter.reason is not None:
+        pytest.skip(meter.reason)
+    peak, base = meter.measure(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MB touched, then freed
+    assert base > 0
+    assert 60 <= peak < 200, peak
+    small, _ = meter.measure(lambda: torch.ones(16).sum())
+    assert small < 16, small
