@@ -65,7 +65,10 @@ would exceed ``MemAvailable`` is skipped rather than risking the OOM killer.
 The driver's one-pass steps put the whole real batch of every class through
 the network at once, so at the full synthetic scale (25600 images at 64 px,
 width 128: 54 GB per first-layer activation) they need more than an 80 GB GPU;
-the per-class loop does not.
+the per-class loop does not. On CPU use ``--quick``: at the full scale the loop
+rows alone take hours per step. A full CUDA sweep runs longer than 10 minutes
+(the DC loop at G = 50 and 100 dominates); split it with ``--dataset``,
+``--methods`` and ``--groups`` (each run writes its own ``--json``).
 
 Usage: python -m fastfair.bench.step_time --device cpu|cuda [--quick]
        [--dataset cdigits-fg|synthetic|both] [--groups 1,2,5,10,20,50,100]
@@ -507,7 +510,8 @@ def plot(rows: list[dict], dataset: str, method: str, title: str, path: str) -> 
 
     sub = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, unit in ((axes[0], "ms", "step time (ms)"), (axes[1], "peak_mb", "peak memory added by the step (MB)")):
+    panels = (("ms", "step time (ms)"), ("peak_mb", "peak memory added by the step (MB)"))
+    for ax, (key, unit) in zip(axes, panels):
         for name in dict.fromkeys(_label(r) for r in sub):
             pts = sorted((r["groups"], r[key]) for r in sub if _label(r) == name and r.get(key) is not None)
             if pts:
@@ -617,7 +621,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             pngs.append(png)
     print("\n".join(["", "targets (issue #6):"] + ["  " + s for s in summary(rows)]))
     print(f"wrote {path} and {len(pngs)} plots ({', '.join(os.path.basename(q) for q in pngs)})")
-    bad = sorted({f"{r['dataset']} {r['method']} G={r['groups']}" for r in rows if r["grad_check"].startswith("MISMATCH")})
+    bad = sorted({f"{r['dataset']} {r['method']} G={r['groups']}" for r in rows
+                  if r["grad_check"].startswith("MISMATCH")})
     if bad:
         raise RuntimeError(f"loop and fastfair FairDD gradients differ (rtol {GRAD_RTOL}) at: {', '.join(bad)}; "
                            "the timings of those rows compare different computations")
