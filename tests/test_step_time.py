@@ -73,3 +73,16 @@ def test_cpu_peak_meter_sees_a_step_allocation():
     assert 60 <= peak < 200, peak
     small, _ = meter.measure(lambda: torch.ones(16).sum())
     assert small < 16, small
+
+
+def test_out_of_memory_is_a_row_not_a_crash(tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 54.00 GiB")
+
+    monkeypatch.setattr(st, "loop_dm_step", oom)
+    rows = st.main(["--device", "cpu", "--dataset", "synthetic", "--methods", "dm", "--groups", "2",
+                    "--json", str(tmp_path / "s.json"), *TINY])
+    loop = [r for r in rows if r["impl"] == "loop"]
+    assert len(loop) == 1 and loop[0]["error"] == "out of memory" and loop[0]["ms"] is None
+    assert all(r["grad_check"] == "not run (out of memory)" for r in rows)
+    assert all(r["ms"] > 0 for r in rows if r["impl"] != "loop")
