@@ -26,7 +26,8 @@ def test_sweep_rows_json_and_plots(tmp_path):
     assert {r["method"] for r in rows} == {"dm", "dc"}
     assert {(r["impl"], r["objective"]) for r in rows} == set(st.IMPLS)
     assert {r["groups"] for r in rows} == {1, 3}
-    assert json.loads(out.read_text()) == rows
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "step_time" and payload["rows"] == rows
     for m in ("dm", "dc"):
         png = tmp_path / "res" / f"step_synthetic_{m}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
