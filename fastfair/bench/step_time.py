@@ -412,8 +412,8 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
     per_class = ctx_f.sampler.global_sizes()
     one_pass_rows, loop_rows = sum(per_class), max(per_class)
 
-    check = "not run"
     refusal = _cpu_too_big(one_pass_rows, scale.width, size) if device.type == "cpu" else None
+    check = "not run (too big for this machine's memory)"
     if refusal is None:
         try:
             ok, err = grad_check(loop, steps[("fastfair", "fairdd")][0], images)
