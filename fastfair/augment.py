@@ -12,9 +12,16 @@ parameters in both batches. All randomness comes from a local CPU
 first, then one row of parameters per sample from a single ``[N, P]`` draw, so
 the parameters of sample i never depend on the batch size N (the CPU generator
 fills tensors element by element, in order).
+
+*Row offset*: ``dsa(x, seed, offset=k)`` gives row i of ``x`` the parameters of
+row ``k + i`` of that stream. A batch split into contiguous pieces (the shards
+of a distributed run) and augmented piece by piece, each with the offset of its
+first row, is augmented exactly as the whole batch in one call: the parameters
+of a row depend on its place in the whole batch, not on how the rows are split.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -132,13 +139,25 @@ def _rotate(x: Tensor, u: Tensor, p: DSAParams) -> Tensor:
 _OPS = {"color": _color, "crop": _crop, "cutout": _cutout, "flip": _flip, "scale": _scale, "rotate": _rotate}
 
 
-def dsa(x: Tensor, seed: int, strategy: str = DEFAULT_STRATEGY, params: DSAParams | None = None) -> Tensor:
+def dsa(x: Tensor, seed: int, strategy: str = DEFAULT_STRATEGY, params: DSAParams | None = None,
+        offset: int = 0) -> Tensor:
     """Augment a batch ``x`` [N, C, H, W] with DSA, deterministically in ``seed``.
 
     The same seed on two batches picks the same op family and gives their first
-    k samples identical parameters (siamese augmentation). Differentiable w.r.t.
-    ``x``; works on any device (parameters are drawn on CPU and moved).
+    k samples identical parameters (siamese augmentation). ``offset``: row i of
+    ``x`` gets the parameters of row ``offset + i`` of the seed's stream (same
+    op family whatever the offset), so a batch augmented in contiguous pieces,
+    each with the offset of its first row, equals the batch augmented whole.
+    Differentiable w.r.t. ``x``; works on any device (parameters are drawn on
+    CPU and moved).
     """
+    try:
+        ok = not isinstance(offset, bool) and operator.index(offset) >= 0  # python / numpy ints, not floats
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"dsa: offset must be an integer >= 0, got {offset!r}")
+    offset = operator.index(offset)
     if x.dim() != 4:
         raise ValueError(f"dsa expects images [N, C, H, W], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -154,7 +173,11 @@ def dsa(x: Tensor, seed: int, strategy: str = DEFAULT_STRATEGY, params: DSAParam
         fams = [fams[pick]]
     sizes = [_NUM_PARAMS[f] for f in fams]
     # One draw for all ops: row i holds sample i's parameters whatever N is.
-    u = torch.rand(x.shape[0], sum(sizes), generator=gen).to(device=x.device, dtype=x.dtype)
+    # The rows before ``offset`` are drawn and dropped: a few floats per row
+    # (offsets are at most a class batch), and it keeps offset 0 -- every
+    # single-process call -- bitwise the stream it always was.
+    u = torch.rand(offset + x.shape[0], sum(sizes), generator=gen)[offset:]
+    u = u.to(device=x.device, dtype=x.dtype)
     start = 0
     for fam, k in zip(fams, sizes):
         x = _OPS[fam](x, u[:, start:start + k], p)

@@ -41,6 +41,44 @@ def test_siamese_prefix(strategy, single_op):
         torch.testing.assert_close(full[:5], head)
 
 
+@pytest.mark.parametrize("strategy", [*FAMILIES, DEFAULT_STRATEGY])
+@pytest.mark.parametrize("single_op", [True, False])
+def test_row_offset_pieces_equal_the_whole_batch(strategy, single_op):
+    # A batch cut into contiguous pieces (a distributed run's shards), each
+    # augmented with the offset of its first row, is augmented as the whole
+    # batch: a row's parameters follow its global position. 300 rows, so a
+    # generator that filled large tensors in another order would show.
+    p = DSAParams(single_op=single_op)
+    x = _img(n=300, h=8, w=8)
+    cuts = [0, 1, 97, 98, 250, 300]  # uneven, with a one-row piece
+    for seed in range(4):
+        whole = dsa(x, seed, strategy, p)
+        pieces = [dsa(x[a:b], seed, strategy, p, offset=a) for a, b in zip(cuts, cuts[1:])]
+        torch.testing.assert_close(torch.cat(pieces), whole, rtol=0, atol=0)
+        assert torch.equal(dsa(x, seed, strategy, p, offset=0), whole)  # offset 0: the plain stream
+    # Not vacuous: without its offset a later piece gets the first rows' parameters.
+    assert not torch.equal(dsa(x[98:250], 1, strategy, p), dsa(x, 1, strategy, p)[98:250])
+
+
+def test_row_offset_siamese_rows_share_a_transform():
+    # Synthetic rows (offset 0) and the real rows at the same global positions
+    # get the same transform even when the real rows come from a later shard.
+    x = _img(n=12)
+    real_shard = dsa(x[4:12], 3, DEFAULT_STRATEGY, offset=4)
+    syn = dsa(x[:6], 3, DEFAULT_STRATEGY)
+    torch.testing.assert_close(real_shard[:2], syn[4:6], rtol=0, atol=0)
+
+
+def test_row_offset_rejects_bad_values():
+    x = _img(n=3)
+    for bad in (-1, 1.0, True, "2", None):
+        with pytest.raises(ValueError, match="offset"):
+            dsa(x, 0, "crop", offset=bad)
+    import numpy as np
+
+    assert torch.equal(dsa(x, 0, "crop", offset=np.int64(2)), dsa(x, 0, "crop", offset=2))
+
+
 def test_siamese_same_op_on_different_images():
     # Same seed on a different batch: same op, so translation applies the same
     # shift; check with the shift-equivariant crop via a one-hot image.

@@ -10,12 +10,14 @@ timeout instead of hanging CI (the whole process group is killed).
 """
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,9 @@ from fastfair import distributed as fd
 
 NPROC = 2
 LAUNCH_TIMEOUT_S = 120
+# run_on_main check: rank 0's solo work outlasts the timeout of the collective after it.
+SHORT_TIMEOUT_S = 3
+SOLO_S = 5
 _REPO_ROOT = str(Path(fastfair.__file__).resolve().parent.parent)
 
 
@@ -119,6 +124,17 @@ def _worker_segments(out_dir: Path) -> None:
     col = strided[:, 0]  # a non-contiguous view: reduced in place through a copy
     result["reduced_view"] = (fd.all_reduce_sum_(col) is col, strided.clone())
     fd.barrier()
+    # run_on_main: rank 0 works alone for longer than a collective's timeout
+    # (SHORT_TIMEOUT_S on this group) while the others wait, then everyone
+    # meets in a collective of that group, which would time out on rank 1 if
+    # it had not waited.
+    short = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S))
+    fd.barrier(short)
+    t0 = time.monotonic()
+    got = fd.run_on_main(lambda: (time.sleep(SOLO_S), "done")[1])
+    waited = time.monotonic() - t0
+    reduced = fd.all_reduce_sum_(torch.ones(1), group=short)
+    result["solo"] = dict(got=got, waited=waited, reduced=reduced)
     torch.save(result, out_dir / f"segments_rank{r}.pt")
 
 
@@ -149,15 +165,19 @@ def _run(method: str = "dm", **kw) -> torch.Tensor:
     return res.images
 
 
-def _cli_distill(out: Path, iterations: int, resume: bool = False) -> torch.Tensor:
-    from fastfair import cli
-
+def _cli_argv(out: Path, iterations: int) -> list[str]:
     argv = ["distill", "--dataset", "synthetic", "--method", "dm", "--objective", "fairdd", "--no-dsa",
             "--ipc", str(RUN["ipc"]), "--batch-real", str(RUN["batch_real"]), "--width", str(RUN["width"]),
             "--depth", str(RUN["depth"]), "--seed", str(RUN["seed"]), "--log-every", "1",
             "--checkpoint-every", "2", "--iterations", str(iterations), "--out", str(out),
             "--device", "cpu", "--no-progress"]
-    argv += [f"--data-option={k}={v}" for k, v in DATA_OPTIONS.items()]
+    return argv + [f"--data-option={k}={v}" for k, v in DATA_OPTIONS.items()]
+
+
+def _cli_distill(out: Path, iterations: int, resume: bool = False) -> torch.Tensor:
+    from fastfair import cli
+
+    argv = _cli_argv(out, iterations)
     if resume:
         argv.append("--resume")
     if cli.main(argv) != 0:
@@ -168,7 +188,7 @@ def _cli_distill(out: Path, iterations: int, resume: bool = False) -> torch.Tens
 
 def _worker_driver(out_dir: Path) -> None:
     r = fd.rank()
-    result = {"dm": _run("dm"), "dm_dsa": _run("dm", dsa=True), "dc": _run("dc")}
+    result = {"dm": _run("dm"), "dm_dsa": _run("dm", dsa=True), "dc": _run("dc"), "dc_dsa": _run("dc", dsa=True)}
     # `fastfair distill` (the CLI, in this torchrun process group): 4 iterations
     # straight vs 2 iterations, then --resume to 4.
     result["straight"] = _cli_distill(out_dir / "straight", 4)
@@ -179,8 +199,32 @@ def _worker_driver(out_dir: Path) -> None:
     torch.save(result, out_dir / f"driver_rank{r}.pt")
 
 
+# CLI scenario: `fastfair distill` owns the process group (this worker sets up
+# none), evaluates during the run, and destroys the group however it ends.
+CLI_EVAL = ["--eval-every", "1", "--eval-epochs", "1", "--eval-runs", "1", "--eval-model", "ConvNet"]
+
+
+def _worker_cli(out_dir: Path) -> None:
+    from fastfair import cli
+
+    r = int(os.environ["RANK"])
+    result = {"before": fd.is_initialized()}
+    # A run that fails after the group is up (ipc larger than a class).
+    bad = _cli_argv(out_dir / "bad", 2)
+    bad[bad.index("--ipc") + 1] = "1000"
+    result["bad_rc"] = cli.main(bad)
+    result["after_bad"] = fd.is_initialized()
+    # A good run (a fresh group: the failed one was destroyed), evaluating every iteration.
+    result["rc"] = cli.main(_cli_argv(out_dir / "cli", 2) + CLI_EVAL)
+    result["after"] = fd.is_initialized()
+    torch.save(result, out_dir / f"cli_rank{r}.pt")
+
+
 def _worker_main(argv: list[str]) -> None:
     scenario, out_dir = argv[0], Path(argv[1])
+    if scenario == "cli":
+        _worker_cli(out_dir)
+        return
     if not fd.init_from_env(backend="gloo", device="cpu"):
         raise SystemExit("worker: expected a multi-process group from torchrun")
     try:
@@ -296,7 +340,7 @@ def driver_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict]
 
 def test_distributed_dm_matches_one_process(driver_results: tuple[list[dict], Path]) -> None:
     results, _ = driver_results
-    for key in ("dm", "dm_dsa", "dc", "straight", "resumed"):
+    for key in ("dm", "dm_dsa", "dc", "dc_dsa", "straight", "resumed"):
         # The synthetic set is replicated: every rank ends with the same one, bitwise.
         assert torch.equal(results[0][key], results[1][key]), key
     one = _run("dm")  # one process, same seed: the same global real batch every iteration
@@ -312,13 +356,21 @@ def test_distributed_dc_matches_one_process(driver_results: tuple[list[dict], Pa
     assert (one - _run("dc", iterations=1)).abs().max() > 100 * DM_ATOL
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DSA draws the parameters of row i of a class from the start of each rank's shard "
-    "(fastfair.augment.dsa has no row offset; fastfair.distill.context.RunContext.siamese passes "
-    "none), so ranks > 0 augment their real rows differently from one process"))
 def test_distributed_dm_with_dsa_matches_one_process(driver_results: tuple[list[dict], Path]) -> None:
+    # Each rank augments its real rows with the DSA parameters of their places
+    # in the global class batch (Batch.offsets), so DSA does not break the
+    # equality with one process.
     results, _ = driver_results
-    torch.testing.assert_close(results[0]["dm_dsa"], _run("dm", dsa=True), rtol=0, atol=DM_ATOL)
+    one = _run("dm", dsa=True)
+    torch.testing.assert_close(results[0]["dm_dsa"], one, rtol=0, atol=DM_ATOL)
+    # DSA did change the run (the comparison is not the no-DSA one again).
+    assert (one - _run("dm")).abs().max() > 1000 * DM_ATOL
+
+
+def test_distributed_dc_with_dsa_matches_one_process(driver_results: tuple[list[dict], Path]) -> None:
+    results, _ = driver_results
+    assert torch.equal(results[0]["dc_dsa"], results[1]["dc_dsa"])
+    torch.testing.assert_close(results[0]["dc_dsa"], _run("dc", dsa=True), rtol=0, atol=DM_ATOL)
 
 
 def test_distributed_cli_resume(driver_results: tuple[list[dict], Path]) -> None:
@@ -333,6 +385,42 @@ def test_distributed_cli_resume(driver_results: tuple[list[dict], Path]) -> None
     assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4]  # rank 0 logs, once
     # The CLI run is the same run as the API's 4-iteration run on one process.
     torch.testing.assert_close(results[0]["straight"], _run("dm", iterations=4), rtol=0, atol=DM_ATOL)
+
+
+def test_distributed_run_on_main_outlasts_a_collective_timeout(segment_results: list[dict]) -> None:
+    r0, r1 = (res["solo"] for res in segment_results)
+    assert r0["got"] == "done" and r1["got"] is None  # rank 0 alone ran it
+    assert r1["waited"] >= SOLO_S - 0.5 > SHORT_TIMEOUT_S  # rank 1 waited past the short timeout...
+    for res in (r0, r1):
+        assert torch.equal(res["reduced"], torch.full((1,), float(NPROC)))  # ...and the collective after it worked
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    if importlib.util.find_spec("fastfair.cli") is None:
+        pytest.skip("the CLI (fastfair.cli) is not in this checkout")
+    out_dir = tmp_path_factory.mktemp("distributed_cli")
+    _launch(NPROC, ["cli", str(out_dir)])
+    return [torch.load(out_dir / f"cli_rank{r}.pt") for r in range(NPROC)], out_dir
+
+
+def test_distributed_cli_owns_and_destroys_the_group(cli_results: tuple[list[dict], Path]) -> None:
+    results, _ = cli_results
+    for res in results:
+        assert res["before"] is False
+        assert res["bad_rc"] == 2 and res["after_bad"] is False  # destroyed although the run failed
+        assert res["rc"] == 0 and res["after"] is False
+
+
+def test_distributed_cli_evaluates_on_rank_0_during_the_run(cli_results: tuple[list[dict], Path]) -> None:
+    _, out_dir = cli_results
+    entries = [json.loads(line) for line in (out_dir / "cli" / "log.jsonl").read_text().splitlines()]
+    evals = [e["iteration"] for e in entries if "eval" in e]
+    assert evals == [1, 2]  # once per iteration, logged by rank 0 only
+    assert all(0 <= e["eval"]["acc"] <= 100 for e in entries if "eval" in e)
+    images = torch.load(out_dir / "cli" / "synset.pt", weights_only=True)["images"]
+    # Evaluating (on rank 0 only) does not disturb the run.
+    torch.testing.assert_close(images, _run("dm", iterations=2), rtol=0, atol=DM_ATOL)
 
 
 # ---------------------------------------------------------------------------
@@ -351,6 +439,9 @@ def test_distributed_helpers_are_noops_in_one_process(monkeypatch: pytest.Monkey
     assert fd.broadcast_(t) is t
     fd.barrier()
     fd.cleanup()
+    assert fd.run_on_main(lambda: 42) == 42
+    with fd.process_group() as active:
+        assert active is False and not fd.is_initialized()
     x = torch.randn(9, 3, dtype=torch.float64)
     ids = torch.tensor([0, 2, 2, 1, 0, 2, 2, 0, 1])
     ref_sum, ref_count, ref_mean = _reference_stats(x, ids, 4)
@@ -380,6 +471,32 @@ def test_distributed_shard_covers_the_batch(n: int, w: int) -> None:
     sizes = [p.numel() for p in parts]
     assert max(sizes) - min(sizes) <= 1
     assert torch.equal(fd.shard(idx, 1, w) if w > 1 else fd.shard(idx), parts[1 if w > 1 else 0])
+
+
+@pytest.mark.parametrize("w", [1, 2, 3, 4])
+@pytest.mark.parametrize("per_group", [False, True])
+def test_distributed_sampler_offsets_place_each_shard_in_the_global_batch(w: int, per_group: bool) -> None:
+    from fastfair.distill.sampler import RealSampler
+
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 3, (60,), generator=g)
+    labels[:2] = 2  # class 2 has at least 2 images; class sizes vary
+    groups = torch.randint(0, 2, (60,), generator=g)
+    one = RealSampler(labels, groups, 3, 2, batch_real=7, sample_per_group=per_group)
+    full = one.draw(torch.Generator().manual_seed(11))
+    assert full.row_offsets() == [0, 0, 0]
+    full_parts = torch.split(full.indices, full.sizes)
+    for r in range(w):
+        s = RealSampler(labels, groups, 3, 2, batch_real=7, sample_per_group=per_group, rank=r, world_size=w)
+        b = s.draw(torch.Generator().manual_seed(11))
+        assert b.offsets == s.local_offsets() and b.sizes == s.local_sizes()
+        for c, part in enumerate(torch.split(b.indices, b.sizes)):
+            # rank r's rows of class c ARE rows [offset, offset + size) of the one-process class batch
+            o = b.offsets[c]
+            assert torch.equal(part, full_parts[c][o:o + b.sizes[c]])
+    # The ranks tile each class batch: the last rank's rows end at the global size.
+    last = RealSampler(labels, groups, 3, 2, batch_real=7, sample_per_group=per_group, rank=w - 1, world_size=w)
+    assert [o + n for o, n in zip(last.local_offsets(), last.local_sizes())] == one.global_sizes()
 
 
 def test_distributed_shard_rejects_bad_ranks() -> None:

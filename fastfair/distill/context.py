@@ -78,20 +78,29 @@ class RunContext:
 
     # ---------------------------------------------------------- augmentation
 
-    def siamese(self, real: Tensor, real_sizes: list[int], syn: Tensor, it: int, *keys: int) -> tuple[Tensor, Tensor]:
+    def siamese(self, real: Tensor, real_sizes: list[int], syn: Tensor, it: int, *keys: int,
+                real_offsets: list[int] | None = None) -> tuple[Tensor, Tensor]:
         """DSA with one seed per class shared by that class's real and synthetic
         rows (same op family, row i of both gets the same parameters), as the
         DSA/DM reference code does. A cheap loop over classes; the network
-        forward stays one pass over all classes."""
+        forward stays one pass over all classes.
+
+        ``real_offsets`` (``Batch.offsets``): where this rank's real rows of
+        each class start in the global class batch. A real row takes the
+        parameters of its GLOBAL position, so a distributed run augments every
+        real row as one process would; the synthetic set is replicated, its
+        rows always start at 0, and synthetic row i keeps the transform of
+        global real row i of its class, as in one process."""
         if not self.cfg.dsa:
             return real, syn
         strategy = self.cfg.dsa_strategy
+        offsets = real_offsets if real_offsets is not None else [0] * self.num_classes
         real_parts = torch.split(real, real_sizes)
         syn_parts = torch.split(syn, self.syn_sizes)
         out_r, out_s = [], []
         for c in range(self.num_classes):
             s = rng.derive(self.cfg.seed, it, rng.DSA, *keys, c)
-            out_r.append(dsa(real_parts[c], s, strategy))
+            out_r.append(dsa(real_parts[c], s, strategy, offset=offsets[c]))
             out_s.append(dsa(syn_parts[c], s, strategy))
         return torch.cat(out_r), torch.cat(out_s)
 

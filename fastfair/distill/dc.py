@@ -81,7 +81,7 @@ def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
         real, labels, groups = ctx.real_batch(batch)
         x = imgs.detach().requires_grad_(True)
         syn = decode(x, ctx.factor)
-        real_aug, syn_aug = ctx.siamese(real, batch.sizes, syn, it, ol)
+        real_aug, syn_aug = ctx.siamese(real, batch.sizes, syn, it, ol, real_offsets=batch.offsets)
         if cfg.groups == "pseudo":
             with torch.no_grad():
                 groups = ctx.pseudo(net.embed(real_aug), batch.sizes)

@@ -43,7 +43,7 @@ def dm_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int) -
     batch = ctx.sampler.draw(rng.generator(cfg.seed, it, rng.SAMPLE))
     real, labels, groups = ctx.real_batch(batch)
     x = images.detach().requires_grad_(True)
-    real_aug, syn_aug = ctx.siamese(real, batch.sizes, x, it)
+    real_aug, syn_aug = ctx.siamese(real, batch.sizes, x, it, real_offsets=batch.offsets)
 
     with torch.no_grad():
         real_emb = net.embed(real_aug)

@@ -81,12 +81,15 @@ class DreamSelector:
             chosen.append(pool_idx[start:start + n][rows])
             sizes.append(k)
             start += n
-        return Batch(torch.cat(chosen), sizes)
+        # Rank r's representatives stand where its share of a batch_real batch
+        # would: DSA gives them the parameters of those global rows (disjoint
+        # across ranks, since a rank never picks more than that share).
+        return Batch(torch.cat(chosen), sizes, ctx.sampler.local_offsets(cfg.batch_real))
 
     def state_dict(self) -> dict:
         if self.cached is None:
             return {}
-        return {"indices": self.cached.indices, "sizes": list(self.cached.sizes)}
+        return {"indices": self.cached.indices, "sizes": list(self.cached.sizes), "offsets": self.cached.offsets}
 
     def load_state_dict(self, state: dict) -> None:
-        self.cached = Batch(state["indices"], list(state["sizes"])) if state else None
+        self.cached = Batch(state["indices"], list(state["sizes"]), state.get("offsets")) if state else None

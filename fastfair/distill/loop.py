@@ -108,9 +108,13 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
         if saved["iteration"] > cfg.iterations:
             raise ValueError(f"the checkpoint in {out_dir} already has {saved['iteration']} iterations, "
                              f"more than the {cfg.iterations} requested")
-        if saved.get("world_size", 1) != ctx.world_size:
-            warnings.warn(f"resuming a {saved.get('world_size', 1)}-process run with {ctx.world_size} processes: "
-                          "the global batch is the same but DSA parameters of the real rows differ", stacklevel=2)
+        if saved.get("world_size", 1) != ctx.world_size and cfg.method == "dream":
+            # The global batch and its DSA parameters do not depend on the
+            # number of ranks (up to float rounding); DREAM's k-means does: each
+            # rank clusters its own share of the pool.
+            warnings.warn(f"resuming a {saved.get('world_size', 1)}-process DREAM run with {ctx.world_size} "
+                          "processes: each rank clusters its share of the pool, so the representatives differ",
+                          stacklevel=2)
         images, buf = saved["images"].to(dev), saved["buf"]
         buf = buf.to(dev) if buf is not None else None
         source.load_state_dict(saved["source"])
@@ -163,15 +167,21 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
                     bar.set_postfix(loss=f"{entry['loss']:.4g}")
                     if write:
                         ck.append_log(out_dir, entry)
-                if cfg.eval_every and done % cfg.eval_every == 0 and main:
-                    labels = ctx.dec_labels.cpu()
-                    ev = _evaluate(cfg, decode(state[1].detach(), ctx.factor).cpu(), labels, dataset, dev)
-                    entry = {"iteration": done, "eval": ev, "seconds": round(seconds(), 3)}
-                    log.append(entry)
-                    bar.write(f"[{desc}] iteration {done}: acc {ev['acc']:.2f}  DEO_M {ev['deo_m']:.2f}  "
-                              f"DEO_A {ev['deo_a']:.2f}")
-                    if write:
-                        ck.append_log(out_dir, entry)
+                if cfg.eval_every and done % cfg.eval_every == 0:
+                    # Rank 0 evaluates. The others wait for it with a timeout of
+                    # its own (dist.run_on_main says why), not in the next
+                    # iteration's collective, whose timeout a long evaluation
+                    # would exceed.
+                    syn = state[1]
+                    ev = dist.run_on_main(lambda: _evaluate(cfg, decode(syn.detach(), ctx.factor).cpu(),
+                                                            ctx.dec_labels.cpu(), dataset, dev))
+                    if main:
+                        entry = {"iteration": done, "eval": ev, "seconds": round(seconds(), 3)}
+                        log.append(entry)
+                        bar.write(f"[{desc}] iteration {done}: acc {ev['acc']:.2f}  DEO_M {ev['deo_m']:.2f}  "
+                                  f"DEO_A {ev['deo_a']:.2f}")
+                        if write:
+                            ck.append_log(out_dir, entry)
                 if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
                     checkpoint()
     except KeyboardInterrupt:

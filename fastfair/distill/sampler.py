@@ -16,7 +16,11 @@ never need a size read back from the device).
 
 Distributed runs: every rank makes the SAME draw (same generator seed) and
 keeps its contiguous share of each class (``fastfair.distributed.shard``), so
-the union over ranks is exactly the one-process batch.
+the union over ranks is exactly the one-process batch. ``Batch.offsets`` says
+where this rank's rows of each class start in the global class batch: DSA
+draws a real row's parameters by that global position
+(``fastfair.augment.dsa(..., offset=)``), so a row is augmented the same way
+whichever rank holds it.
 """
 from __future__ import annotations
 
@@ -30,11 +34,18 @@ from ..distributed import shard
 
 @dataclass
 class Batch:
-    """Local real batch: ``indices`` into the train split, class-major, and the
-    number of rows of each class (python ints, static)."""
+    """Local real batch: ``indices`` into the train split, class-major, the
+    number of rows of each class (python ints, static) and, per class, the
+    position of this rank's first row in the global class batch (None: all 0,
+    a single process)."""
 
     indices: Tensor
     sizes: list[int]
+    offsets: list[int] | None = None
+
+    def row_offsets(self) -> list[int]:
+        """``offsets``, with None spelled out as zeros."""
+        return list(self.offsets) if self.offsets is not None else [0] * len(self.sizes)
 
 
 def _water_fill(total: int, capacity: list[int]) -> list[int]:
@@ -94,6 +105,12 @@ class RealSampler:
         w, r = self.world_size, self.rank
         return [n // w + (1 if r < n % w else 0) for n in self.global_sizes(per_class)]
 
+    def local_offsets(self, per_class: int | None = None) -> list[int]:
+        """Where this rank's rows of each class start in the global class batch
+        (the rows of the ranks before it; tensor_split's chunk boundaries)."""
+        w, r = self.world_size, self.rank
+        return [r * (n // w) + min(r, n % w) for n in self.global_sizes(per_class)]
+
     def draw(self, gen: torch.Generator, per_class: int | None = None) -> Batch:
         """One batch: ``per_class`` (default ``batch_real``) rows of every class,
         this rank's share of it. All ranks must pass identically seeded ``gen``."""
@@ -108,4 +125,4 @@ class RealSampler:
                 idx = pool[torch.randperm(pool.numel(), generator=gen)[:b]]
             idx = shard(idx, self.rank, self.world_size)
             parts.append(idx)
-        return Batch(torch.cat(parts), self.local_sizes(b))
+        return Batch(torch.cat(parts), self.local_sizes(b), self.local_offsets(b))
