@@ -2,11 +2,14 @@
 
 The multi-process tests launch this very file under ``torchrun`` (2 gloo ranks
 on the CPU, OMP_NUM_THREADS=1), once per scenario: ``segments`` (exact global
-segment statistics and their gradients, the collectives) and ``driver`` (DM and
-DC runs, ``fastfair distill --resume``). The ranks write their results to a
-temporary folder and pytest compares them with independent single-process
-references over the union of the shards. A hung rank fails the test after a
-timeout instead of hanging CI (the whole process group is killed).
+segment statistics and their gradients, the collectives, ``run_on_main``),
+``driver`` (DM and DC runs with and without DSA, ``fastfair distill --resume``)
+and ``cli`` / ``cli_fail`` (``fastfair distill`` owning the process group,
+evaluating during the run, destroying the group on success and on failure).
+The ranks write their results to a temporary folder and pytest compares them
+with independent single-process references over the union of the shards. A
+hung rank fails the test after a timeout instead of hanging CI (torchrun and
+its workers are killed).
 """
 from __future__ import annotations
 
@@ -34,6 +37,38 @@ SOLO_S = 5
 _REPO_ROOT = str(Path(fastfair.__file__).resolve().parent.parent)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    # torchrun starts each worker in a session of its own, so killing
+    # torchrun's process group would orphan them (and they would keep the
+    # output pipe open): collect the workers first, then kill each by pid.
+    workers = _descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _launch(nproc: int, args: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> str:
     """Run this file under torchrun with ``nproc`` ranks; returns its output."""
     env = dict(os.environ)
@@ -49,7 +84,7 @@ def _launch(nproc: int, args: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> s
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc)
         out, _ = proc.communicate()
         pytest.fail(f"torchrun {args} did not finish in {timeout} s:\n{out[-4000:]}")
     if proc.returncode != 0:
@@ -199,31 +234,31 @@ def _worker_driver(out_dir: Path) -> None:
     torch.save(result, out_dir / f"driver_rank{r}.pt")
 
 
-# CLI scenario: `fastfair distill` owns the process group (this worker sets up
-# none), evaluates during the run, and destroys the group however it ends.
+# CLI scenarios: `fastfair distill` owns the process group (the worker sets up
+# none), evaluates during the run, and destroys the group however it ends. One
+# CLI run per launch: a process that destroys its default group cannot
+# reliably create another one on torchrun's store (stale rendezvous keys).
 CLI_EVAL = ["--eval-every", "1", "--eval-epochs", "1", "--eval-runs", "1", "--eval-model", "ConvNet"]
 
 
-def _worker_cli(out_dir: Path) -> None:
+def _worker_cli(out_dir: Path, fail: bool) -> None:
     from fastfair import cli
 
-    r = int(os.environ["RANK"])
     result = {"before": fd.is_initialized()}
-    # A run that fails after the group is up (ipc larger than a class).
-    bad = _cli_argv(out_dir / "bad", 2)
-    bad[bad.index("--ipc") + 1] = "1000"
-    result["bad_rc"] = cli.main(bad)
-    result["after_bad"] = fd.is_initialized()
-    # A good run (a fresh group: the failed one was destroyed), evaluating every iteration.
-    result["rc"] = cli.main(_cli_argv(out_dir / "cli", 2) + CLI_EVAL)
+    if fail:  # a run that fails after the group is up: ipc larger than a class
+        argv = _cli_argv(out_dir / "bad", 2)
+        argv[argv.index("--ipc") + 1] = "1000"
+    else:  # a good run, evaluating every iteration
+        argv = _cli_argv(out_dir / "cli", 2) + CLI_EVAL
+    result["rc"] = cli.main(argv)
     result["after"] = fd.is_initialized()
-    torch.save(result, out_dir / f"cli_rank{r}.pt")
+    torch.save(result, out_dir / f"cli_rank{os.environ['RANK']}.pt")
 
 
 def _worker_main(argv: list[str]) -> None:
     scenario, out_dir = argv[0], Path(argv[1])
-    if scenario == "cli":
-        _worker_cli(out_dir)
+    if scenario in ("cli", "cli_fail"):
+        _worker_cli(out_dir, fail=scenario == "cli_fail")
         return
     if not fd.init_from_env(backend="gloo", device="cpu"):
         raise SystemExit("worker: expected a multi-process group from torchrun")
@@ -395,21 +430,27 @@ def test_distributed_run_on_main_outlasts_a_collective_timeout(segment_results: 
         assert torch.equal(res["reduced"], torch.full((1,), float(NPROC)))  # ...and the collective after it worked
 
 
-@pytest.fixture(scope="module")
-def cli_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+def _launch_cli(tmp_path_factory: pytest.TempPathFactory, scenario: str) -> tuple[list[dict], Path]:
     if importlib.util.find_spec("fastfair.cli") is None:
         pytest.skip("the CLI (fastfair.cli) is not in this checkout")
-    out_dir = tmp_path_factory.mktemp("distributed_cli")
-    _launch(NPROC, ["cli", str(out_dir)])
+    out_dir = tmp_path_factory.mktemp(f"distributed_{scenario}")
+    _launch(NPROC, [scenario, str(out_dir)])
     return [torch.load(out_dir / f"cli_rank{r}.pt") for r in range(NPROC)], out_dir
 
 
-def test_distributed_cli_owns_and_destroys_the_group(cli_results: tuple[list[dict], Path]) -> None:
-    results, _ = cli_results
-    for res in results:
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    return _launch_cli(tmp_path_factory, "cli")
+
+
+def test_distributed_cli_owns_and_destroys_the_group(cli_results: tuple[list[dict], Path],
+                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    for res in cli_results[0]:
+        assert res["before"] is False and res["rc"] == 0 and res["after"] is False
+    failed, _ = _launch_cli(tmp_path_factory, "cli_fail")
+    for res in failed:
         assert res["before"] is False
-        assert res["bad_rc"] == 2 and res["after_bad"] is False  # destroyed although the run failed
-        assert res["rc"] == 0 and res["after"] is False
+        assert res["rc"] == 2 and res["after"] is False  # destroyed although the run failed
 
 
 def test_distributed_cli_evaluates_on_rank_0_during_the_run(cli_results: tuple[list[dict], Path]) -> None:
