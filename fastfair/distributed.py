@@ -129,6 +129,10 @@ def process_group(
     behind. A group that already existed when the block started belongs to the
     caller and is left alone: ``fastfair.cli.main(["distill", ...])`` called
     from a script that set up its own group does not tear it down.
+
+    Once per process: a second default group created in the same torchrun
+    worker after the first was destroyed can hang on torchrun's store (the
+    test suite saw it); scripts that run several jobs set the group up once.
     """
     owned = not is_initialized()
     try:
