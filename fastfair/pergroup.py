@@ -209,19 +209,38 @@ def _norm_scale_grad(m: nn.Module, a: Tensor, b: Tensor, per: Callable[[Tensor],
 
 def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor],
                               ids: Tensor, num_segments: int, counts: Tensor,
-                              create_graph: bool) -> tuple[Tensor, ...]:
+                              create_graph: bool, chunk: int | None = None,
+                              labels: Tensor | None = None,
+                              make_loss: Callable[[Tensor], Callable[[Tensor], Tensor]] | None = None
+                              ) -> tuple[Tensor, ...]:
     params = [p for p in model.parameters() if p.requires_grad]
-    calls = _capture(model, inputs, loss_fn, create_graph)
     sums: dict[int, Tensor] = {}
-    # The ids were range-checked once by the caller's segment_count: the
-    # per-layer ops skip the check (it is a host sync on GPUs).
-    with ops.validate_ids(False):
-        for c in calls:
-            if c.b is None:  # the loss does not depend on this layer's output
-                continue
-            for p, g in _layer_sums(c, ids, num_segments):
-                # Shared parameters and layers called twice add up.
-                sums[id(p)] = g if id(p) not in sums else sums[id(p)] + g
+    n = inputs.shape[0]
+    if chunk is None or chunk >= n:
+        spans = [(0, n)]
+    else:
+        # Segment SUMS add across chunks, so only one chunk's activations are
+        # alive at a time and the result equals the one-pass result (up to
+        # the order of floating-point additions).
+        spans = [(r0, min(n, r0 + chunk)) for r0 in range(0, n, chunk)]
+    for r0, r1 in spans:
+        if len(spans) == 1:
+            calls = _capture(model, inputs, loss_fn, create_graph)
+            part_ids = ids
+        else:
+            assert labels is not None and make_loss is not None
+            calls = _capture(model, inputs[r0:r1], make_loss(labels[r0:r1]), create_graph)
+            part_ids = ids[r0:r1]
+        # The ids were range-checked once by the caller's segment_count: the
+        # per-layer ops skip the check (it is a host sync on GPUs).
+        with ops.validate_ids(False):
+            for c in calls:
+                if c.b is None:  # the loss does not depend on this layer's output
+                    continue
+                for p, g in _layer_sums(c, part_ids, num_segments):
+                    # Shared parameters, layers called twice and chunks add up.
+                    sums[id(p)] = g if id(p) not in sums else sums[id(p)] + g
+        del calls
     result = []
     for p in params:
         g = sums.get(id(p))
@@ -249,6 +268,7 @@ def segment_gradients(
     num_segments: int,
     loss: str = "ce",
     fallback: str | None = None,
+    chunk: int | None = None,
 ) -> tuple[Tensor, ...]:
     """Gradient of each segment's MEAN loss w.r.t. every trainable parameter.
 
@@ -266,7 +286,17 @@ def segment_gradients(
     eval-mode BatchNorm. ``fallback="loop"`` instead runs one forward and one
     backward per non-empty segment and works for any model (the reference
     code's way; it syncs with the host).
+
+    ``chunk``: at most this many rows per forward/backward (default: all at
+    once). The per-segment gradient sums of the chunks are added before the
+    division by the counts, so the result is the same, while the activation
+    memory is that of one chunk: large real batches (ImageNet subsets, 100
+    classes x 256 images) fit on one GPU.
     """
+    if fallback not in (None, "loop"):
+        raise ValueError(f"fallback must be None or 'loop', got {fallback!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     if fallback not in (None, "loop"):
         raise ValueError(f"fallback must be None or 'loop', got {fallback!r}")
     if not (inputs.shape[0] == labels.shape[0] == segment_ids.shape[0]):
@@ -280,7 +310,8 @@ def segment_gradients(
         return _loop_gradients(model, inputs, labels, segment_ids, num_segments, loss)
     check_decomposable(model)
     return _hooked_segment_gradients(model, inputs, loss_fn, segment_ids, num_segments, counts,
-                                     create_graph=False)
+                                     create_graph=False, chunk=chunk, labels=labels,
+                                     make_loss=lambda lab: _summed_loss(lab, loss))
 
 
 def _loop_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, segment_ids: Tensor,

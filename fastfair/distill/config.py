@@ -73,6 +73,7 @@ class DistillConfig:
     lr_img: float | None = None          # DM 1 (10 at IPC >= 100), DC family 0.1
     momentum: float = 0.5
     batch_real: int = 256                # per class
+    real_chunk: int | None = None        # rows per network pass over the real batch; None: all at once
     outer_loop: int | None = None        # DC family, by IPC
     inner_loop: int | None = None        # DC family, by IPC
     lr_net: float = 0.01                 # inner-loop / warm-up network SGD
@@ -168,6 +169,8 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     if not c.lr_img > 0 or not c.lr_net > 0 or not 0.0 <= c.momentum < 1.0:
         raise ValueError(f"need lr_img > 0, lr_net > 0 and 0 <= momentum < 1, got "
                          f"{c.lr_img}, {c.lr_net}, {c.momentum}")
+    if c.real_chunk is not None and c.real_chunk < 1:
+        raise ValueError(f"real_chunk must be a positive integer or None, got {c.real_chunk}")
     if c.pseudo_max_groups is not None and c.pseudo_max_groups < 1:
         raise ValueError(f"pseudo_max_groups must be >= 1, got {c.pseudo_max_groups}")
     return c

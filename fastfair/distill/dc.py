@@ -84,9 +84,11 @@ def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
         real_aug, syn_aug = ctx.siamese(real, batch.sizes, syn, it, ol, real_offsets=batch.offsets)
         if cfg.groups == "pseudo":
             with torch.no_grad():
-                groups = ctx.pseudo(net.embed(real_aug), batch.sizes)
+                chunk = cfg.real_chunk or real_aug.shape[0]
+                emb = torch.cat([net.embed(part) for part in real_aug.split(chunk)])
+                groups = ctx.pseudo(emb, batch.sizes)
         seg = labels * G + groups
-        real_grads = segment_gradients(net, real_aug, labels, seg, S)
+        real_grads = segment_gradients(net, real_aug, labels, seg, S, chunk=cfg.real_chunk)
         real_grads, counts = _global_segment_means(tuple(g.detach() for g in real_grads), seg, S)
         syn_grads = class_gradients(net, syn_aug, ctx.dec_labels, C, create_graph=True)
         loss = dc_matching_loss(real_grads, counts, syn_grads, G, objective=cfg.objective, metric=cfg.dc_metric)
