@@ -65,7 +65,8 @@ would exceed ``MemAvailable`` is skipped rather than risking the OOM killer.
 The driver's one-pass steps put the whole real batch of every class through
 the network at once, so at the full synthetic scale (25600 images at 64 px,
 width 128: 54 GB per first-layer activation) they need more than an 80 GB GPU;
-the per-class loop does not. On CPU use ``--quick``: at the full scale the loop
+the per-class loop does not; ``--real-chunk N`` (the driver's
+``DistillConfig.real_chunk``) bounds them to N rows per network pass. On CPU use ``--quick``: at the full scale the loop
 rows alone take hours per step. A full CUDA sweep runs longer than 10 minutes
 (the DC loop at G = 50 and 100 dominates); split it with ``--dataset``,
 ``--methods`` and ``--groups`` (each run writes its own ``--json``).
@@ -123,6 +124,7 @@ class Scale:
     image_size: int    # synthetic only (cdigits is 32 px)
     width: int
     ipc: int
+    real_chunk: int | None = None  # rows per network pass over the real batch (fastfair rows)
 
 
 def _depth(image_size: int) -> int:
@@ -170,7 +172,8 @@ def _config(dataset: str, method: str, objective: str, scale: Scale, image_size:
     warm = cobra_warmup if (method == "dm" and objective == "cobra") else None
     return resolve(DistillConfig(dataset=dataset, method=method, objective=objective, ipc=scale.ipc,
                                  batch_real=scale.batch, width=scale.width, depth=_depth(image_size),
-                                 outer_loop=1, inner_loop=1, cobra_warmup_epochs=warm, seed=0))
+                                 outer_loop=1, inner_loop=1, cobra_warmup_epochs=warm, seed=0,
+                                 real_chunk=scale.real_chunk))
 
 
 # -------------------------------------------------------------------- steps
@@ -411,6 +414,8 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
     }
     per_class = ctx_f.sampler.global_sizes()
     one_pass_rows, loop_rows = sum(per_class), max(per_class)
+    if scale.real_chunk is not None:
+        one_pass_rows = min(one_pass_rows, scale.real_chunk)
 
     refusal = _cpu_too_big(one_pass_rows, scale.width, size) if device.type == "cpu" else None
     check = "not run (too big for this machine's memory)"
@@ -577,6 +582,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--cobra-warmup", type=int, default=0,
                    help="COBRA DM warm-up epochs inside the step (default 0: the matching step only)")
     # Small knobs for tests and exploration.
+    p.add_argument("--real-chunk", type=int, default=None,
+                   help="rows per network pass over the real batch in the fastfair rows (DistillConfig.real_chunk; "
+                        "default: the whole batch at once). Full-scale synthetic on one GPU needs e.g. 2048")
     p.add_argument("--classes", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--image-size", type=int, default=None, help=argparse.SUPPRESS)
@@ -596,9 +604,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"{', '.join('--' + k.replace('_', '-') for k in small)} must be >= 1")
     if a.cobra_warmup < 0:
         p.error("--cobra-warmup must be >= 0")
+    if a.real_chunk is not None and a.real_chunk < 1:
+        p.error("--real-chunk must be >= 1")
     quick = a.quick
     syn = Scale(classes=a.classes or (10 if quick else 100), batch=a.batch or (64 if quick else 256),
-                image_size=a.image_size or (32 if quick else 64), width=a.width or (32 if quick else 128), ipc=a.ipc)
+                image_size=a.image_size or (32 if quick else 64), width=a.width or (32 if quick else 128), ipc=a.ipc,
+                real_chunk=a.real_chunk)
     digits = dataclasses.replace(syn, classes=10, image_size=32, batch=a.batch or 256)  # cdigits' own shape
     scales = {"synthetic": syn, "cdigits-fg": digits}
     repeats = a.repeats or (5 if quick else 7)
@@ -630,7 +641,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     path = a.json or default_json(NAME, device_name)
     settings = {**{d: dataclasses.asdict(scales[d]) for d in datasets}, "repeats": repeats,
-                "cobra_warmup_epochs": a.cobra_warmup, "dtype": "float32", "quick": quick}
+                "cobra_warmup_epochs": a.cobra_warmup, "dtype": "float32", "quick": quick, "real_chunk": a.real_chunk}
     payload = {"benchmark": NAME, "machine": machine, "settings": settings, "peak_method": meter.method,
                "peak_unavailable": meter.reason, "ratios": ratios(rows), "rows": rows}
     write_json(path, payload)
