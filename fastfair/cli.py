@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image learning rate; default: DM 1 (10 at IPC >= 100), DC family 0.1")
     s.add_argument("--momentum", type=float, default=0.5, help="SGD momentum of the image update")
     s.add_argument("--batch-real", type=int, default=256, help="real images per class per step")
+    s.add_argument("--real-chunk", type=int, default=None,
+                   help="at most this many real images per network pass (the per-segment sums of the chunks are "
+                        "added, so the result is the same); bounds activation memory for many classes "
+                        "(default: the whole real batch of every class at once)")
     s.add_argument("--outer-loop", type=int, default=None,
                    help="DC family: matching steps per iteration; default by IPC: 1, 10, 20, 30, 40, 50 at "
                         "IPC 1, 10, 20, 30, 40, 50; 100 above")
@@ -292,7 +296,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
     options = _parse_options(a.data_option)
     cfg = distill.DistillConfig(
         dataset=a.dataset, method=a.method, objective=a.objective, ipc=a.ipc, iterations=a.iterations,
-        lr_img=a.lr_img, momentum=a.momentum, batch_real=a.batch_real, outer_loop=a.outer_loop,
+        lr_img=a.lr_img, momentum=a.momentum, batch_real=a.batch_real, real_chunk=a.real_chunk, outer_loop=a.outer_loop,
         inner_loop=a.inner_loop, lr_net=a.lr_net, dsa=not a.no_dsa, init=a.init, model=a.model, width=a.width,
         depth=a.depth, norm=a.norm, cobra_warmup_epochs=a.cobra_warmup_epochs, group_noise=a.group_noise,
         groups=a.groups, sample_per_group=a.sample_per_group, seed=a.seed, log_every=a.log_every,
