@@ -207,12 +207,9 @@ def _norm_scale_grad(m: nn.Module, a: Tensor, b: Tensor, per: Callable[[Tensor],
     return torch.cat(parts) if parts else per(b)
 
 
-def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor],
+def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, loss: str,
                               ids: Tensor, num_segments: int, counts: Tensor,
-                              create_graph: bool, chunk: int | None = None,
-                              labels: Tensor | None = None,
-                              make_loss: Callable[[Tensor], Callable[[Tensor], Tensor]] | None = None
-                              ) -> tuple[Tensor, ...]:
+                              create_graph: bool, chunk: int | None = None) -> tuple[Tensor, ...]:
     params = [p for p in model.parameters() if p.requires_grad]
     sums: dict[int, Tensor] = {}
     n = inputs.shape[0]
@@ -224,13 +221,8 @@ def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, loss_fn: Callabl
         # the order of floating-point additions).
         spans = [(r0, min(n, r0 + chunk)) for r0 in range(0, n, chunk)]
     for r0, r1 in spans:
-        if len(spans) == 1:
-            calls = _capture(model, inputs, loss_fn, create_graph)
-            part_ids = ids
-        else:
-            assert labels is not None and make_loss is not None
-            calls = _capture(model, inputs[r0:r1], make_loss(labels[r0:r1]), create_graph)
-            part_ids = ids[r0:r1]
+        calls = _capture(model, inputs[r0:r1], _summed_loss(labels[r0:r1], loss), create_graph)
+        part_ids = ids[r0:r1]
         # The ids were range-checked once by the caller's segment_count: the
         # per-layer ops skip the check (it is a host sync on GPUs).
         with ops.validate_ids(False):
@@ -304,14 +296,13 @@ def segment_gradients(
             f"segment_gradients: inputs, labels and segment_ids need the same length, got "
             f"{inputs.shape[0]}, {labels.shape[0]} and {segment_ids.shape[0]}"
         )
-    loss_fn = _summed_loss(labels, loss)
+    _summed_loss(labels, loss)  # an unknown loss name fails here, before any work
     counts = ops.segment_count(segment_ids, num_segments)  # also checks the ids
     if fallback == "loop":
         return _loop_gradients(model, inputs, labels, segment_ids, num_segments, loss)
     check_decomposable(model)
-    return _hooked_segment_gradients(model, inputs, loss_fn, segment_ids, num_segments, counts,
-                                     create_graph=False, chunk=chunk, labels=labels,
-                                     make_loss=lambda lab: _summed_loss(lab, loss))
+    return _hooked_segment_gradients(model, inputs, labels, loss, segment_ids, num_segments, counts,
+                                     create_graph=False, chunk=chunk)
 
 
 def _loop_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, segment_ids: Tensor,
@@ -356,7 +347,7 @@ def class_gradients(
             raise ValueError("class_gradients: syn_images and syn_labels need the same length")
         check_decomposable(model)
         counts = ops.segment_count(syn_labels, num_classes)
-        return _hooked_segment_gradients(model, syn_images, _summed_loss(syn_labels, "ce"), syn_labels,
+        return _hooked_segment_gradients(model, syn_images, syn_labels, "ce", syn_labels,
                                          num_classes, counts, create_graph=create_graph)
     per_class: list[list[Tensor]] = []
     for c in range(num_classes):

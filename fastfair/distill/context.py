@@ -78,6 +78,12 @@ class RunContext:
 
     # ---------------------------------------------------------- augmentation
 
+    @torch.no_grad()
+    def embed_real(self, net: nn.Module, real: Tensor) -> Tensor:
+        """Embeddings of the real batch, ``cfg.real_chunk`` rows per forward:
+        the embeddings are small, the activations of a many-class batch are not."""
+        return torch.cat([net.embed(part) for part in real.split(self.cfg.real_chunk or max(1, real.shape[0]))])
+
     def siamese(self, real: Tensor, real_sizes: list[int], syn: Tensor, it: int, *keys: int,
                 real_offsets: list[int] | None = None) -> tuple[Tensor, Tensor]:
         """DSA with one seed per class shared by that class's real and synthetic

@@ -83,10 +83,7 @@ def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
         syn = decode(x, ctx.factor)
         real_aug, syn_aug = ctx.siamese(real, batch.sizes, syn, it, ol, real_offsets=batch.offsets)
         if cfg.groups == "pseudo":
-            with torch.no_grad():
-                chunk = cfg.real_chunk or real_aug.shape[0]
-                emb = torch.cat([net.embed(part) for part in real_aug.split(chunk)])
-                groups = ctx.pseudo(emb, batch.sizes)
+            groups = ctx.pseudo(ctx.embed_real(net, real_aug), batch.sizes)
         seg = labels * G + groups
         real_grads = segment_gradients(net, real_aug, labels, seg, S, chunk=cfg.real_chunk)
         real_grads, counts = _global_segment_means(tuple(g.detach() for g in real_grads), seg, S)

@@ -45,11 +45,7 @@ def dm_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int) -
     x = images.detach().requires_grad_(True)
     real_aug, syn_aug = ctx.siamese(real, batch.sizes, x, it, real_offsets=batch.offsets)
 
-    with torch.no_grad():
-        # In chunks when asked: the embeddings are small, the activations of
-        # a 100-class x 256 real batch are not.
-        chunk = cfg.real_chunk or real_aug.shape[0]
-        real_emb = torch.cat([net.embed(part) for part in real_aug.split(chunk)])
+    real_emb = ctx.embed_real(net, real_aug)
     syn_emb = net.embed(syn_aug)
     if cfg.groups == "pseudo":
         groups = ctx.pseudo(real_emb, batch.sizes)
