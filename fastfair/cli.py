@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--real-chunk", type=int, default=None,
                    help="at most this many real images per network pass (the per-segment sums of the chunks are "
                         "added, so the result is the same); bounds activation memory for many classes "
-                        "(default: the whole real batch of every class at once)")
+                        "(default: automatic: the whole real batch of every class at once on a GPU, blocks of "
+                        "about 40 images of 3x32x32 on a CPU, where that is faster)")
     s.add_argument("--outer-loop", type=int, default=None,
                    help="DC family: matching steps per iteration; default by IPC: 1, 10, 20, 30, 40, 50 at "
                         "IPC 1, 10, 20, 30, 40, 50; 100 above")

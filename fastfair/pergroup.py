@@ -209,29 +209,49 @@ def _norm_scale_grad(m: nn.Module, a: Tensor, b: Tensor, per: Callable[[Tensor],
 
 def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, loss: str,
                               ids: Tensor, num_segments: int, counts: Tensor,
-                              create_graph: bool, chunk: int | None = None) -> tuple[Tensor, ...]:
+                              create_graph: bool, chunk: int | str | None = None) -> tuple[Tensor, ...]:
     params = [p for p in model.parameters() if p.requires_grad]
-    sums: dict[int, Tensor] = {}
     n = inputs.shape[0]
-    if chunk is None or chunk >= n:
-        spans = [(0, n)]
+    rows = _chunk_rows(chunk, model, inputs)
+    chunked = rows < n
+    if n > 1 and (chunked or ids.device.type == "cpu"):
+        # Rows sorted by segment (stable: a segment keeps its row order): the
+        # weight-gradient kernels then read each segment's rows in place
+        # instead of gathering them, and a chunk of rows spans a contiguous
+        # range of segments, so it only produces and adds that range's sums
+        # (S x |W| per chunk would swamp small chunks when S is large).
+        order = torch.argsort(ids, stable=True)
+        inputs, labels, ids = inputs[order], labels[order], ids[order]
+    sums: dict[int, Tensor] = {}
+    if not chunked:
+        spans = [(0, n, 0, num_segments)]
     else:
         # Segment SUMS add across chunks, so only one chunk's activations are
         # alive at a time and the result equals the one-pass result (up to
-        # the order of floating-point additions).
-        spans = [(r0, min(n, r0 + chunk)) for r0 in range(0, n, chunk)]
-    for r0, r1 in spans:
+        # the order of floating-point additions). One host sync for the
+        # chunks' segment ranges.
+        starts = list(range(0, n, rows))
+        ends = [min(n, r0 + rows) for r0 in starts]
+        at = torch.tensor(starts + [r1 - 1 for r1 in ends], device=ids.device)
+        edge = ids[at].tolist()
+        spans = [(r0, r1, lo, hi + 1 - lo)
+                 for r0, r1, lo, hi in zip(starts, ends, edge[:len(starts)], edge[len(starts):])]
+    for r0, r1, lo, width in spans:
         calls = _capture(model, inputs[r0:r1], _summed_loss(labels[r0:r1], loss), create_graph)
-        part_ids = ids[r0:r1]
+        part_ids = ids[r0:r1] - lo if lo else ids[r0:r1]
         # The ids were range-checked once by the caller's segment_count: the
         # per-layer ops skip the check (it is a host sync on GPUs).
         with ops.validate_ids(False):
             for c in calls:
                 if c.b is None:  # the loss does not depend on this layer's output
                     continue
-                for p, g in _layer_sums(c, part_ids, num_segments):
-                    # Shared parameters, layers called twice and chunks add up.
-                    sums[id(p)] = g if id(p) not in sums else sums[id(p)] + g
+                for p, g in _layer_sums(c, part_ids, width):
+                    if chunked:
+                        if id(p) not in sums:
+                            sums[id(p)] = g.new_zeros((num_segments, g.shape[1]))
+                        sums[id(p)][lo:lo + width] += g
+                    else:  # shared parameters and layers called twice add up
+                        sums[id(p)] = g if id(p) not in sums else sums[id(p)] + g
         del calls
     result = []
     for p in params:
@@ -242,6 +262,41 @@ def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, 
         inv = 1.0 / counts.clamp(min=1).to(g.dtype)
         result.append((g * inv.unsqueeze(1)).to(p.dtype).reshape(num_segments, *p.shape))
     return tuple(result)
+
+
+# chunk="auto" on CPU: rows per pass such that one pass's input holds about
+# this many elements (40 images of 3x32x32). On CPUs the one pass is
+# memory-bound once the activations leave the caches: ConvNet w128 at 32 px,
+# 400 rows at once ran slower than the same rows 40 at a time (2-core Xeon;
+# benchmarks/NOTES.md has the numbers).
+_CPU_AUTO_INPUT_ELEMS = 3 * 32 * 32 * 40
+
+
+def auto_chunk(model: nn.Module, inputs: Tensor) -> int:
+    """Rows per network pass that ``chunk="auto"`` picks for this batch.
+
+    All rows on GPUs and for models whose samples interact (BatchNorm in
+    training mode: its batch statistics would change with the chunk); on CPUs
+    blocks of about 2^17 input elements, so the activations stay in cache.
+    """
+    n = inputs.shape[0]
+    if inputs.device.type != "cpu" or n == 0 or _couples_samples(model):
+        return max(n, 1)
+    return max(1, _CPU_AUTO_INPUT_ELEMS // max(1, inputs[0].numel()))
+
+
+def _couples_samples(model: nn.Module) -> bool:
+    return any(isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+               for m in model.modules())
+
+
+def _chunk_rows(chunk: int | str | None, model: nn.Module, inputs: Tensor) -> int:
+    """Rows per forward/backward pass for ``chunk`` (see segment_gradients)."""
+    if chunk is None:
+        return max(inputs.shape[0], 1)
+    if chunk == "auto":
+        return auto_chunk(model, inputs)
+    return chunk  # type: ignore[return-value]
 
 
 def _summed_loss(labels: Tensor, loss: str) -> Callable[[Tensor], Tensor]:
@@ -260,7 +315,7 @@ def segment_gradients(
     num_segments: int,
     loss: str = "ce",
     fallback: str | None = None,
-    chunk: int | None = None,
+    chunk: int | str | None = "auto",
 ) -> tuple[Tensor, ...]:
     """Gradient of each segment's MEAN loss w.r.t. every trainable parameter.
 
@@ -279,18 +334,21 @@ def segment_gradients(
     backward per non-empty segment and works for any model (the reference
     code's way; it syncs with the host).
 
-    ``chunk``: at most this many rows per forward/backward (default: all at
-    once). The per-segment gradient sums of the chunks are added before the
-    division by the counts, so the result is the same, while the activation
-    memory is that of one chunk: large real batches (ImageNet subsets, 100
-    classes x 256 images) fit on one GPU.
+    ``chunk``: at most this many rows per forward/backward; None: all at
+    once; "auto" (default): :func:`auto_chunk`, all at once on GPUs, on CPUs
+    blocks of 40 images of 3x32x32 (or as many input elements), which keeps
+    the activations in cache (measured faster than one pass). The rows
+    are sorted by segment first, so each chunk covers a contiguous range of
+    segments; the per-segment gradient sums of the chunks are added before
+    the division by the counts, so the result is the same (up to the order
+    of floating-point additions), while the activation memory is that of one
+    chunk: large real batches (ImageNet subsets, 100 classes x 256 images)
+    fit on one GPU.
     """
     if fallback not in (None, "loop"):
         raise ValueError(f"fallback must be None or 'loop', got {fallback!r}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
-    if fallback not in (None, "loop"):
-        raise ValueError(f"fallback must be None or 'loop', got {fallback!r}")
+    if chunk is not None and chunk != "auto" and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int, 'auto' or None, got {chunk!r}")
     if not (inputs.shape[0] == labels.shape[0] == segment_ids.shape[0]):
         raise ValueError(
             f"segment_gradients: inputs, labels and segment_ids need the same length, got "

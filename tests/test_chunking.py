@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from fastfair import data, distill
 from fastfair.nets import get_network
-from fastfair.pergroup import segment_gradients
+from fastfair import pergroup
+from fastfair.distill.context import build_context
+from fastfair.pergroup import auto_chunk, segment_gradients
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,7 +45,50 @@ def test_chunked_segment_gradients_equal_one_pass(chunk: int) -> None:
         assert _rel(a[3], r) <= 1e-9
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_auto_chunk_on_cpu_equals_one_pass() -> None:
+    # 3 x 64 x 64 inputs: "auto" takes 10 rows per pass on a CPU, so 29 rows
+    # with unsorted segment ids go in three passes over sorted rows.
+    torch.manual_seed(0)
+    net = get_network("ConvNet", 3, 4, 64, width=4, depth=2).double()
+    n, s = 29, 9
+    x = torch.randn(n, 3, 64, 64, dtype=torch.float64)
+    y = torch.randint(0, 4, (n,))
+    ids = torch.randint(1, s, (n,))  # segment 0 stays empty
+    assert auto_chunk(net, x) == 10
+    auto = segment_gradients(net, x, y, ids, s)  # the default is "auto"
+    full = segment_gradients(net, x, y, ids, s, chunk=None)
+    for a, b in zip(auto, full):
+        assert _rel(a, b) <= 1e-9
+        assert torch.all(a[0] == 0)
+
+
+def test_auto_chunk_keeps_coupled_batches_whole() -> None:
+    x = torch.randn(50, 3, 64, 64)
+    bn = get_network("ConvNet", 3, 4, 64, width=4, depth=1, norm="batchnorm")
+    assert auto_chunk(bn.train(), x) == 50  # batch statistics would change with the chunk
+    assert auto_chunk(bn.eval(), x) == 10
+    assert auto_chunk(bn.eval(), x[:0]) == 1
+    assert auto_chunk(bn.eval(), torch.randn(7, 3, 4, 4)) == pergroup._CPU_AUTO_INPUT_ELEMS // 48
+
+
+def test_embed_real_follows_the_chunk_rule() -> None:
+    ds = data.load("synthetic", bias_ratio=0.8, **OPTS)
+    cfg = distill.config.resolve(distill.DistillConfig(method="dm", ipc=1, iterations=1))
+    ctx = build_context(cfg, ds, torch.device("cpu"))
+    net = get_network("ConvNet", 3, 3, 8, width=4, depth=1)
+    real = torch.randn(11, 3, 8, 8)
+    calls: list[int] = []
+    embed = net.embed
+    net.embed = lambda t: (calls.append(t.shape[0]), embed(t))[1]  # type: ignore[method-assign]
+    full = ctx.embed_real(net, real)
+    assert calls == [11]  # 8x8 inputs: one auto block holds all 11 rows
+    ctx.cfg = dataclasses.replace(cfg, real_chunk=4)
+    calls.clear()
+    torch.testing.assert_close(ctx.embed_real(net, real), full)
+    assert calls == [4, 4, 3]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "all"])
 def test_bad_chunk_is_refused(bad: object) -> None:
     net = get_network("ConvNet", 3, 4, 16, width=4, depth=1)
     x, y = torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)

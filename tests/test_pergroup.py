@@ -113,17 +113,42 @@ def test_conv2d_weight_grad(device, case, index_dtype):
         assert (got[-2:] == 0).all()
 
 
-def test_conv2d_weight_grad_many_blocks_in_one_segment():
-    # 70 rows of one segment exceed the CPU kernel's block of gathered rows,
-    # so the segment is summed over several blocks.
+@pytest.mark.parametrize("rows", ["consecutive", "interleaved"])
+def test_conv2d_weight_grad_many_blocks_in_one_segment(rows):
+    # 70 rows of one segment exceed the CPU kernel's block of rows, so the
+    # segment is summed over several blocks: read in place when the rows are
+    # consecutive, gathered when another segment's rows lie between them.
     a = torch.randn(70, 4, 256, 256)
     b = torch.randn(70, 4, 256, 256)
-    ids = torch.zeros(70, dtype=torch.long)
-    got = ops.segment_conv2d_weight_grad(b, a, ids, 2, 3, 1, 1, 1)
-    want = torch.nn.grad.conv2d_weight(a.double(), (4, 4, 3, 3), b.double(), 1, 1, 1)
-    # float32 sums of 70 x 256 x 256 products: rounding relative to the largest entry.
-    assert (got[0].double() - want).abs().max() <= 1e-4 * want.abs().max()
-    assert (got[1] == 0).all()
+    ids = torch.zeros(70, dtype=torch.long) if rows == "consecutive" else torch.arange(70) % 2
+    got = ops.segment_conv2d_weight_grad(b, a, ids, 3, 3, 1, 1, 1)
+    for k in range(2):
+        m = ids == k
+        want = torch.nn.grad.conv2d_weight(a[m].double(), (4, 4, 3, 3), b[m].double(), 1, 1, 1)
+        # float32 sums of 70 x 256 x 256 products: rounding relative to the largest entry.
+        assert (got[k].double() - want).abs().max() <= 1e-4 * want.abs().max()
+        if rows == "consecutive":
+            break
+    assert (got[2] == 0).all()
+
+
+@pytest.mark.parametrize("op", ["linear", "conv"])
+def test_weight_grads_mixed_consecutive_and_scattered_segments(op):
+    # Segments 0 and 3 are consecutive runs (read in place), 1 and 2 interleave
+    # (gathered), 4 is empty: the kernel picks the path per block.
+    ids = torch.tensor([0, 0, 0, 1, 2, 1, 2, 2, 3, 3, 3, 3, 3])
+    g = torch.Generator().manual_seed(3)
+    n = ids.numel()
+    if op == "linear":
+        b, a = torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randn(n, 4, generator=g, dtype=torch.float64)
+        got, want = ops.segment_linear_weight_grad(b, a, ids, 5), ref_linear(b, a, ids, 5)
+    else:
+        a = torch.randn(n, 3, 7, 6, generator=g, dtype=torch.float64)
+        b = torch.randn(n, 4, 7, 6, generator=g, dtype=torch.float64)
+        got = ops.segment_conv2d_weight_grad(b, a, ids, 5, (3, 3), (1, 1), (1, 1), (1, 1))
+        want = ref_conv(b, a, ids, 5, (3, 3), (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (got[4] == 0).all()
 
 
 def test_non_contiguous_inputs(device):

@@ -10,12 +10,13 @@ Times, side by side in one run, at a fixed N x D and G = 1 .. 10^5 segments
   torch_scatter   torch_scatter.scatter_mean, where that package imports
   fastfair        fastfair.ops.segment_mean
 
-torch_scatter: ``pip install torch-scatter`` was tried once against torch
-2.14.1 (CPU) and failed: PyPI has only the 2.1.2 source distribution, whose
-setup.py imports torch inside pip's isolated build environment ("No module
-named 'torch'"); no wheel matches torch 2.14.1. Where it does not import, the
-JSON says ``"torch_scatter": "not installed: <reason>"`` and the sweep runs
-without it.
+torch_scatter: PyPI has only the 2.1.2 source distribution, and a plain
+``pip install torch-scatter`` fails (its setup.py imports torch inside pip's
+isolated build environment). It builds against the installed torch with
+``pip install --no-build-isolation --no-deps torch-scatter`` (CPU only unless
+CUDA is found; about 4 minutes on 2 cores). Where it does not import, the JSON
+says ``"torch_scatter": "not installed: <reason>"`` and the sweep runs without
+it.
 
 Before timing, every implementation is checked once per G against fastfair
 (float32, relative error <= 1e-4 on the present segments), so the sweep cannot
@@ -40,9 +41,9 @@ from .timing import check_device, copy_bandwidth_gbs, default_json, describe_mac
 NAME = "segment_ops"
 FULL_GROUPS = [1, 2, 4, 16, 100, 1000, 10_000, 100_000]
 QUICK_GROUPS = [g for g in FULL_GROUPS if g <= 10_000]
-# Why torch_scatter is missing on the machine this was written on (see the docstring).
-_SCATTER_BUILD_NOTE = ("pip install torch-scatter fails against torch 2.14.1: only the 2.1.2 sdist is on PyPI and its "
-                       "setup.py imports torch inside pip's isolated build environment")
+# How to get torch_scatter where it is missing (see the docstring).
+_SCATTER_BUILD_NOTE = ("only the 2.1.2 sdist is on PyPI; build it against the installed torch with "
+                       "pip install --no-build-isolation --no-deps torch-scatter")
 
 Impl = Callable[[Tensor, Tensor, int], Tensor]
 

@@ -73,7 +73,8 @@ class DistillConfig:
     lr_img: float | None = None          # DM 1 (10 at IPC >= 100), DC family 0.1
     momentum: float = 0.5
     batch_real: int = 256                # per class
-    real_chunk: int | None = None        # rows per network pass over the real batch; None: all at once
+    real_chunk: int | None = None        # rows per network pass over the real batch; None: automatic
+                                         # (all at once on GPUs, cache-sized blocks on CPUs)
     outer_loop: int | None = None        # DC family, by IPC
     inner_loop: int | None = None        # DC family, by IPC
     lr_net: float = 0.01                 # inner-loop / warm-up network SGD

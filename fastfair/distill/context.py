@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .. import distributed as dist
 from ..augment import dsa
 from ..nets import get_network
+from ..pergroup import auto_chunk
 from . import rng
 from .config import DistillConfig
 from .groups import noisy_groups, pseudo_groups
@@ -80,9 +81,16 @@ class RunContext:
 
     @torch.no_grad()
     def embed_real(self, net: nn.Module, real: Tensor) -> Tensor:
-        """Embeddings of the real batch, ``cfg.real_chunk`` rows per forward:
-        the embeddings are small, the activations of a many-class batch are not."""
-        return torch.cat([net.embed(part) for part in real.split(self.cfg.real_chunk or max(1, real.shape[0]))])
+        """Embeddings of the real batch, ``cfg.real_chunk`` rows per forward
+        (None: ``pergroup.auto_chunk``): the embeddings are small, the
+        activations of a many-class batch are not."""
+        return torch.cat([net.embed(part) for part in real.split(self.real_chunk(net, real))])
+
+    def real_chunk(self, net: nn.Module, real: Tensor) -> int:
+        """Rows per network pass over the real batch: ``cfg.real_chunk``, or
+        when None the automatic choice (all rows on GPUs, cache-sized blocks
+        on CPUs)."""
+        return self.cfg.real_chunk or auto_chunk(net, real)
 
     def siamese(self, real: Tensor, real_sizes: list[int], syn: Tensor, it: int, *keys: int,
                 real_offsets: list[int] | None = None) -> tuple[Tensor, Tensor]:

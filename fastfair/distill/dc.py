@@ -85,7 +85,7 @@ def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
         if cfg.groups == "pseudo":
             groups = ctx.pseudo(ctx.embed_real(net, real_aug), batch.sizes)
         seg = labels * G + groups
-        real_grads = segment_gradients(net, real_aug, labels, seg, S, chunk=cfg.real_chunk)
+        real_grads = segment_gradients(net, real_aug, labels, seg, S, chunk=ctx.real_chunk(net, real_aug))
         real_grads, counts = _global_segment_means(tuple(g.detach() for g in real_grads), seg, S)
         syn_grads = class_gradients(net, syn_aug, ctx.dec_labels, C, create_graph=True)
         loss = dc_matching_loss(real_grads, counts, syn_grads, G, objective=cfg.objective, metric=cfg.dc_metric)
