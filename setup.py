@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -45,7 +46,10 @@ def want_cuda() -> bool:
 def extensions():
     sources = [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))]
     sources += [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-fdiagnostics-color=always"]
+    # at::parallel_for is inline in ATen's headers: without -fopenmp it compiles
+    # to a serial loop. Linking -fopenmp shares torch's already-loaded libgomp.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", "-fdiagnostics-color=always"] + openmp
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         sources += [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))]
@@ -58,10 +62,11 @@ def extensions():
                     "nvcc": ["-O3", "-lineinfo",
                              "-DFASTFAIR_WITH_CUDA"],
                 },
+                extra_link_args=openmp,
                 py_limited_api=False,
             )
         ]
-    return [CppExtension("fastfair._C", sources, extra_compile_args={"cxx": cxx})]
+    return [CppExtension("fastfair._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)]
 
 
 setup(
