@@ -107,6 +107,108 @@ def test_deterministic(device):
         assert torch.equal(a, c)
 
 
+# Shapes that reach each CPU strategy of csrc/cpu/segment_reduce.cpp (its
+# choose_strategy; the choice depends only on N, D, G): N <= 4096 rows -> columns;
+# ceil(D / 64) >= 4 -> columns; else ceil(N / 4096) * G <= N -> row chunks; else
+# D >= 16 -> sorted, D < 16 -> columns.
+STRATEGY_SHAPES = {
+    "columns_few_rows": (3000, 20, 500),
+    "columns_wide": (5000, 300, 9000),
+    "columns_narrow_many_segments": (20000, 3, 30000),
+    "row_chunks": (50000, 3, 7),
+    "sorted": (9000, 20, 4000),
+    "sorted_mostly_empty": (5000, 16, 200000),
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGY_SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_strategies_match_reference(device, strategy, dtype, index_dtype):
+    n, d, s = STRATEGY_SHAPES[strategy]
+    x, ids = make_case(n, d, s, dtype, device, index_dtype=index_dtype, seed=d + s, empty=s // 8)
+    want = reference_sum(x, ids, s)
+    count = reference_count(ids, s)
+    got = ops.segment_sum(x, ids, s)
+    assert got.dtype == dtype
+    assert_close(got, want, x, dtype)
+    mean = ops.segment_mean(x, ids, s)
+    assert_close(mean, want / count.clamp(min=1).double().unsqueeze(1), x, dtype)
+    assert (got[count == 0] == 0).all() and (mean[count == 0] == 0).all()
+
+
+def _sorted_layout(layout: str, dtype: torch.dtype, device: str) -> torch.Tensor:
+    n, d, _ = STRATEGY_SHAPES["sorted"]
+    g = torch.Generator().manual_seed(5)
+
+    def base(*shape: int) -> torch.Tensor:  # cast before viewing, so the view stays strided
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+    if layout == "column_slice":
+        return base(n, d + 30)[:, 7:7 + d]  # row stride != D
+    if layout == "transposed":
+        return base(d, n).t()  # column stride N
+    if layout == "row_step":
+        return base(2 * n, d)[::2]  # row stride 2 * D
+    return base(n, 2 * d)[:, ::2]  # column stride 2
+
+
+@pytest.mark.parametrize("layout", ["column_slice", "transposed", "row_step", "both_steps"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sorted_strategy_non_contiguous(device, layout, dtype):
+    x = _sorted_layout(layout, dtype, device)
+    n, d, s = STRATEGY_SHAPES["sorted"]
+    assert x.shape == (n, d) and not x.is_contiguous()
+    ids = torch.randint(0, s, (n,), generator=torch.Generator().manual_seed(1), dtype=torch.int32).to(device)
+    assert_close(ops.segment_sum(x, ids, s), reference_sum(x, ids, s), x, dtype)
+    # The same values laid out contiguously give the same bits.
+    assert torch.equal(ops.segment_mean(x, ids, s), ops.segment_mean(x.contiguous(), ids, s))
+
+
+@pytest.mark.parametrize("layout", ["half_in_one", "ascending", "descending", "all_in_last", "alternating"])
+def test_sorted_strategy_skewed_ids(device, layout):
+    # Uneven segments move the sorted strategy's task boundaries (balanced by
+    # rows + segments): one segment larger than a task, long empty ranges.
+    n, d, s = STRATEGY_SHAPES["sorted"]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    rand = torch.randint(0, s, (n,), generator=g)
+    ids = {
+        "half_in_one": torch.where(torch.arange(n) % 2 == 0, torch.full((n,), 17), rand),
+        "ascending": rand.sort().values,
+        "descending": rand.sort(descending=True).values,
+        "all_in_last": torch.full((n,), s - 1),
+        "alternating": torch.arange(n) % 2 * (s - 1),
+    }[layout]
+    x, ids = x.to(device), ids.to(device)
+    count = reference_count(ids, s)
+    want = reference_sum(x, ids, s)
+    got = ops.segment_sum(x, ids, s)
+    assert_close(got, want, x, torch.float64)
+    assert_close(ops.segment_mean(x, ids, s), want / count.clamp(min=1).double().unsqueeze(1), x, torch.float64)
+    assert (got[count == 0] == 0).all()
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGY_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_equal_across_thread_counts(strategy, dtype):
+    n, d, s = STRATEGY_SHAPES[strategy]
+    x, ids = make_case(n, d, s, dtype, "cpu", seed=7)
+    threads = torch.get_num_threads()
+    got = {}
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert torch.get_num_threads() == t
+            got[t] = (ops.segment_sum(x, ids, s), ops.segment_mean(x, ids, s))
+        again = ops.segment_sum(x, ids, s)
+    finally:
+        torch.set_num_threads(threads)
+    for t in (2, 3):
+        assert torch.equal(got[t][0], got[1][0]) and torch.equal(got[t][1], got[1][1]), t
+    assert torch.equal(again, got[1][0])
+
+
 def test_errors(device):
     x = torch.randn(10, 3, device=device)
     ids = torch.randint(0, 4, (10,), device=device)

@@ -1,14 +1,30 @@
 // CPU kernels for segment_sum / segment_mean / segment_count.
 //
-// Deterministic by construction: no atomics, and the work split depends only
-// on the shapes (never on the thread count), so results are bitwise identical
-// run to run and across OMP_NUM_THREADS.
+// Deterministic by construction: no atomics, every output element has one
+// writer that adds its rows in a fixed order, and which strategy runs (and
+// so the order of the additions) is a function of (N, D, G) only, never of
+// the thread count. Results are bitwise identical run to run and across
+// OMP_NUM_THREADS. Three strategies (see choose_strategy):
+//   columns    tasks own column blocks and stream all rows; output rows are
+//              read-modify-written in row order. Parallel only when D is wide.
+//   row chunks tasks own fixed row chunks with private [G, D] partial sums,
+//              combined in chunk order. Parallel for narrow D and small G.
+//   sorted     a stable counting sort of the ids (O(N + G), serial), then
+//              tasks own segment ranges and sum each segment's rows in
+//              ascending row order into its own output row. Parallel for
+//              large G, where the other two serialise or blow up.
+// The strategies add the rows in different orders, so the same input can
+// give slightly different bits under different shapes; never under
+// different thread counts.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <memory>
 #include <vector>
 
 #include "../checks.h"
@@ -27,43 +43,148 @@ void check_range_cpu(const index_t* ids, int64_t n, int64_t num_segments,
 }
 
 // Rows in fixed chunks of this many; a chunk's partial sums are combined in
-// chunk order. Used when D is too small to split the work by columns.
+// chunk order. Also the size below which no strategy splits the rows: with
+// at most kRowChunk rows the whole pass is ~10^5 element adds, less than
+// the cost of waking the thread pool.
 constexpr int64_t kRowChunk = 4096;
 // Cap on the partial-sum buffer (elements) of the row-chunk strategy.
 constexpr int64_t kMaxPartial = int64_t(1) << 24;
 // Columns per task of the column strategy: 64 floats = four cache lines.
+// Narrower blocks (16 or 32) were tried so that D = 64 gives 2-4 tasks:
+// every task re-reads all ids and does the per-row bookkeeping for fewer
+// columns, so the total work grew 2x (32) to 3.5x (16) on one thread and
+// 2 threads gained nothing. Kept at 64.
 constexpr int64_t kColBlock = 64;
 // Below this many column blocks the column split leaves cores idle.
 constexpr int64_t kMinColBlocks = 4;
+// The sorted strategy's serial counting sort costs about as much as a
+// single-threaded column pass over ~16 columns, so below this width the
+// serial column pass is at least as fast (measured on 2 threads: column
+// pass wins at D <= 8, ties at D = 16, sorted wins from D = 32 on).
+constexpr int64_t kMinSortedCols = 16;
+// Sorted strategy: work per task in elements, counting an output row like
+// an input row ((rows + segments) * D). Large enough to amortise the two
+// binary searches that find a task's segment range; small enough that a
+// few hundred tasks balance any thread count. Results do not depend on it.
+constexpr int64_t kSortedTaskElems = int64_t(1) << 15;
 
+enum class Strategy { kColumns, kRowChunks, kSorted };
+
+// The strategy is a function of the shapes only (determinism across thread
+// counts depends on that).
+Strategy choose_strategy(int64_t n, int64_t d, int64_t num_segments) {
+  const int64_t nchunks = (n + kRowChunk - 1) / kRowChunk;
+  const int64_t ncolblocks = (d + kColBlock - 1) / kColBlock;
+  // Wide rows: the column split alone keeps the cores busy, with no extra
+  // pass over the data.
+  if (ncolblocks >= kMinColBlocks) return Strategy::kColumns;
+  // Few rows: too little work to split.
+  if (nchunks <= 1) return Strategy::kColumns;
+  // The row-chunk strategy pays nchunks * G * D for zeroing and combining
+  // its buffers: worth it only while that stays below the N * D main pass
+  // (nchunks * G <= N), and while the buffers stay of bounded size.
+  if (nchunks * num_segments <= n && nchunks * num_segments * d <= kMaxPartial)
+    return Strategy::kRowChunks;
+  // Many segments: sort once, then one writer per segment.
+  if (d >= kMinSortedCols) return Strategy::kSorted;
+  return Strategy::kColumns;
+}
+
+// dst[j] += src[j * sc] for j in [j0, j1). The sc == 1 branch lets the
+// compiler vectorise; element-wise adds give the same bits either way.
+template <typename scalar_t, typename acc_t>
+inline void add_row(acc_t* dst, const scalar_t* src, int64_t j0, int64_t j1,
+                    int64_t sc) {
+  if (sc == 1) {
+    for (int64_t j = j0; j < j1; ++j) dst[j] += static_cast<acc_t>(src[j]);
+  } else {
+    for (int64_t j = j0; j < j1; ++j) dst[j] += static_cast<acc_t>(src[j * sc]);
+  }
+}
+
+template <typename index_t>
+void count_kernel(const index_t* ids, int64_t n, int64_t* counts) {
+  for (int64_t i = 0; i < n; ++i) counts[static_cast<int64_t>(ids[i])] += 1;
+}
+
+// Sorted strategy. pos_t holds row positions (int32 when N allows: half the
+// memory traffic of the sort).
+template <typename pos_t, typename scalar_t, typename index_t>
+void sorted_kernel(const scalar_t* xp, int64_t sr, int64_t sc, int64_t n,
+                   int64_t d, const index_t* ids, int64_t num_segments,
+                   bool mean, at::opmath_type<scalar_t>* op) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // Stable counting sort. offsets[s] first holds the end of segment s; the
+  // backward fill decrements it to the start, so afterwards the rows of s
+  // are perm[offsets[s] .. offsets[s + 1]), in ascending order.
+  std::vector<pos_t> offsets(num_segments + 1, 0);
+  for (int64_t i = 0; i < n; ++i) offsets[static_cast<int64_t>(ids[i])] += 1;
+  for (int64_t s = 1; s < num_segments; ++s) offsets[s] += offsets[s - 1];
+  offsets[num_segments] = static_cast<pos_t>(n);
+  std::unique_ptr<pos_t[]> perm(new pos_t[n]);
+  for (int64_t i = n - 1; i >= 0; --i)
+    perm[--offsets[static_cast<int64_t>(ids[i])]] = static_cast<pos_t>(i);
+
+  // Tasks own contiguous segment ranges of about equal weight, where the
+  // weight before segment s is offsets[s] + s (rows plus output rows), so a
+  // huge segment does not leave the other threads idle.
+  const int64_t total = n + num_segments;
+  const int64_t ntasks = std::clamp<int64_t>(total * d / kSortedTaskElems, 1, num_segments);
+  auto first_segment_at = [&](int64_t w) {  // smallest s with weight >= w
+    int64_t lo = 0, hi = num_segments;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (static_cast<int64_t>(offsets[mid]) + mid < w) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    int64_t s0 = first_segment_at(total * t0 / ntasks);
+    const int64_t s1 = t1 == ntasks ? num_segments : first_segment_at(total * t1 / ntasks);
+    for (; s0 < s1; ++s0) {
+      acc_t* dst = op + s0 * d;
+      std::fill(dst, dst + d, acc_t(0));
+      const int64_t k0 = offsets[s0], k1 = offsets[s0 + 1];
+      for (int64_t k = k0; k < k1; ++k)
+        add_row(dst, xp + static_cast<int64_t>(perm[k]) * sr, 0, d, sc);
+      if (mean && k1 - k0 > 1) {
+        const acc_t inv = acc_t(1) / static_cast<acc_t>(k1 - k0);
+        for (int64_t j = 0; j < d; ++j) dst[j] *= inv;
+      }
+    }
+  });
+}
+
+// Fills all of out_acc ([G, D], the accumulation type of x).
 template <typename scalar_t, typename index_t>
 void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
-                        int64_t num_segments, bool mean, const int64_t* counts,
-                        at::Tensor& out_acc) {
+                        int64_t num_segments, bool mean, at::Tensor& out_acc) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = x.size(0), d = x.size(1);
   const int64_t sr = x.stride(0), sc = x.stride(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* op = out_acc.data_ptr<acc_t>();
-  const int64_t nchunks = (n + kRowChunk - 1) / kRowChunk;
-  const int64_t ncolblocks = (d + kColBlock - 1) / kColBlock;
+  const Strategy strategy = choose_strategy(n, d, num_segments);
 
-  // The row-chunk strategy pays nchunks * S * D for zeroing and combining
-  // its buffers: worth it only while that stays below the N * D main pass.
-  if (nchunks > 1 && ncolblocks < kMinColBlocks && nchunks * num_segments <= n &&
-      nchunks * num_segments * d <= kMaxPartial) {
-    // Few columns, many rows: each row chunk sums into its own buffer, then
-    // the buffers are added in chunk order.
+  if (strategy == Strategy::kSorted) {
+    if (n < std::numeric_limits<int32_t>::max())
+      sorted_kernel<int32_t>(xp, sr, sc, n, d, ids, num_segments, mean, op);
+    else
+      sorted_kernel<int64_t>(xp, sr, sc, n, d, ids, num_segments, mean, op);
+    return;
+  }
+
+  if (strategy == Strategy::kRowChunks) {
+    // Each row chunk sums into its own buffer, then the buffers are added in
+    // chunk order (this writes every output element).
+    const int64_t nchunks = (n + kRowChunk - 1) / kRowChunk;
     std::vector<acc_t> partial(nchunks * num_segments * d, acc_t(0));
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         acc_t* p = partial.data() + c * num_segments * d;
         const int64_t r1 = std::min(n, (c + 1) * kRowChunk);
-        for (int64_t i = c * kRowChunk; i < r1; ++i) {
-          acc_t* dst = p + static_cast<int64_t>(ids[i]) * d;
-          const scalar_t* src = xp + i * sr;
-          for (int64_t j = 0; j < d; ++j) dst[j] += static_cast<acc_t>(src[j * sc]);
-        }
+        for (int64_t i = c * kRowChunk; i < r1; ++i)
+          add_row(p + static_cast<int64_t>(ids[i]) * d, xp + i * sr, 0, d, sc);
       }
     });
     at::parallel_for(0, num_segments * d, 4096, [&](int64_t e0, int64_t e1) {
@@ -76,18 +197,19 @@ void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
   } else {
     // Column blocks in parallel: every task streams all rows for its
     // columns, so each output element has exactly one writer.
+    out_acc.zero_();
+    const int64_t ncolblocks = (d + kColBlock - 1) / kColBlock;
     at::parallel_for(0, ncolblocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t j0 = b * kColBlock, j1 = std::min(d, j0 + kColBlock);
-        for (int64_t i = 0; i < n; ++i) {
-          acc_t* dst = op + static_cast<int64_t>(ids[i]) * d;
-          const scalar_t* src = xp + i * sr;
-          for (int64_t j = j0; j < j1; ++j) dst[j] += static_cast<acc_t>(src[j * sc]);
-        }
+        for (int64_t i = 0; i < n; ++i)
+          add_row(op + static_cast<int64_t>(ids[i]) * d, xp + i * sr, j0, j1, sc);
       }
     });
   }
   if (mean) {
+    std::vector<int64_t> counts(num_segments, 0);
+    count_kernel(ids, n, counts.data());
     at::parallel_for(0, num_segments, 256, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         if (counts[s] > 1) {
@@ -97,11 +219,6 @@ void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
       }
     });
   }
-}
-
-template <typename index_t>
-void count_kernel(const index_t* ids, int64_t n, int64_t* counts) {
-  for (int64_t i = 0; i < n; ++i) counts[static_cast<int64_t>(ids[i])] += 1;
 }
 
 at::Tensor segment_count_cpu(const at::Tensor& ids_in, int64_t num_segments) {
@@ -124,21 +241,16 @@ at::Tensor segment_reduce_cpu(const at::Tensor& x, const at::Tensor& ids_in,
   check_rows(x, ids_in, name);
   const at::Tensor ids = ids_in.contiguous();
   const auto acc_type = at::toOpMathType(x.scalar_type());
+  // Every strategy writes (or zeroes) all of out_acc itself.
   at::Tensor out_acc =
-      at::zeros({num_segments, x.size(1)}, x.options().dtype(acc_type));
-  at::Tensor counts;
+      at::empty({num_segments, x.size(1)}, x.options().dtype(acc_type));
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "segment_reduce_cpu_ids", [&] {
     const index_t* idp = ids.const_data_ptr<index_t>();
     check_range_cpu(idp, ids.size(0), num_segments, name);
-    if (mean) {
-      counts = at::zeros({num_segments}, ids.options().dtype(at::kLong));
-      count_kernel(idp, ids.size(0), counts.data_ptr<int64_t>());
-    }
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, x.scalar_type(), "segment_reduce_cpu", [&] {
-          segment_sum_kernel<scalar_t, index_t>(
-              x, idp, num_segments, mean,
-              mean ? counts.const_data_ptr<int64_t>() : nullptr, out_acc);
+          segment_sum_kernel<scalar_t, index_t>(x, idp, num_segments, mean,
+                                                out_acc);
         });
   });
   return acc_type == x.scalar_type() ? out_acc : out_acc.to(x.scalar_type());
