@@ -108,16 +108,17 @@ def test_deterministic(device):
 
 
 # Shapes that reach each CPU strategy of csrc/cpu/segment_reduce.cpp (its
-# choose_strategy; the choice depends only on N, D, G): N <= 4096 rows -> columns;
-# ceil(D / 64) >= 4 -> columns; else ceil(N / 4096) * G <= N -> row chunks; else
-# D >= 16 -> sorted, D < 16 -> columns.
+# choose_strategy; the choice depends only on N, D, G): ceil(D / 64) >= 4 or
+# N <= 4096 -> columns; else min(N // 4096, N // (6 G)) >= 2 row chunks -> row
+# chunks; else D >= 32 -> sorted, D < 32 -> columns.
 STRATEGY_SHAPES = {
     "columns_few_rows": (3000, 20, 500),
     "columns_wide": (5000, 300, 9000),
     "columns_narrow_many_segments": (20000, 3, 30000),
-    "row_chunks": (50000, 3, 7),
-    "sorted": (9000, 20, 4000),
-    "sorted_mostly_empty": (5000, 16, 200000),
+    "row_chunks": (50000, 3, 7),  # 12 chunks of 4167 rows
+    "row_chunks_two": (20001, 8, 1500),  # 2 chunks of 10001 rows
+    "sorted": (9000, 40, 4000),
+    "sorted_mostly_empty": (5000, 32, 50000),
 }
 
 

@@ -7,8 +7,9 @@
 // OMP_NUM_THREADS. Three strategies (see choose_strategy):
 //   columns    tasks own column blocks and stream all rows; output rows are
 //              read-modify-written in row order. Parallel only when D is wide.
-//   row chunks tasks own fixed row chunks with private [G, D] partial sums,
-//              combined in chunk order. Parallel for narrow D and small G.
+//   row chunks tasks own row chunks (how many: from N and G) with private
+//              [G, D] partial sums, combined in chunk order. Parallel for
+//              narrow D and G up to ~N / 12.
 //   sorted     a stable counting sort of the ids (O(N + G), serial), then
 //              tasks own segment ranges and sum each segment's rows in
 //              ascending row order into its own output row. Parallel for
@@ -42,48 +43,54 @@ void check_range_cpu(const index_t* ids, int64_t n, int64_t num_segments,
   }
 }
 
-// Rows in fixed chunks of this many; a chunk's partial sums are combined in
-// chunk order. Also the size below which no strategy splits the rows: with
-// at most kRowChunk rows the whole pass is ~10^5 element adds, less than
-// the cost of waking the thread pool.
-constexpr int64_t kRowChunk = 4096;
-// Cap on the partial-sum buffer (elements) of the row-chunk strategy.
+// No strategy splits at most this many rows: the whole pass is then ~10^5
+// element adds, less than the cost of waking the thread pool.
+constexpr int64_t kMinSplitRows = 4096;
+// Row chunks have at least this many rows...
+constexpr int64_t kMinChunkRows = 4096;
+// ...and at least this many rows per segment: the partial buffers cost
+// nchunks * G * D to zero and combine, at most 1/6 of the N * D main pass.
+// Measured (N = 2^17, D = 64, 2 threads): two chunks still beat the sorted
+// strategy at G = N / 13 and tie at N / 8; with many chunks, ratios 4 to 16
+// are within ~20% of each other, larger being cheaper (fewer partials).
+constexpr int64_t kChunkRowsPerSegment = 6;
+// Cap on the partial-sum buffers (elements) of the row-chunk strategy.
 constexpr int64_t kMaxPartial = int64_t(1) << 24;
 // Columns per task of the column strategy: 64 floats = four cache lines.
-// Narrower blocks (16 or 32) were tried so that D = 64 gives 2-4 tasks:
-// every task re-reads all ids and does the per-row bookkeeping for fewer
-// columns, so the total work grew 2x (32) to 3.5x (16) on one thread and
-// 2 threads gained nothing. Kept at 64.
+// Narrower blocks (16 or 32, so that D = 64 gives 2-4 tasks) were slower on
+// 2 threads at every G tried (10^3 .. 10^5, up to 2x): every task re-reads
+// all ids and pays the per-row bookkeeping for fewer columns.
 constexpr int64_t kColBlock = 64;
 // Below this many column blocks the column split leaves cores idle.
 constexpr int64_t kMinColBlocks = 4;
-// The sorted strategy's serial counting sort costs about as much as a
-// single-threaded column pass over ~16 columns, so below this width the
-// serial column pass is at least as fast (measured on 2 threads: column
-// pass wins at D <= 8, ties at D = 16, sorted wins from D = 32 on).
-constexpr int64_t kMinSortedCols = 16;
+// The sorted strategy's counting sort is serial, O(N + G), independent of
+// D; below this width a single-threaded column pass costs about the same or
+// less (measured on 2 threads, N = 2^17, G = 10^4 .. 10^5: column pass
+// faster at D = 16 except a tie at G = 10^5; at D = 32 a tie at G ~ N / 10
+// and the sorted strategy up to 2x faster at G = 10^5).
+constexpr int64_t kMinSortedCols = 32;
 // Sorted strategy: work per task in elements, counting an output row like
 // an input row ((rows + segments) * D). Large enough to amortise the two
 // binary searches that find a task's segment range; small enough that a
 // few hundred tasks balance any thread count. Results do not depend on it.
 constexpr int64_t kSortedTaskElems = int64_t(1) << 15;
 
+int64_t num_row_chunks(int64_t n, int64_t num_segments) {
+  return std::min(n / kMinChunkRows, n / (kChunkRowsPerSegment * num_segments));
+}
+
 enum class Strategy { kColumns, kRowChunks, kSorted };
 
-// The strategy is a function of the shapes only (determinism across thread
-// counts depends on that).
+// The strategy is a function of the shapes only: determinism across thread
+// counts depends on that.
 Strategy choose_strategy(int64_t n, int64_t d, int64_t num_segments) {
-  const int64_t nchunks = (n + kRowChunk - 1) / kRowChunk;
-  const int64_t ncolblocks = (d + kColBlock - 1) / kColBlock;
   // Wide rows: the column split alone keeps the cores busy, with no extra
   // pass over the data.
-  if (ncolblocks >= kMinColBlocks) return Strategy::kColumns;
-  // Few rows: too little work to split.
-  if (nchunks <= 1) return Strategy::kColumns;
-  // The row-chunk strategy pays nchunks * G * D for zeroing and combining
-  // its buffers: worth it only while that stays below the N * D main pass
-  // (nchunks * G <= N), and while the buffers stay of bounded size.
-  if (nchunks * num_segments <= n && nchunks * num_segments * d <= kMaxPartial)
+  if ((d + kColBlock - 1) / kColBlock >= kMinColBlocks) return Strategy::kColumns;
+  if (n <= kMinSplitRows) return Strategy::kColumns;
+  // Few segments: row chunks stream x in order, the cheapest parallel pass.
+  const int64_t nchunks = num_row_chunks(n, num_segments);
+  if (nchunks >= 2 && nchunks * num_segments * d <= kMaxPartial)
     return Strategy::kRowChunks;
   // Many segments: sort once, then one writer per segment.
   if (d >= kMinSortedCols) return Strategy::kSorted;
@@ -175,22 +182,26 @@ void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
   }
 
   if (strategy == Strategy::kRowChunks) {
-    // Each row chunk sums into its own buffer, then the buffers are added in
-    // chunk order (this writes every output element).
-    const int64_t nchunks = (n + kRowChunk - 1) / kRowChunk;
-    std::vector<acc_t> partial(nchunks * num_segments * d, acc_t(0));
+    // Each row chunk sums into its own buffer (zeroed by its task, so in
+    // parallel), then the buffers are added in chunk order; this writes
+    // every output element.
+    const int64_t nchunks = num_row_chunks(n, num_segments);
+    const int64_t chunk_rows = (n + nchunks - 1) / nchunks;
+    const int64_t stride = num_segments * d;
+    std::unique_ptr<acc_t[]> partial(new acc_t[nchunks * stride]);
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        acc_t* p = partial.data() + c * num_segments * d;
-        const int64_t r1 = std::min(n, (c + 1) * kRowChunk);
-        for (int64_t i = c * kRowChunk; i < r1; ++i)
+        acc_t* p = partial.get() + c * stride;
+        std::fill(p, p + stride, acc_t(0));
+        const int64_t r1 = std::min(n, (c + 1) * chunk_rows);
+        for (int64_t i = c * chunk_rows; i < r1; ++i)
           add_row(p + static_cast<int64_t>(ids[i]) * d, xp + i * sr, 0, d, sc);
       }
     });
     at::parallel_for(0, num_segments * d, 4096, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         acc_t v = 0;
-        for (int64_t c = 0; c < nchunks; ++c) v += partial[c * num_segments * d + e];
+        for (int64_t c = 0; c < nchunks; ++c) v += partial[c * stride + e];
         op[e] = v;
       }
     });
