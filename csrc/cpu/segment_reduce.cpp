@@ -74,6 +74,12 @@ constexpr int64_t kMinSortedCols = 32;
 // binary searches that find a task's segment range; small enough that a
 // few hundred tasks balance any thread count. Results do not depend on it.
 constexpr int64_t kSortedTaskElems = int64_t(1) << 15;
+// Sorted strategy: the rows are gathered in sorted order, which the hardware
+// prefetcher cannot predict; prefetching the row this many positions ahead
+// hides most of the memory latency (measured 2 threads, N = 2^17, D = 64,
+// inputs rotated so that x is not in cache: 1.5x faster at G = 3 * 10^4 and
+// 10^5; distances 4 to 16 gave the same). A hint only: no effect on results.
+constexpr int64_t kPrefetchRows = 8;
 
 int64_t num_row_chunks(int64_t n, int64_t num_segments) {
   return std::min(n / kMinChunkRows, n / (kChunkRowsPerSegment * num_segments));
@@ -145,6 +151,9 @@ void sorted_kernel(const scalar_t* xp, int64_t sr, int64_t sc, int64_t n,
     }
     return lo;
   };
+  // Cache lines of one contiguous row (strided rows are not prefetched).
+  const int64_t prefetch_lines =
+      sc == 1 ? (d * static_cast<int64_t>(sizeof(scalar_t)) + 63) / 64 : 0;
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     int64_t s0 = first_segment_at(total * t0 / ntasks);
     const int64_t s1 = t1 == ntasks ? num_segments : first_segment_at(total * t1 / ntasks);
@@ -152,8 +161,14 @@ void sorted_kernel(const scalar_t* xp, int64_t sr, int64_t sc, int64_t n,
       acc_t* dst = op + s0 * d;
       std::fill(dst, dst + d, acc_t(0));
       const int64_t k0 = offsets[s0], k1 = offsets[s0 + 1];
-      for (int64_t k = k0; k < k1; ++k)
+      for (int64_t k = k0; k < k1; ++k) {
+        if (prefetch_lines > 0 && k + kPrefetchRows < n) {
+          const char* ahead = reinterpret_cast<const char*>(
+              xp + static_cast<int64_t>(perm[k + kPrefetchRows]) * sr);
+          for (int64_t l = 0; l < prefetch_lines; ++l) __builtin_prefetch(ahead + 64 * l);
+        }
         add_row(dst, xp + static_cast<int64_t>(perm[k]) * sr, 0, d, sc);
+      }
       if (mean && k1 - k0 > 1) {
         const acc_t inv = acc_t(1) / static_cast<acc_t>(k1 - k0);
         for (int64_t j = 0; j < d; ++j) dst[j] *= inv;
