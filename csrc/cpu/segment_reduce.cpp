@@ -43,10 +43,12 @@ void check_range_cpu(const index_t* ids, int64_t n, int64_t num_segments,
   }
 }
 
-// No strategy splits at most this many rows: the whole pass is then ~10^5
-// element adds, less than the cost of waking the thread pool.
+// Up to this many rows (with D < 256, as here) the serial column pass is at
+// most ~10^6 adds, a fraction of a millisecond: too little to pay for the
+// sorted strategy's sort or the row chunks' partial buffers.
 constexpr int64_t kMinSplitRows = 4096;
-// Row chunks have at least this many rows...
+// Row chunks have at least this many rows (each task's work then dwarfs the
+// thread pool's wake-up)...
 constexpr int64_t kMinChunkRows = 4096;
 // ...and at least this many rows per segment: the partial buffers cost
 // nchunks * G * D to zero and combine, at most 1/6 of the N * D main pass.
