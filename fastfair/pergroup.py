@@ -222,7 +222,6 @@ def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, 
         # (S x |W| per chunk would swamp small chunks when S is large).
         order = torch.argsort(ids, stable=True)
         inputs, labels, ids = inputs[order], labels[order], ids[order]
-    sums: dict[int, Tensor] = {}
     if not chunked:
         spans = [(0, n, 0, num_segments)]
     else:
@@ -236,32 +235,62 @@ def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, 
         edge = ids[at].tolist()
         spans = [(r0, r1, lo, hi + 1 - lo)
                  for r0, r1, lo, hi in zip(starts, ends, edge[:len(starts)], edge[len(starts):])]
+    sums: dict[int, Tensor] = {}
+    filled: dict[int, int] = {}  # chunked: rows [0, filled) of sums[id(p)] are written
     for r0, r1, lo, width in spans:
         calls = _capture(model, inputs[r0:r1], _summed_loss(labels[r0:r1], loss), create_graph)
         part_ids = ids[r0:r1] - lo if lo else ids[r0:r1]
         # The ids were range-checked once by the caller's segment_count: the
         # per-layer ops skip the check (it is a host sync on GPUs).
         with ops.validate_ids(False):
+            part: dict[int, Tensor] = {}
             for c in calls:
                 if c.b is None:  # the loss does not depend on this layer's output
                     continue
                 for p, g in _layer_sums(c, part_ids, width):
-                    if chunked:
-                        if id(p) not in sums:
-                            sums[id(p)] = g.new_zeros((num_segments, g.shape[1]))
-                        sums[id(p)][lo:lo + width] += g
-                    else:  # shared parameters and layers called twice add up
-                        sums[id(p)] = g if id(p) not in sums else sums[id(p)] + g
+                    # Shared parameters and layers called twice add up.
+                    part[id(p)] = g if id(p) not in part else part[id(p)] + g
         del calls
+        if not chunked:
+            sums = part
+            continue
+        for key, g in part.items():
+            if key not in sums:
+                # Uninitialised: per-segment gradients can be gigabytes (1000
+                # segments x a width-128 ConvNet), so every row is written
+                # exactly once below instead of zero-filled first.
+                sums[key], filled[key] = g.new_empty((num_segments, g.shape[1])), 0
+            _merge_rows(sums[key], filled[key], lo, g)
+            filled[key] = lo + width
+    for key, total in sums.items():
+        if chunked and filled[key] < num_segments:
+            total[filled[key]:].zero_()
     result = []
+    inv = None
     for p in params:
         g = sums.get(id(p))
         if g is None:  # a parameter the loss does not reach
             result.append(p.new_zeros((num_segments, *p.shape)))
             continue
-        inv = 1.0 / counts.clamp(min=1).to(g.dtype)
-        result.append((g * inv.unsqueeze(1)).to(p.dtype).reshape(num_segments, *p.shape))
+        if inv is None:
+            inv = (1.0 / counts.clamp(min=1).to(g.dtype)).unsqueeze(1)
+        # In place where nothing else holds g: one pass less over [S, |p|].
+        g = g * inv if create_graph else g.mul_(inv)
+        result.append(g.to(p.dtype).reshape(num_segments, *p.shape))
     return tuple(result)
+
+
+def _merge_rows(total: Tensor, filled: int, lo: int, g: Tensor) -> None:
+    """Write a chunk's segment sums ``g`` (segments lo .. lo + len(g)) into
+    ``total``, whose rows below ``filled`` hold earlier chunks' sums. Chunks
+    run over rows sorted by segment, so they overlap at most in segment
+    ``filled - 1``; segments no chunk holds (empty ones) are zeroed."""
+    if lo > filled:
+        total[filled:lo].zero_()
+    shared = max(0, filled - lo)
+    if shared:
+        total[lo:filled] += g[:shared]
+    total[lo + shared:lo + g.shape[0]] = g[shared:]
 
 
 # chunk="auto" on CPU: rows per pass such that one pass's input holds about
