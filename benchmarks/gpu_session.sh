@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU work of issues 4 and 6, cut into device-tool commands that each fit
+# the 10-minute limit (read /work/.library/device/README.md first). On the
+# device machine, from the repository root:
+#
+#   bash benchmarks/gpu_session.sh build    # compile for sm_90 (a few minutes)
+#   bash benchmarks/gpu_session.sh tests    # CUDA kernels vs float64 references
+#   bash benchmarks/gpu_session.sh segment  # segment-mean scaling, G = 1 .. 1e5
+#   bash benchmarks/gpu_session.sh dc       # per-group DC gradients, 256/class
+#   bash benchmarks/gpu_session.sh step     # end-to-end DM / DC step time
+#
+# Everything it writes goes to $OUT (what the device tool brings back; at
+# most 8 files), or to /tmp/fastfair_gpu when OUT is unset. Build outputs stay
+# on a warm machine between calls, so `build` is needed once per machine.
+set -euo pipefail
+out="${OUT:-/tmp/fastfair_gpu}"
+mkdir -p "$out"
+stage="${1:-}"
+
+case "$stage" in
+  build)
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv >"$out/gpu.txt"
+    MAX_JOBS="${MAX_JOBS:-16}" FASTFAIR_CUDA=1 pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 \
+      || { tail -40 "$out/build.log"; exit 1; }
+    python -c "import fastfair.ops as o, torch; print(o.backend(), torch.__version__, torch.cuda.get_device_name())" \
+      | tee -a "$out/gpu.txt"
+    ;;
+  tests)
+    # -rs lists the skips: on a GPU no CUDA test may be skipped.
+    python -m pytest -q -rs -p no:cacheprovider tests/test_ops.py tests/test_pergroup.py tests/test_chunking.py \
+      tests/test_fair_dm_loss.py tests/test_dc_objectives.py 2>&1 | tee "$out/tests_cuda.log" | tail -30
+    ;;
+  segment)
+    python -m fastfair.bench.segment --device cuda --json "$out/segment_ops_cuda.json"
+    ;;
+  dc)
+    python -m fastfair.bench.dc_step --device cuda --json "$out/dc_step_cuda.json"
+    ;;
+  step)
+    # The ImageNet-subset-scale synthetic sweep needs the real batch in
+    # chunks on one GPU (25,600 images at 64 px; see step_time --help).
+    python -m fastfair.bench.step_time --device cuda --dataset cdigits-fg --json "$out/step_time_cuda_cdigits.json"
+    python -m fastfair.bench.step_time --device cuda --dataset synthetic --real-chunk 2048 \
+      --json "$out/step_time_cuda_synthetic.json"
+    ;;
+  *)
+    sed -n '2,14p' "$0"
+    exit 2
+    ;;
+esac
