@@ -87,3 +87,25 @@ def test_out_of_memory_is_a_row_not_a_crash(tmp_path, monkeypatch):
     assert len(loop) == 1 and loop[0]["error"] == "out of memory" and loop[0]["ms"] is None
     assert all(r["grad_check"] == "not run (out of memory)" for r in rows)
     assert all(r["ms"] > 0 for r in rows if r["impl"] != "loop")
+
+
+def test_implementations_are_timed_round_robin(tmp_path, monkeypatch):
+    # Every round times each implementation once, with that round's iteration
+    # index, so drifts of the machine fall on all of them alike.
+    order: list[tuple[int, int]] = []
+    real_call = st._call
+
+    def spy(step, images, buf, it):  # noqa: ANN001
+        order.append((id(step), it))
+        return real_call(step, images, buf, it)
+
+    monkeypatch.setattr(st, "_call", spy)
+    assert TINY[-2:] == ["--repeats", "1"]
+    tiny = TINY[:-1] + ["3"]
+    rows = st.main(["--device", "cpu", "--dataset", "synthetic", "--methods", "dm", "--groups", "2",
+                    "--json", str(tmp_path / "s.json"), *tiny])
+    assert all(r["samples"] == 3 for r in rows)
+    timed = [(s, it) for s, it in order if it >= 2]  # after the warm-up (0) and memory (1) steps
+    steps = list(dict.fromkeys(s for s, _ in timed))
+    assert len(steps) == 4
+    assert timed == [(s, 2 + r) for r in range(3) for s in steps]

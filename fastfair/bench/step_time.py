@@ -41,10 +41,11 @@ of them; uniformly random groups). ``--quick``: synthetic 10 classes, batch 64,
 32 px; width 32. Network: ConvNet, instance norm, width 128, depth 3 at 32 px
 and 4 at 64 px (the final map is 4x4), IPC 10.
 
-Timing: ``fastfair.bench.timing.median_ms`` (CUDA events after an L2 flush;
+Timing: ``fastfair.bench.timing.samples_ms`` (CUDA events after an L2 flush;
 wall clock on CPU), iteration index rotated between calls so each call has a
 new network, batch and DSA draw; each implementation runs one untimed warm-up
-step and one untimed memory step first.
+step and one untimed memory step first, then the implementations are timed
+round-robin, one step each per round, and each reports its median.
 
 Peak memory (``peak_mb``) is the memory the step itself adds on top of what is
 held between steps (dataset, synthetic images, momentum buffer; ``base_mb``):
@@ -85,6 +86,7 @@ import dataclasses
 import gc
 import math
 import os
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -101,7 +103,7 @@ from ..distill.context import RunContext, build_context
 from ..distill.dc import RandomBatches, dc_iteration
 from ..distill.dm import dm_iteration
 from ..distill.synset import init_images, sgd_step
-from .timing import check_device, default_json, describe_machine, median_ms, write_json
+from .timing import check_device, default_json, describe_machine, samples_ms, write_json
 
 NAME = "step_time"
 DATASETS = ("cdigits-fg", "synthetic")
@@ -432,6 +434,7 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
         print(f"  {dataset} {method.upper()} G={groups}: loop and fastfair FairDD gradients differ: {check}")
 
     rows = []
+    timed: list[tuple[dict, Step]] = []
     for (impl, objective), (step, match_groups) in steps.items():
         row = {"dataset": dataset, "method": method, "impl": impl, "objective": objective, "groups": groups,
                "match_groups": match_groups, "ms": None, "peak_mb": None, "base_mb": None, "grad_check": check,
@@ -449,8 +452,7 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
             try:
                 _call(step, images, buf, 0)  # warm-up (kernels, caches, lazy init)
                 row["peak_mb"], row["base_mb"] = meter.measure(lambda: _call(step, images, buf, 1))
-                row["ms"] = median_ms(lambda i: _call(step, images, buf, 2 + i), device=str(device), warmup=0,
-                                      repeats=repeats)
+                timed.append((row, step))
             except Exception as e:  # noqa: BLE001
                 if not _is_oom(e):
                     raise
@@ -459,11 +461,45 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
         _free(device)
         row.update(common)
         rows.append(row)
+    _time_interleaved(timed, images, buf, device, repeats)
+    for row in rows:
         ms = "-" if row["ms"] is None else f"{row['ms']:.2f} ms"
         mb = "-" if row["peak_mb"] is None else f"{row['peak_mb']:.1f} MB"
         print(f"  {dataset:<10} {method.upper()} G={groups:<4} {_label(row):<16} {ms:>12} {mb:>12}"
               + (f"  ({row['error']})" if "error" in row else ""), flush=True)
     return rows
+
+
+# An implementation stops getting samples once it has this many seconds of
+# them (and at least 3), so a slow reference loop does not stall the sweep.
+_MAX_SECONDS = 20.0
+
+
+def _time_interleaved(timed: list[tuple[dict, Step]], images: Tensor, buf: Tensor, device: torch.device,
+                      repeats: int) -> None:
+    """Median step time of each implementation, sampled round-robin (one call
+    of each per round) so slow drifts of the machine (other tenants, clock,
+    allocator state) land on every implementation alike instead of on
+    whichever ran last; the ratios between rows are what the targets are about."""
+    samples: dict[int, list[float]] = {id(row): [] for row, _ in timed}
+    for r in range(repeats):
+        for row, step in timed:
+            got = samples[id(row)]
+            if "error" in row or (len(got) >= 3 and sum(got) / 1e3 >= _MAX_SECONDS):
+                continue
+            try:
+                got += samples_ms(lambda i: _call(step, images, buf, 2 + r), device=str(device), warmup=0,
+                                  repeats=1)
+            except Exception as e:  # noqa: BLE001
+                if not _is_oom(e):
+                    raise
+                row["error"] = "out of memory"
+                row["peak_mb"] = None
+                _free(device)
+    for row, _ in timed:
+        got = samples[id(row)]
+        row["ms"] = statistics.median(got) if got and "error" not in row else None
+        row["samples"] = len(got)
 
 
 def _find(rows: list[dict], dataset: str, method: str, groups: int, impl: str, objective: str) -> dict | None:
