@@ -103,6 +103,7 @@ from ..distill.context import RunContext, build_context
 from ..distill.dc import RandomBatches, dc_iteration
 from ..distill.dm import dm_iteration
 from ..distill.synset import init_images, sgd_step
+from ..pergroup import auto_chunk
 from .timing import check_device, default_json, describe_machine, samples_ms, write_json
 
 NAME = "step_time"
@@ -416,8 +417,11 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
     }
     per_class = ctx_f.sampler.global_sizes()
     one_pass_rows, loop_rows = sum(per_class), max(per_class)
-    if scale.real_chunk is not None:
-        one_pass_rows = min(one_pass_rows, scale.real_chunk)
+    # The driver's real_chunk: the given one, else its automatic choice
+    # (cache-sized blocks on CPU, so the one pass there is never "too big").
+    net = ctx_f.new_network(0)
+    chunk = scale.real_chunk or auto_chunk(net, images[:1].expand(one_pass_rows, *images.shape[1:]))
+    one_pass_rows = min(one_pass_rows, chunk)
 
     refusal = _cpu_too_big(one_pass_rows, scale.width, size) if device.type == "cpu" else None
     check = "not run (too big for this machine's memory)"
