@@ -7,7 +7,10 @@
 #   bash benchmarks/gpu_session.sh tests    # CUDA kernels vs float64 references
 #   bash benchmarks/gpu_session.sh segment  # segment-mean scaling, G = 1 .. 1e5
 #   bash benchmarks/gpu_session.sh dc       # per-group DC gradients, 256/class
-#   bash benchmarks/gpu_session.sh step     # end-to-end DM / DC step time
+#   bash benchmarks/gpu_session.sh step     # end-to-end DM / DC step time, cdigits-fg
+#   bash benchmarks/gpu_session.sh syn-dm   # DM at ImageNet-subset scale, G = 1 .. 100
+#   bash benchmarks/gpu_session.sh syn-dc   # DC at that scale, G = 1 .. 10 (the reference
+#                                           # loop runs ~90 backward passes per class at G = 100)
 #
 # Everything it writes goes to $OUT (what the device tool brings back; at
 # most 8 files), or to /tmp/fastfair_gpu when OUT is unset. Build outputs stay
@@ -37,14 +40,19 @@ case "$stage" in
     python -m fastfair.bench.dc_step --device cuda --json "$out/dc_step_cuda.json"
     ;;
   step)
-    # The ImageNet-subset-scale synthetic sweep needs the real batch in
-    # chunks on one GPU (25,600 images at 64 px; see step_time --help).
     python -m fastfair.bench.step_time --device cuda --dataset cdigits-fg --json "$out/step_time_cuda_cdigits.json"
-    python -m fastfair.bench.step_time --device cuda --dataset synthetic --real-chunk 2048 \
-      --json "$out/step_time_cuda_synthetic.json"
+    ;;
+  syn-dm|syn-dc)
+    # 25,600 real images at 64 px: the one pass needs the real batch in
+    # chunks on one GPU (see step_time --help); one method per command to
+    # stay under the device tool's 10-minute limit.
+    method="${stage#syn-}"
+    groups=$([ "$method" = dm ] && echo 1,2,5,10,20,50,100 || echo 1,2,5,10)
+    python -m fastfair.bench.step_time --device cuda --dataset synthetic --methods "$method" --groups "$groups" \
+      --real-chunk 2048 --json "$out/step_time_cuda_synthetic_$method.json"
     ;;
   *)
-    sed -n '2,14p' "$0"
+    sed -n '2,17p' "$0"
     exit 2
     ;;
 esac
