@@ -315,8 +315,10 @@ def auto_chunk(model: nn.Module, inputs: Tensor) -> int:
 
 
 def _couples_samples(model: nn.Module) -> bool:
-    return any(isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
-               for m in model.modules())
+    # The BatchNorm cases _refusal refuses are exactly those that normalise
+    # with batch statistics.
+    return any(isinstance(m, _BatchNorm) and _refusal(name, m) is not None
+               for name, m in model.named_modules())
 
 
 def _chunk_rows(chunk: int | str | None, model: nn.Module, inputs: Tensor) -> int:

@@ -103,7 +103,6 @@ from ..distill.context import RunContext, build_context
 from ..distill.dc import RandomBatches, dc_iteration
 from ..distill.dm import dm_iteration
 from ..distill.synset import init_images, sgd_step
-from ..pergroup import auto_chunk
 from .timing import check_device, default_json, describe_machine, samples_ms, write_json
 
 NAME = "step_time"
@@ -417,11 +416,11 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
     }
     per_class = ctx_f.sampler.global_sizes()
     one_pass_rows, loop_rows = sum(per_class), max(per_class)
-    # The driver's real_chunk: the given one, else its automatic choice
-    # (cache-sized blocks on CPU, so the one pass there is never "too big").
-    net = ctx_f.new_network(0)
-    chunk = scale.real_chunk or auto_chunk(net, images[:1].expand(one_pass_rows, *images.shape[1:]))
-    one_pass_rows = min(one_pass_rows, chunk)
+    # Rows per pass as the driver picks them (RunContext.real_chunk: the given
+    # real_chunk, else cache-sized blocks on CPU), so the one pass on CPU is
+    # never refused as "too big".
+    sample = images[:1].expand(one_pass_rows, *images.shape[1:])
+    one_pass_rows = min(one_pass_rows, ctx_f.real_chunk(ctx_f.new_network(0), sample))
 
     refusal = _cpu_too_big(one_pass_rows, scale.width, size) if device.type == "cpu" else None
     check = "not run (too big for this machine's memory)"
