@@ -122,8 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--real-chunk", type=int, default=None,
                    help="at most this many real images per network pass (the per-segment sums of the chunks are "
                         "added, so the result is the same); bounds activation memory for many classes "
-                        "(default: automatic: the whole real batch of every class at once on a GPU, blocks of "
-                        "about 40 images of 3x32x32 on a CPU, where that is faster)")
+                        "(default: automatic: 2^24 input values per pass on a GPU, i.e. 1365 images at 64x64, "
+                        "blocks of about 40 images of 3x32x32 on a CPU, where that is faster)")
+    s.add_argument("--dc-block-classes", type=int, default=None,
+                   help="DC family: match this many classes at a time, so only their per-group real gradients "
+                        "are held (classes x groups x parameters floats); the loss and the image gradient are the "
+                        "same (default: max(1, classes // groups): memory grows with classes + groups, not "
+                        "classes x groups)")
     s.add_argument("--outer-loop", type=int, default=None,
                    help="DC family: matching steps per iteration; default by IPC: 1, 10, 20, 30, 40, 50 at "
                         "IPC 1, 10, 20, 30, 40, 50; 100 above")
@@ -297,7 +302,8 @@ def cmd_distill(a: argparse.Namespace) -> int:
     options = _parse_options(a.data_option)
     cfg = distill.DistillConfig(
         dataset=a.dataset, method=a.method, objective=a.objective, ipc=a.ipc, iterations=a.iterations,
-        lr_img=a.lr_img, momentum=a.momentum, batch_real=a.batch_real, real_chunk=a.real_chunk, outer_loop=a.outer_loop,
+        lr_img=a.lr_img, momentum=a.momentum, batch_real=a.batch_real, real_chunk=a.real_chunk,
+        dc_block_classes=a.dc_block_classes, outer_loop=a.outer_loop,
         inner_loop=a.inner_loop, lr_net=a.lr_net, dsa=not a.no_dsa, init=a.init, model=a.model, width=a.width,
         depth=a.depth, norm=a.norm, cobra_warmup_epochs=a.cobra_warmup_epochs, group_noise=a.group_noise,
         groups=a.groups, sample_per_group=a.sample_per_group, seed=a.seed, log_every=a.log_every,

@@ -74,7 +74,9 @@ class DistillConfig:
     momentum: float = 0.5
     batch_real: int = 256                # per class
     real_chunk: int | None = None        # rows per network pass over the real batch; None: automatic
-                                         # (all at once on GPUs, cache-sized blocks on CPUs)
+                                         # (2^24 input values on GPUs, cache-sized blocks on CPUs)
+    dc_block_classes: int | None = None  # DC family: classes whose per-group real gradients are held
+                                         # at once; None: max(1, C // G) (O(C + G) gradient rows)
     outer_loop: int | None = None        # DC family, by IPC
     inner_loop: int | None = None        # DC family, by IPC
     lr_net: float = 0.01                 # inner-loop / warm-up network SGD
@@ -172,6 +174,8 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
                          f"{c.lr_img}, {c.lr_net}, {c.momentum}")
     if c.real_chunk is not None and c.real_chunk < 1:
         raise ValueError(f"real_chunk must be a positive integer or None, got {c.real_chunk}")
+    if c.dc_block_classes is not None and c.dc_block_classes < 1:
+        raise ValueError(f"dc_block_classes must be a positive integer or None, got {c.dc_block_classes}")
     if c.pseudo_max_groups is not None and c.pseudo_max_groups < 1:
         raise ValueError(f"pseudo_max_groups must be >= 1, got {c.pseudo_max_groups}")
     return c

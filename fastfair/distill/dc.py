@@ -2,11 +2,14 @@
 versions of IDC (multi-formation: the matched synthetic set is the decoded one)
 and DREAM (the real batch comes from :class:`~fastfair.distill.dream.DreamSelector`).
 
-One outer iteration: a fresh network; ``outer_loop`` times: real per-segment
-gradients (segment = class * G + group) from ONE forward and ONE backward over
-the real batch of all classes (``fastfair.pergroup.segment_gradients``),
-synthetic per-class gradients with a graph (``class_gradients``), the
-objective's ``dc_matching_loss``, one SGD step on the images; between matching
+One outer iteration: a fresh network; ``outer_loop`` times: synthetic
+per-class gradients with a graph (``class_gradients``); real per-segment
+gradients (segment = class * G + group) from one forward and one backward over
+the real rows of a block of classes (``fastfair.pergroup.segment_gradients``;
+one block of all classes when G = 1, else max(1, C // G) classes, so at most
+max(C, G) segments' gradients are alive), each block's part of the
+objective's ``dc_matching_loss`` differentiated at once; one backward through
+the synthetic graph, one SGD step on the images; between matching
 steps the network trains ``inner_loop`` epochs on the detached synthetic set
 (SGD lr ``lr_net``, DSA), as the DC code does.
 
@@ -63,14 +66,65 @@ def _global_segment_means(grads: tuple[Tensor, ...], seg: Tensor, num_segments: 
     return tuple(out), counts
 
 
+def block_classes(cfg_block: int | None, num_classes: int, num_groups: int) -> int:
+    """Classes matched per block: ``cfg_block``, or max(1, C // G), so a block
+    holds at most max(C, G) segments' gradients (vanilla holds C)."""
+    return cfg_block or max(1, num_classes // max(1, num_groups))
+
+
+def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Tensor, seg: Tensor,
+                      sizes: list[int], syn_grads: tuple[Tensor, ...], x: Tensor) -> tuple[Tensor, Tensor]:
+    """The matching loss and its gradient w.r.t. the images ``x``, the real
+    per-segment gradients computed and matched a block of classes at a time.
+
+    The loss is a sum of per-class terms, and each class's term reads only that
+    class's G segment gradients and its own synthetic gradient. So the real
+    gradients of C x G segments (1000 segments x a width-128 ConvNet at 64 px
+    is 2.6 GB) never need to exist at once: each block's loss is
+    differentiated w.r.t. detached copies of the synthetic gradients, the
+    block's real gradients are dropped, and ONE backward through the
+    synthetic graph at the end takes the summed gradients. Same loss and image
+    gradient as one block (up to the order of floating-point additions).
+    """
+    from ..objectives import dc_matching_loss
+    from ..pergroup import segment_gradients
+
+    cfg = ctx.cfg
+    C, G = ctx.num_classes, ctx.num_groups
+    per = block_classes(cfg.dc_block_classes, C, G)
+    leaves = [g.detach().requires_grad_(True) for g in syn_grads]
+    starts = [0]
+    for n in sizes:  # the real batch is class-major
+        starts.append(starts[-1] + n)
+    total = torch.zeros((), device=x.device)
+    for c0 in range(0, C, per):
+        c1 = min(C, c0 + per)
+        r0, r1 = starts[c0], starts[c1]
+        width = (c1 - c0) * G
+        seg_b = seg[r0:r1] - c0 * G
+        real_b = real[r0:r1]
+        grads = segment_gradients(net, real_b, labels[r0:r1], seg_b, width, chunk=ctx.real_chunk(net, real_b))
+        grads, counts = _global_segment_means(tuple(g.detach() for g in grads), seg_b, width)
+        loss = dc_matching_loss(grads, counts, [leaf[c0:c1] for leaf in leaves], G,
+                                objective=cfg.objective, metric=cfg.dc_metric)
+        del grads
+        loss.backward()  # into the leaves' .grad only: they are the graph's sole leaves
+        total = total + loss.detach()
+    pairs = [(g, leaf.grad) for g, leaf in zip(syn_grads, leaves) if leaf.grad is not None]
+    if not pairs:  # no class in the batch: nothing to match
+        return total, torch.zeros_like(x)
+    (grad,) = torch.autograd.grad([g for g, _ in pairs], x, grad_outputs=[d for _, d in pairs],
+                                  allow_unused=True)
+    return total, torch.zeros_like(x) if grad is None else grad
+
+
 def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
                  source: BatchSource) -> tuple[Tensor, Tensor, Tensor]:
     """One outer DC iteration; returns (new images, new momentum buffer, mean loss)."""
-    from ..objectives import dc_matching_loss
-    from ..pergroup import class_gradients, segment_gradients
+    from ..pergroup import class_gradients
 
     cfg = ctx.cfg
-    S, C, G = ctx.num_segments, ctx.num_classes, ctx.num_groups
+    C, G = ctx.num_classes, ctx.num_groups
     net = ctx.new_network(it)
     net.train()
     opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
@@ -85,11 +139,8 @@ def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
         if cfg.groups == "pseudo":
             groups = ctx.pseudo(ctx.embed_real(net, real_aug), batch.sizes)
         seg = labels * G + groups
-        real_grads = segment_gradients(net, real_aug, labels, seg, S, chunk=ctx.real_chunk(net, real_aug))
-        real_grads, counts = _global_segment_means(tuple(g.detach() for g in real_grads), seg, S)
         syn_grads = class_gradients(net, syn_aug, ctx.dec_labels, C, create_graph=True)
-        loss = dc_matching_loss(real_grads, counts, syn_grads, G, objective=cfg.objective, metric=cfg.dc_metric)
-        (grad,) = torch.autograd.grad(loss, x)
+        loss, grad = _blocked_matching(ctx, net, real_aug, labels, seg, batch.sizes, syn_grads, x)
         imgs, buf = sgd_step(imgs.detach(), buf, grad, cfg.lr_img, cfg.momentum)
         total = total + loss.detach()
         if ol == cfg.outer_loop - 1:

@@ -1,0 +1,95 @@
+"""DC matches a block of classes at a time (``DistillConfig.dc_block_classes``):
+the loss and the image gradient equal those of matching all classes at once,
+and no block holds more than max(C, G) segments' gradients by default."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastfair import data, distill, pergroup
+from fastfair.distill import dc
+from fastfair.distill.context import build_context
+from fastfair.nets import get_network
+from fastfair.objectives import dc_matching_loss
+from fastfair.pergroup import class_gradients, segment_gradients
+
+OPTS = {"num_classes": 3, "num_groups": 3, "image_size": 8, "n_per_class": 30}
+
+
+def _context(objective: str, metric: str, block: int | None) -> distill.context.RunContext:
+    ds = data.load("synthetic", bias_ratio=0.8, **OPTS)
+    cfg = distill.config.resolve(distill.DistillConfig(
+        dataset="synthetic", method="dc", objective=objective, ipc=2, iterations=1, dc_metric=metric,
+        dc_block_classes=block, extra={"data_options": OPTS}))
+    return build_context(cfg, ds, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("objective,metric", [("fairdd", "ours"), ("cobra", "ours"), ("vanilla", "ours"),
+                                              ("fairdd", "cos"), ("fairdd", "mse"), ("fairdd-groupdro", "ours")])
+@pytest.mark.parametrize("block", [1, 2, None])
+def test_blocked_matching_equals_all_classes_at_once(objective: str, metric: str, block: int | None) -> None:
+    torch.manual_seed(7)
+    ctx = _context(objective, metric, block)
+    C, G = ctx.num_classes, ctx.num_groups
+    net = get_network("ConvNet", 3, C, 8, width=5, depth=2).double()
+    # Class 1 has no real rows; class 0 lacks group 2; odd class sizes.
+    sizes = [7, 0, 5]
+    labels = torch.tensor([0] * 7 + [2] * 5)
+    groups = torch.tensor([0, 1, 0, 1, 1, 0, 1] + [2, 0, 1, 2, 2])
+    real = torch.randn(12, 3, 8, 8, dtype=torch.float64)
+    seg = labels * G + groups
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    syn_labels = torch.arange(C).repeat_interleave(2)
+
+    syn_grads = class_gradients(net, x * 1.5, syn_labels, C, create_graph=True)
+    loss, grad = dc._blocked_matching(ctx, net, real, labels, seg, sizes, syn_grads, x)
+
+    real_grads = segment_gradients(net, real, labels, seg, C * G)
+    counts = torch.bincount(seg, minlength=C * G)
+    syn_ref = class_gradients(net, x * 1.5, syn_labels, C, create_graph=True)
+    want = dc_matching_loss(real_grads, counts, syn_ref, G, objective=objective, metric=metric)
+    (want_grad,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)
+    assert grad.abs().sum() > 0
+
+
+def test_default_blocks_hold_at_most_max_of_classes_and_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    widths: list[int] = []
+    real_fn = pergroup.segment_gradients
+
+    def spy(model, inputs, labels, ids, num_segments, **kw):  # type: ignore[no-untyped-def]
+        widths.append(num_segments)
+        return real_fn(model, inputs, labels, ids, num_segments, **kw)
+
+    monkeypatch.setattr(pergroup, "segment_gradients", spy)
+    opts = {"num_classes": 4, "num_groups": 2, "image_size": 8, "n_per_class": 24}
+    ds = data.load("synthetic", bias_ratio=0.8, **opts)
+    cfg = distill.DistillConfig(dataset="synthetic", method="dc", objective="fairdd", ipc=1, width=4, depth=1,
+                                batch_real=6, outer_loop=1, inner_loop=1, iterations=1,
+                                extra={"data_options": opts})
+    distill.run(cfg, ds, device="cpu", progress=False)
+    assert widths == [4, 4]  # 2 classes x 2 groups per block, two blocks
+    assert dc.block_classes(None, 4, 2) == 2
+    assert dc.block_classes(None, 10, 100) == 1
+    assert dc.block_classes(None, 100, 10) == 10
+    assert dc.block_classes(None, 10, 1) == 10  # vanilla: one block of all classes
+    assert dc.block_classes(3, 10, 100) == 3
+
+
+@pytest.mark.parametrize("method", ["dc", "idc", "dream"])
+def test_block_size_does_not_change_the_synthetic_set(method: str) -> None:
+    ds = data.load("synthetic", bias_ratio=0.8, **OPTS)
+    base = distill.DistillConfig(dataset="synthetic", method=method, objective="fairdd", ipc=2, width=8, depth=2,
+                                 batch_real=12, outer_loop=2, inner_loop=1, iterations=2, log_every=1,
+                                 dream_pool=24, dream_interval=1, extra={"data_options": OPTS})
+    whole = distill.run(dataclasses.replace(base, dc_block_classes=3), ds, device="cpu", progress=False)
+    blocked = distill.run(dataclasses.replace(base, dc_block_classes=2), ds, device="cpu", progress=False)
+    torch.testing.assert_close(blocked.images, whole.images, rtol=1e-5, atol=1e-5)
+
+
+def test_block_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="dc_block_classes"):
+        distill.config.resolve(distill.DistillConfig(dc_block_classes=0))
