@@ -212,6 +212,8 @@ def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, 
                               create_graph: bool, chunk: int | str | None = None) -> tuple[Tensor, ...]:
     params = [p for p in model.parameters() if p.requires_grad]
     n = inputs.shape[0]
+    if n == 0:  # every segment empty (e.g. a rank or a block of classes without real rows)
+        return tuple(p.new_zeros((num_segments, *p.shape)) for p in params)
     rows = _chunk_rows(chunk, model, inputs)
     chunked = rows < n
     if n > 1 and (chunked or ids.device.type == "cpu"):
@@ -299,19 +301,27 @@ def _merge_rows(total: Tensor, filled: int, lo: int, g: Tensor) -> None:
 # 400 rows at once ran slower than the same rows 40 at a time (2-core Xeon;
 # benchmarks/NOTES.md has the numbers).
 _CPU_AUTO_INPUT_ELEMS = 3 * 32 * 32 * 40
+# On GPUs: 2^24 input elements per pass (1365 images of 3x64x64, 5461 of
+# 3x32x32). Big enough to fill an H100 with a width-128 ConvNet, small enough
+# that an ImageNet-subset batch (100 classes x 256 images at 64 px) does not
+# keep the activations of 25600 images at once: its first conv output alone
+# would be 54 GB in float32.
+_GPU_AUTO_INPUT_ELEMS = 1 << 24
 
 
 def auto_chunk(model: nn.Module, inputs: Tensor) -> int:
     """Rows per network pass that ``chunk="auto"`` picks for this batch.
 
-    All rows on GPUs and for models whose samples interact (BatchNorm in
-    training mode: its batch statistics would change with the chunk); on CPUs
-    blocks of about 2^17 input elements, so the activations stay in cache.
+    All rows for models whose samples interact (BatchNorm in training mode:
+    its batch statistics would change with the chunk); otherwise blocks of
+    about 2^17 input elements on CPUs, so the activations stay in cache, and
+    of 2^24 on GPUs, so large batches stay within memory.
     """
     n = inputs.shape[0]
-    if inputs.device.type != "cpu" or n == 0 or _couples_samples(model):
+    if n == 0 or _couples_samples(model):
         return max(n, 1)
-    return max(1, _CPU_AUTO_INPUT_ELEMS // max(1, inputs[0].numel()))
+    budget = _CPU_AUTO_INPUT_ELEMS if inputs.device.type == "cpu" else _GPU_AUTO_INPUT_ELEMS
+    return max(1, min(n, budget // max(1, inputs[0].numel())))
 
 
 def _couples_samples(model: nn.Module) -> bool:
@@ -366,9 +376,10 @@ def segment_gradients(
     code's way; it syncs with the host).
 
     ``chunk``: at most this many rows per forward/backward; None: all at
-    once; "auto" (default): :func:`auto_chunk`, all at once on GPUs, on CPUs
-    blocks of 40 images of 3x32x32 (or as many input elements), which keeps
-    the activations in cache (measured faster than one pass). The rows
+    once; "auto" (default): :func:`auto_chunk`, on CPUs blocks of 40 images
+    of 3x32x32 (or as many input elements), which keeps the activations in
+    cache (measured faster than one pass), on GPUs blocks of 2^24 input
+    elements (all rows of most batches; 1365 images at 64 px). The rows
     are sorted by segment first, so each chunk covers a contiguous range of
     segments; the per-segment gradient sums of the chunks are added before
     the division by the counts, so the result is the same (up to the order

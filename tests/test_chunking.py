@@ -98,7 +98,19 @@ def test_auto_chunk_keeps_coupled_batches_whole() -> None:
     assert auto_chunk(bn.train(), x) == 50  # batch statistics would change with the chunk
     assert auto_chunk(bn.eval(), x) == 10
     assert auto_chunk(bn.eval(), x[:0]) == 1
-    assert auto_chunk(bn.eval(), torch.randn(7, 3, 4, 4)) == pergroup._CPU_AUTO_INPUT_ELEMS // 48
+    assert auto_chunk(bn.eval(), torch.randn(3000, 3, 4, 4)) == pergroup._CPU_AUTO_INPUT_ELEMS // 48
+    assert auto_chunk(bn.eval(), torch.randn(7, 3, 4, 4)) == 7  # never more than the rows
+
+
+def test_auto_chunk_on_an_accelerator_bounds_the_pass() -> None:
+    # A meta tensor stands in for a GPU batch: auto_chunk only reads its
+    # device type and shape. 25600 images at 64 px (an ImageNet subset's real
+    # batch) go 1365 at a time; a small batch stays one pass.
+    net = get_network("ConvNet", 3, 4, 64, width=4, depth=1)
+    big = torch.empty(25600, 3, 64, 64, device="meta")
+    assert auto_chunk(net, big) == (1 << 24) // (3 * 64 * 64) == 1365
+    assert auto_chunk(net, torch.empty(2560, 3, 32, 32, device="meta")) == 2560
+    assert auto_chunk(net.train(), torch.empty(0, 3, 64, 64, device="meta")) == 1
 
 
 def test_embed_real_follows_the_chunk_rule() -> None:
@@ -143,3 +155,14 @@ def test_real_chunk_gives_the_one_pass_synthetic_set(method: str) -> None:
 def test_real_chunk_must_be_positive() -> None:
     with pytest.raises(ValueError, match="real_chunk"):
         distill.config.resolve(distill.DistillConfig(real_chunk=0))
+
+
+@pytest.mark.parametrize("chunk", [None, "auto", 3])
+def test_empty_batch_gives_zero_segment_gradients(chunk: object) -> None:
+    net = get_network("ConvNet", 3, 4, 8, width=4, depth=1)
+    x, y = torch.randn(0, 3, 8, 8), torch.zeros(0, dtype=torch.long)
+    grads = segment_gradients(net, x, y, y, 5, chunk=chunk)  # type: ignore[arg-type]
+    params = [p for p in net.parameters() if p.requires_grad]
+    assert len(grads) == len(params)
+    for g, p in zip(grads, params):
+        assert g.shape == (5, *p.shape) and torch.all(g == 0)

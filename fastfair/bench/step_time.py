@@ -63,11 +63,10 @@ held between steps (dataset, synthetic images, momentum buffer; ``base_mb``):
 Out of memory (CUDA) is caught and recorded as ``error`` with null ms; on CPU a
 configuration whose first-layer activations alone (two of them live at once)
 would exceed ``MemAvailable`` is skipped rather than risking the OOM killer.
-The driver's one-pass steps put the whole real batch of every class through
-the network at once, so at the full synthetic scale (25600 images at 64 px,
-width 128: 54 GB per first-layer activation) they need more than an 80 GB GPU;
-the per-class loop does not; ``--real-chunk N`` (the driver's
-``DistillConfig.real_chunk``) bounds them to N rows per network pass. On CPU use ``--quick``: at the full scale the loop
+The driver's steps put the real batch through the network in chunks of
+``RunContext.real_chunk`` rows (by default 2^24 input values on a GPU: 1365
+images at 64 px, so the full synthetic scale, 25600 images, fits an 80 GB
+GPU; ``--real-chunk N`` sets it). On CPU use ``--quick``: at the full scale the loop
 rows alone take hours per step. A full CUDA sweep runs longer than 10 minutes
 (the DC loop at G = 50 and 100 dominates); split it with ``--dataset``,
 ``--methods`` and ``--groups`` (each run writes its own ``--json``).
@@ -417,7 +416,7 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
     per_class = ctx_f.sampler.global_sizes()
     one_pass_rows, loop_rows = sum(per_class), max(per_class)
     # Rows per pass as the driver picks them (RunContext.real_chunk: the given
-    # real_chunk, else cache-sized blocks on CPU), so the one pass on CPU is
+    # real_chunk, else the automatic one), so the one pass on CPU is
     # never refused as "too big".
     sample = images[:1].expand(one_pass_rows, *images.shape[1:])
     one_pass_rows = min(one_pass_rows, ctx_f.real_chunk(ctx_f.new_network(0), sample))
@@ -623,7 +622,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # Small knobs for tests and exploration.
     p.add_argument("--real-chunk", type=int, default=None,
                    help="rows per network pass over the real batch in the fastfair rows (DistillConfig.real_chunk; "
-                        "default: the whole batch at once). Full-scale synthetic on one GPU needs e.g. 2048")
+                        "default: the driver's automatic choice, 2^24 input values per pass on a GPU, cache-sized "
+                        "blocks on a CPU)")
     p.add_argument("--classes", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--image-size", type=int, default=None, help=argparse.SUPPRESS)
