@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_session.sh segment  # segment-mean scaling, G = 1 .. 1e5
 #   bash benchmarks/gpu_session.sh dc       # per-group DC gradients, 256/class
 #   bash benchmarks/gpu_session.sh step     # end-to-end DM / DC step time, cdigits-fg
+#   bash benchmarks/gpu_session.sh step-one-block  # DC again, all 10 classes in one block
+#                                           # (fewest passes, most memory) vs the default
 #   bash benchmarks/gpu_session.sh syn-dm   # DM at ImageNet-subset scale, G = 1 .. 100
 #   bash benchmarks/gpu_session.sh syn-dc   # DC at that scale, G = 1 .. 10 (the reference
 #                                           # loop runs ~90 backward passes per class at G = 100)
@@ -31,7 +33,7 @@ case "$stage" in
   tests)
     # -rs lists the skips: on a GPU no CUDA test may be skipped.
     python -m pytest -q -rs -p no:cacheprovider tests/test_ops.py tests/test_pergroup.py tests/test_chunking.py \
-      tests/test_fair_dm_loss.py tests/test_dc_objectives.py 2>&1 | tee "$out/tests_cuda.log" | tail -30
+      tests/test_fair_dm_loss.py tests/test_dc_objectives.py tests/test_dc_blocks.py 2>&1 | tee "$out/tests_cuda.log" | tail -30
     ;;
   segment)
     python -m fastfair.bench.segment --device cuda --json "$out/segment_ops_cuda.json"
@@ -41,6 +43,12 @@ case "$stage" in
     ;;
   step)
     python -m fastfair.bench.step_time --device cuda --dataset cdigits-fg --json "$out/step_time_cuda_cdigits.json"
+    ;;
+  step-one-block)
+    # DC matches max(1, C // G) classes per block by default (memory O(C + G));
+    # on a GPU the extra, smaller passes may cost launches: measure both.
+    python -m fastfair.bench.step_time --device cuda --dataset cdigits-fg --methods dc --dc-block-classes 10 \
+      --json "$out/step_time_cuda_cdigits_dc_one_block.json"
     ;;
   syn-dm|syn-dc)
     # 25,600 real images at 64 px: the driver's automatic chunk (1365 rows
@@ -52,7 +60,7 @@ case "$stage" in
       --json "$out/step_time_cuda_synthetic_$method.json"
     ;;
   *)
-    sed -n '2,17p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
     ;;
 esac

@@ -109,3 +109,21 @@ def test_implementations_are_timed_round_robin(tmp_path, monkeypatch):
     steps = list(dict.fromkeys(s for s, _ in timed))
     assert len(steps) == 4
     assert timed == [(s, 2 + r) for r in range(3) for s in steps]
+
+
+def test_dc_block_classes_reaches_the_driver(tmp_path, monkeypatch):
+    seen = []
+    real = st.dc_iteration
+
+    def spy(ctx, *args, **kw):
+        seen.append(ctx.cfg.dc_block_classes)
+        return real(ctx, *args, **kw)
+
+    monkeypatch.setattr(st, "dc_iteration", spy)
+    out = tmp_path / "step.json"
+    st.main(["--device", "cpu", "--dataset", "synthetic", "--methods", "dc", "--groups", "3",
+             "--dc-block-classes", "2", "--json", str(out), *TINY])
+    assert seen and set(seen) == {2}
+    assert json.loads(out.read_text())["settings"]["dc_block_classes"] == 2
+    with pytest.raises(SystemExit):
+        st.main(["--device", "cpu", "--dc-block-classes", "0", *TINY])

@@ -126,6 +126,7 @@ class Scale:
     width: int
     ipc: int
     real_chunk: int | None = None  # rows per network pass over the real batch (fastfair rows)
+    dc_block_classes: int | None = None  # DC: classes matched per block (fastfair rows); None: the driver's
 
 
 def _depth(image_size: int) -> int:
@@ -174,7 +175,7 @@ def _config(dataset: str, method: str, objective: str, scale: Scale, image_size:
     return resolve(DistillConfig(dataset=dataset, method=method, objective=objective, ipc=scale.ipc,
                                  batch_real=scale.batch, width=scale.width, depth=_depth(image_size),
                                  outer_loop=1, inner_loop=1, cobra_warmup_epochs=warm, seed=0,
-                                 real_chunk=scale.real_chunk))
+                                 real_chunk=scale.real_chunk, dc_block_classes=scale.dc_block_classes))
 
 
 # -------------------------------------------------------------------- steps
@@ -624,6 +625,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="rows per network pass over the real batch in the fastfair rows (DistillConfig.real_chunk; "
                         "default: the driver's automatic choice, 2^24 input values per pass on a GPU, cache-sized "
                         "blocks on a CPU)")
+    p.add_argument("--dc-block-classes", type=int, default=None,
+                   help="DC: classes matched per block in the fastfair rows (DistillConfig.dc_block_classes; "
+                        "default: the driver's max(1, C // G); C = one block, the fewest network passes)")
     p.add_argument("--classes", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--image-size", type=int, default=None, help=argparse.SUPPRESS)
@@ -645,10 +649,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error("--cobra-warmup must be >= 0")
     if a.real_chunk is not None and a.real_chunk < 1:
         p.error("--real-chunk must be >= 1")
+    if a.dc_block_classes is not None and a.dc_block_classes < 1:
+        p.error("--dc-block-classes must be >= 1")
     quick = a.quick
     syn = Scale(classes=a.classes or (10 if quick else 100), batch=a.batch or (64 if quick else 256),
                 image_size=a.image_size or (32 if quick else 64), width=a.width or (32 if quick else 128), ipc=a.ipc,
-                real_chunk=a.real_chunk)
+                real_chunk=a.real_chunk, dc_block_classes=a.dc_block_classes)
     digits = dataclasses.replace(syn, classes=10, image_size=32, batch=a.batch or 256)  # cdigits' own shape
     scales = {"synthetic": syn, "cdigits-fg": digits}
     repeats = a.repeats or (5 if quick else 7)
@@ -680,7 +686,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     path = a.json or default_json(NAME, device_name)
     settings = {**{d: dataclasses.asdict(scales[d]) for d in datasets}, "repeats": repeats,
-                "cobra_warmup_epochs": a.cobra_warmup, "dtype": "float32", "quick": quick, "real_chunk": a.real_chunk}
+                "cobra_warmup_epochs": a.cobra_warmup, "dtype": "float32", "quick": quick, "real_chunk": a.real_chunk,
+                "dc_block_classes": a.dc_block_classes}
     payload = {"benchmark": NAME, "machine": machine, "settings": settings, "peak_method": meter.method,
                "peak_unavailable": meter.reason, "ratios": ratios(rows), "rows": rows}
     write_json(path, payload)
