@@ -132,6 +132,31 @@ def test_conv2d_weight_grad_many_blocks_in_one_segment(rows):
     assert (got[2] == 0).all()
 
 
+@pytest.mark.parametrize("case", [((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 2), (2, 1), (0, 1), (2, 1))])
+@pytest.mark.parametrize("order", ["sorted", "unsorted"])
+def test_conv2d_weight_grad_many_small_segments(device, case, order):
+    # 60 rows in ~25 segments of 16 input channels: the CPU kernel's per-sample
+    # path (one grouped backward per block of rows), with blocks of 25 rows at
+    # 64 px, so segments straddle blocks; unsorted ids are gathered.
+    ks, st, pd, dl = case
+    n, ci, co, s, h = 60, 16, 4, 27, 64
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(n, ci, h, h, generator=g, dtype=torch.float64)
+    oh = (h + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
+    ow = (h + 2 * pd[1] - dl[1] * (ks[1] - 1) - 1) // st[1] + 1
+    b = torch.randn(n, co, oh, ow, generator=g, dtype=torch.float64)
+    ids = layout(n, s, seed=11)
+    if order == "sorted":
+        ids = ids.sort().values
+    want = ref_conv(b, a, ids, s, ks, st, pd, dl)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        got = ops.segment_conv2d_weight_grad(b.to(device, dtype), a.to(device, dtype), ids.to(device), s,
+                                             ks, st, pd, dl)
+        assert got.shape == (s, co, ci, *ks) and got.dtype == dtype
+        assert_close_scaled(got, want, dtype)
+        assert (got[-2:] == 0).all()
+
+
 @pytest.mark.parametrize("op", ["linear", "conv"])
 def test_weight_grads_mixed_consecutive_and_scattered_segments(op):
     # Segments 0 and 3 are consecutive runs (read in place), 1 and 2 interleave

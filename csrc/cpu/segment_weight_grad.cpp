@@ -157,10 +157,21 @@ c10::optional<int64_t> consecutive_start(const at::Tensor& perm, int64_t r0, int
   return c10::nullopt;
 }
 
-// The block's rows of t in the accumulation dtype, contiguous.
+// Like consecutive_start for a run of perm that may span several segments,
+// where perm is increasing only within each segment: every entry is checked.
+c10::optional<int64_t> consecutive_start_any(const at::Tensor& perm, int64_t r0, int64_t r1) {
+  const int64_t* p = perm.const_data_ptr<int64_t>();
+  for (int64_t r = r0 + 1; r < r1; ++r) {
+    if (p[r] != p[r0] + (r - r0)) return c10::nullopt;
+  }
+  return p[r0];
+}
+
+// The block's rows of t in the accumulation dtype, contiguous. ``one_segment``:
+// the rows r0 .. r1 of perm belong to one segment (the cheap check holds).
 at::Tensor block_rows(const at::Tensor& t, const at::Tensor& perm, int64_t r0, int64_t r1,
-                      at::ScalarType acc) {
-  const auto start = consecutive_start(perm, r0, r1);
+                      at::ScalarType acc, bool one_segment = true) {
+  const auto start = one_segment ? consecutive_start(perm, r0, r1) : consecutive_start_any(perm, r0, r1);
   const at::Tensor rows = start ? t.narrow(0, *start, r1 - r0) : t.index_select(0, perm.narrow(0, r0, r1 - r0));
   return rows.to(acc).contiguous();
 }
@@ -192,6 +203,62 @@ at::Tensor segment_linear_weight_grad_cpu(const at::Tensor& grad_out, const at::
   return acc == input.scalar_type() ? out : out.to(input.scalar_type());
 }
 
+// Below this many rows per non-empty segment on average (and with at least
+// kPerSampleMinChannels input channels), the conv weight gradient goes per
+// sample instead of per segment: one at::convolution_backward per segment
+// costs ~0.05-0.15 ms of fixed overhead on a 2-core Xeon, which for 1000
+// segments of 2-3 rows (DC at G = 100) outweighed the FLOPs. Measured there
+// (20 rows, 2 rows per segment, width 32): 16 px 1.50 ms per segment vs
+// 0.50 ms per sample (dense: 0.46), 8 px 1.26 vs 0.26; with 3 input channels
+// per sample was slower (2.59 vs 2.11 ms), at width 128 a tie
+// (benchmarks/NOTES.md).
+constexpr int64_t kSmallSegmentRows = 8;
+constexpr int64_t kPerSampleMinChannels = 16;
+
+// Blocks of rows spanning many segments: every row's own weight gradient
+// from ONE grouped convolution backward (the block's rows stacked as groups
+// of one sample: input [1, rows x I, H, W], weight [rows x O, I, kh, kw]),
+// then each segment's consecutive rows summed into its slot. Same FLOPs as
+// the dense weight gradient; the temporaries (including the rows x |W|
+// per-sample gradients) are bounded by kBlockElems like the per-segment path.
+void conv2d_weight_grad_per_sample(const at::Tensor& grad_out, const at::Tensor& input,
+                                   const at::Tensor& perm, const std::vector<int64_t>& offsets,
+                                   at::Tensor& out, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, int64_t per_row, at::ScalarType acc) {
+  const int64_t num_segments = out.size(0), n = input.size(0), o = grad_out.size(1);
+  const int64_t ci = input.size(1);
+  const int64_t w_elems = o * ci * kernel_size[0] * kernel_size[1];
+  const int64_t rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, per_row + 2 * w_elems));
+  const std::vector<int64_t> no_output_padding{0, 0};
+  at::Tensor flat = out.view({num_segments, w_elems});
+  int64_t s = 0;
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t r1 = std::min(r0 + rows, n), m = r1 - r0;
+    const at::Tensor b = block_rows(grad_out, perm, r0, r1, acc, false);
+    const at::Tensor a = block_rows(input, perm, r0, r1, acc, false);
+    const at::Tensor weight = at::zeros({m * o, ci, kernel_size[0], kernel_size[1]}, a.options());
+    const at::Tensor per = std::get<1>(at::convolution_backward(
+        b.view({1, m * o, b.size(2), b.size(3)}), a.view({1, m * ci, a.size(2), a.size(3)}), weight,
+        c10::nullopt, stride, padding, dilation, /*transposed=*/false, no_output_padding,
+        /*groups=*/m, {false, true, false})).view({m, w_elems});
+    // Segments in perm order; a segment may straddle blocks: its first block
+    // writes the slot, later ones add (a fixed order: deterministic).
+    for (int64_t r = r0; r < r1;) {
+      while (offsets[s + 1] <= r) ++s;
+      const int64_t e = std::min(offsets[s + 1], r1);
+      at::Tensor slot = flat.select(0, s);
+      const at::Tensor part = per.narrow(0, r - r0, e - r);
+      if (r == offsets[s]) {
+        at::sum_out(slot, part, 0);
+      } else {
+        slot.add_(part.sum(0));
+      }
+      r = e;
+    }
+  }
+}
+
 at::Tensor segment_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input,
                                           const at::Tensor& ids, int64_t num_segments,
                                           at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -210,6 +277,14 @@ at::Tensor segment_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::
                                       input.options().dtype(acc));
   const int64_t per_row = input.size(1) * input.size(2) * input.size(3) +
                           o * grad_out.size(2) * grad_out.size(3);
+  const int64_t n = input.size(0);
+  int64_t nonempty = 0;
+  for (int64_t s = 0; s < num_segments; ++s) nonempty += offsets[s + 1] > offsets[s];
+  if (n > 0 && ci >= kPerSampleMinChannels && n < kSmallSegmentRows * nonempty) {
+    conv2d_weight_grad_per_sample(grad_out, input, perm, offsets, out, kernel_size, stride, padding,
+                                  dilation, per_row, acc);
+    return acc == input.scalar_type() ? out : out.to(input.scalar_type());
+  }
   const int64_t rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, per_row));
   const std::vector<int64_t> no_output_padding{0, 0};
   for (int64_t s = 0; s < num_segments; ++s) {
