@@ -13,6 +13,8 @@
 #   bash benchmarks/gpu_session.sh syn-dm   # DM at ImageNet-subset scale, G = 1 .. 100
 #   bash benchmarks/gpu_session.sh syn-dc   # DC at that scale, G = 1 .. 10 (the reference
 #                                           # loop runs ~90 backward passes per class at G = 100)
+#   bash benchmarks/gpu_session.sh syn-dc-many  # DC at that scale, G = 20, 50, 100, without
+#                                           # the loop rows (--skip-loop)
 #
 # Everything it writes goes to $OUT (what the device tool brings back; at
 # most 8 files), or to /tmp/fastfair_gpu when OUT is unset. Build outputs stay
@@ -59,8 +61,12 @@ case "$stage" in
     python -m fastfair.bench.step_time --device cuda --dataset synthetic --methods "$method" --groups "$groups" \
       --json "$out/step_time_cuda_synthetic_$method.json"
     ;;
+  syn-dc-many)
+    python -m fastfair.bench.step_time --device cuda --dataset synthetic --methods dc --groups 20,50,100 \
+      --skip-loop --json "$out/step_time_cuda_synthetic_dc_many.json"
+    ;;
   *)
-    sed -n '2,19p' "$0"
+    sed -n '2,21p' "$0"
     exit 2
     ;;
 esac

@@ -127,3 +127,14 @@ def test_dc_block_classes_reaches_the_driver(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["settings"]["dc_block_classes"] == 2
     with pytest.raises(SystemExit):
         st.main(["--device", "cpu", "--dc-block-classes", "0", *TINY])
+
+
+def test_skip_loop_leaves_out_the_loop_rows(tmp_path):
+    out = tmp_path / "step.json"
+    rows = st.main(["--device", "cpu", "--dataset", "synthetic", "--methods", "dm", "--groups", "2",
+                    "--skip-loop", "--json", str(out), *TINY])
+    assert {(r["impl"], r["objective"]) for r in rows} == set(st.IMPLS) - {("loop", "fairdd")}
+    assert all(r["grad_check"] == "not run (--skip-loop)" and r["ms"] for r in rows)
+    payload = json.loads(out.read_text())
+    assert payload["settings"]["skip_loop"] is True
+    assert not any("loop" in name for name in payload["ratios"])
