@@ -44,7 +44,7 @@ def test_blocked_matching_equals_all_classes_at_once(objective: str, metric: str
     syn_labels = torch.arange(C).repeat_interleave(2)
 
     syn_grads = class_gradients(net, x * 1.5, syn_labels, C, create_graph=True)
-    loss, grad = dc._blocked_matching(ctx, net, real, labels, seg, sizes, syn_grads, x)
+    loss, grad = dc._blocked_matching(ctx, net, real, labels, seg, G, sizes, syn_grads, x)
 
     real_grads = segment_gradients(net, real, labels, seg, C * G)
     counts = torch.bincount(seg, minlength=C * G)
@@ -72,6 +72,9 @@ def test_default_blocks_hold_at_most_max_of_classes_and_groups(monkeypatch: pyte
                                 extra={"data_options": opts})
     distill.run(cfg, ds, device="cpu", progress=False)
     assert widths == [4, 4]  # 2 classes x 2 groups per block, two blocks
+    widths.clear()
+    distill.run(dataclasses.replace(cfg, objective="vanilla"), ds, device="cpu", progress=False)
+    assert widths == [4]  # vanilla matches the class gradient: one segment per class, one block
     assert dc.block_classes(None, 4, 2) == 2
     assert dc.block_classes(None, 10, 100) == 1
     assert dc.block_classes(None, 100, 10) == 10
@@ -93,3 +96,24 @@ def test_block_size_does_not_change_the_synthetic_set(method: str) -> None:
 def test_block_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="dc_block_classes"):
         distill.config.resolve(distill.DistillConfig(dc_block_classes=0))
+
+
+def test_vanilla_class_segments_equal_pooled_group_segments() -> None:
+    # The driver matches vanilla DC with one segment per class; the pooled
+    # target of C x G segments (what it did before) is the same gradient.
+    torch.manual_seed(3)
+    ctx = _context("vanilla", "ours", None)
+    C, G = ctx.num_classes, ctx.num_groups
+    net = get_network("ConvNet", 3, C, 8, width=5, depth=2).double()
+    sizes = [6, 4, 5]
+    labels = torch.arange(C).repeat_interleave(torch.tensor(sizes))
+    groups = torch.randint(0, G, (15,))
+    real = torch.randn(15, 3, 8, 8, dtype=torch.float64)
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    syn_labels = torch.arange(C).repeat_interleave(2)
+    out = []
+    for seg, g in ((labels * G + groups, G), (labels, 1)):
+        syn_grads = class_gradients(net, x * 1.5, syn_labels, C, create_graph=True)
+        out.append(dc._blocked_matching(ctx, net, real, labels, seg, g, sizes, syn_grads, x))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-9, atol=1e-12)

@@ -9,8 +9,9 @@ update) and no inner network training (``outer_loop=1``). Implementations:
   vanilla          ``fastfair.distill.dm.dm_iteration`` / ``dc.dc_iteration``
                    with objective ``vanilla``. The vanilla method ignores
                    groups, so it runs with ONE group (``match_groups`` 1 in
-                   the row); given G groups the driver's vanilla would compute
-                   G-segment statistics for nothing and flatter the ratios.
+                   the row); given G groups the driver's vanilla DM would
+                   compute G-segment statistics for nothing and flatter the
+                   ratios (vanilla DC matches one segment per class anyway).
   loop fairdd      reference-style FairDD written here the way the papers'
                    public code does it (REFERENCE.md, "Cost of the reference
                    implementation"): per class a forward of that class's real

@@ -6,7 +6,8 @@ One outer iteration: a fresh network; ``outer_loop`` times: synthetic
 per-class gradients with a graph (``class_gradients``); real per-segment
 gradients (segment = class * G + group) from one forward and one backward over
 the real rows of a block of classes (``fastfair.pergroup.segment_gradients``;
-one block of all classes when G = 1, else max(1, C // G) classes, so at most
+one block of all classes when G = 1 or the objective is vanilla (its
+target is the class gradient: segments = classes), else max(1, C // G) classes, so at most
 max(C, G) segments' gradients are alive), each block's part of the
 objective's ``dc_matching_loss`` differentiated at once; one backward through
 the synthetic graph, one SGD step on the images; between matching
@@ -72,10 +73,11 @@ def block_classes(cfg_block: int | None, num_classes: int, num_groups: int) -> i
     return cfg_block or max(1, num_classes // max(1, num_groups))
 
 
-def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Tensor, seg: Tensor,
+def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Tensor, seg: Tensor, G: int,
                       sizes: list[int], syn_grads: tuple[Tensor, ...], x: Tensor) -> tuple[Tensor, Tensor]:
     """The matching loss and its gradient w.r.t. the images ``x``, the real
-    per-segment gradients computed and matched a block of classes at a time.
+    per-segment gradients (segment ``seg`` = class * G + group) computed and
+    matched a block of classes at a time.
 
     The loss is a sum of per-class terms, and each class's term reads only that
     class's G segment gradients and its own synthetic gradient. So the real
@@ -90,7 +92,7 @@ def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Ten
     from ..pergroup import segment_gradients
 
     cfg = ctx.cfg
-    C, G = ctx.num_classes, ctx.num_groups
+    C = ctx.num_classes
     per = block_classes(cfg.dc_block_classes, C, G)
     leaves = [g.detach().requires_grad_(True) for g in syn_grads]
     starts = [0]
@@ -121,10 +123,14 @@ def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Ten
 def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
                  source: BatchSource) -> tuple[Tensor, Tensor, Tensor]:
     """One outer DC iteration; returns (new images, new momentum buffer, mean loss)."""
+    from ..objectives import get_objective
     from ..pergroup import class_gradients
 
     cfg = ctx.cfg
-    C, G = ctx.num_classes, ctx.num_groups
+    C = ctx.num_classes
+    # A pooled target (vanilla) is the class gradient: one segment per class,
+    # not C x G segments pooled afterwards.
+    G = 1 if get_objective(cfg.objective).target == "pooled" else ctx.num_groups
     net = ctx.new_network(it)
     net.train()
     opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
@@ -136,11 +142,11 @@ def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
         x = imgs.detach().requires_grad_(True)
         syn = decode(x, ctx.factor)
         real_aug, syn_aug = ctx.siamese(real, batch.sizes, syn, it, ol, real_offsets=batch.offsets)
-        if cfg.groups == "pseudo":
+        if cfg.groups == "pseudo" and G > 1:
             groups = ctx.pseudo(ctx.embed_real(net, real_aug), batch.sizes)
-        seg = labels * G + groups
+        seg = labels * G + groups if G > 1 else labels
         syn_grads = class_gradients(net, syn_aug, ctx.dec_labels, C, create_graph=True)
-        loss, grad = _blocked_matching(ctx, net, real_aug, labels, seg, batch.sizes, syn_grads, x)
+        loss, grad = _blocked_matching(ctx, net, real_aug, labels, seg, G, batch.sizes, syn_grads, x)
         imgs, buf = sgd_step(imgs.detach(), buf, grad, cfg.lr_img, cfg.momentum)
         total = total + loss.detach()
         if ol == cfg.outer_loop - 1:
