@@ -138,3 +138,14 @@ def test_skip_loop_leaves_out_the_loop_rows(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["settings"]["skip_loop"] is True
     assert not any("loop" in name for name in payload["ratios"])
+
+
+def test_memory_only_measures_peaks_without_timing(tmp_path):
+    out = tmp_path / "mem.json"
+    rows = st.main(["--device", "cpu", "--dataset", "synthetic", "--methods", "dc", "--groups", "2",
+                    "--skip-loop", "--memory-only", "--json", str(out), *TINY])
+    assert len(rows) == 3
+    assert all(r["ms"] is None and r["peak_mb"] is not None and r["peak_mb"] >= 0 for r in rows)
+    payload = json.loads(out.read_text())
+    assert payload["settings"]["memory_only"] is True
+    assert (tmp_path / "mem_synthetic_dc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

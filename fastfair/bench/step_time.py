@@ -396,7 +396,7 @@ def _label(row: dict) -> str:
 
 def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real_groups: Tensor | None,
                scale: Scale, device: torch.device, repeats: int, cobra_warmup: int, meter: PeakMeter,
-               common: dict, skip_loop: bool = False) -> list[dict]:
+               common: dict, skip_loop: bool = False, memory_only: bool = False) -> list[dict]:
     size = base.image_size
     ds_g = _with_groups(base, groups, real_groups)
     ds_1 = _with_groups(base, 1, None)
@@ -428,6 +428,8 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
     if skip_loop:
         del steps[("loop", "fairdd")]
         check = "not run (--skip-loop)"
+    elif memory_only:
+        check = "not run (--memory-only)"
     elif refusal is None:
         try:
             ok, err = grad_check(loop, steps[("fastfair", "fairdd")][0], images)
@@ -468,7 +470,8 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
         _free(device)
         row.update(common)
         rows.append(row)
-    _time_interleaved(timed, images, buf, device, repeats)
+    if not memory_only:
+        _time_interleaved(timed, images, buf, device, repeats)
     for row in rows:
         ms = "-" if row["ms"] is None else f"{row['ms']:.2f} ms"
         mb = "-" if row["peak_mb"] is None else f"{row['peak_mb']:.1f} MB"
@@ -572,10 +575,17 @@ def plot(rows: list[dict], dataset: str, method: str, title: str, path: str) -> 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     panels = (("ms", "step time (ms)"), ("peak_mb", "peak memory added by the step (MB)"))
     for ax, (key, unit) in zip(axes, panels):
+        drawn = False
         for name in dict.fromkeys(_label(r) for r in sub):
             pts = sorted((r["groups"], r[key]) for r in sub if _label(r) == name and r.get(key) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+                drawn = True
+        if not drawn:  # e.g. --memory-only: no times
+            ax.text(0.5, 0.5, f"no {unit.split(' (')[0]} measured", ha="center", va="center",
+                    transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
         # log-log: the reference loop grows with G and would flatten the
         # fastfair and vanilla lines on a linear axis.
         ax.set_xscale("log")
@@ -635,6 +645,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--skip-loop", action="store_true",
                    help="leave out the reference-style loop rows and the gradient check against them (at "
                         "ImageNet-subset scale and G = 100 the DC loop runs 1000 backward passes per step)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="peak memory only: one warm-up and one measured step per implementation, no gradient "
+                        "check and no timing (ms is null); for scales where each step takes minutes")
     p.add_argument("--dc-block-classes", type=int, default=None,
                    help="DC: classes matched per block in the fastfair rows (DistillConfig.dc_block_classes; "
                         "default: the driver's max(1, C // G); C = one block, the fewest network passes)")
@@ -690,14 +703,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for method in a.methods:
             for g in a.groups:
                 rows += _sweep_one(dataset, method, g, base, real_groups, scale, device, repeats, a.cobra_warmup,
-                                   meter, common, skip_loop=a.skip_loop)
+                                   meter, common, skip_loop=a.skip_loop, memory_only=a.memory_only)
         del base
         _free(device)
 
     path = a.json or default_json(NAME, device_name)
     settings = {**{d: dataclasses.asdict(scales[d]) for d in datasets}, "repeats": repeats,
                 "cobra_warmup_epochs": a.cobra_warmup, "dtype": "float32", "quick": quick, "real_chunk": a.real_chunk,
-                "dc_block_classes": a.dc_block_classes, "skip_loop": a.skip_loop}
+                "dc_block_classes": a.dc_block_classes, "skip_loop": a.skip_loop,
+                "memory_only": a.memory_only}
     payload = {"benchmark": NAME, "machine": machine, "settings": settings, "peak_method": meter.method,
                "peak_unavailable": meter.reason, "ratios": ratios(rows), "rows": rows}
     write_json(path, payload)
