@@ -565,7 +565,8 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], dataset: str, method: str, title: str, path: str) -> None:
-    """ms and peak_mb against G (log-log), one line per implementation."""
+    """ms and peak_mb against G (log-x; log-y where the values span a decade),
+    one line per implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -575,21 +576,23 @@ def plot(rows: list[dict], dataset: str, method: str, title: str, path: str) -> 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     panels = (("ms", "step time (ms)"), ("peak_mb", "peak memory added by the step (MB)"))
     for ax, (key, unit) in zip(axes, panels):
-        drawn = False
+        values = []
         for name in dict.fromkeys(_label(r) for r in sub):
             pts = sorted((r["groups"], r[key]) for r in sub if _label(r) == name and r.get(key) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-                drawn = True
-        if not drawn:  # e.g. --memory-only: no times
+                values += [p[1] for p in pts]
+        if not values:  # e.g. --memory-only: no times
             ax.text(0.5, 0.5, f"no {unit.split(' (')[0]} measured", ha="center", va="center",
                     transform=ax.transAxes)
             ax.set_axis_off()
             continue
-        # log-log: the reference loop grows with G and would flatten the
-        # fastfair and vanilla lines on a linear axis.
+        # log-log where the values span a decade or more (the reference loop
+        # grows with G and would flatten the other lines on a linear axis);
+        # within one decade a log axis would have no labelled tick.
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if min(values) > 0 and max(values) >= 10 * min(values):
+            ax.set_yscale("log")
         gs = sorted({r["groups"] for r in sub})
         ax.set_xticks(gs, [str(g) for g in gs])
         ax.minorticks_off()
