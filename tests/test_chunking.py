@@ -166,3 +166,35 @@ def test_empty_batch_gives_zero_segment_gradients(chunk: object) -> None:
     assert len(grads) == len(params)
     for g, p in zip(grads, params):
         assert g.shape == (5, *p.shape) and torch.all(g == 0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+@pytest.mark.parametrize("use_dsa", [True, False])
+def test_embed_real_augmented_equals_embedding_the_augmented_batch(chunk: int, use_dsa: bool) -> None:
+    ds = data.load("synthetic", bias_ratio=0.8, **OPTS)
+    cfg = distill.config.resolve(distill.DistillConfig(method="dm", ipc=1, iterations=1, real_chunk=chunk,
+                                                       dsa=use_dsa))
+    ctx = build_context(cfg, ds, torch.device("cpu"))
+    net = get_network("ConvNet", 3, 3, 8, width=4, depth=1)
+    sizes = [5, 0, 6]  # an empty class; chunks straddle classes
+    real = torch.randn(11, 3, 8, 8)
+    offsets = [2, 0, 1]
+    want = ctx.embed_real(net, ctx.augment_real(real, sizes, 4, 9, real_offsets=offsets))
+    got = ctx.embed_real_augmented(net, real, sizes, 4, 9, real_offsets=offsets)
+    assert torch.equal(got, want)
+    aug, _ = ctx.siamese(real, sizes, torch.randn(3, 3, 8, 8), 4, 9, real_offsets=offsets)
+    assert torch.equal(aug, ctx.augment_real(real, sizes, 4, 9, real_offsets=offsets))
+    if use_dsa:  # a different iteration draws other transforms
+        assert not torch.equal(got, ctx.embed_real_augmented(net, real, sizes, 5, 9, real_offsets=offsets))
+
+
+def test_augmenting_a_block_of_classes_equals_those_rows_of_the_whole_batch() -> None:
+    ds = data.load("synthetic", bias_ratio=0.8, **OPTS)
+    cfg = distill.config.resolve(distill.DistillConfig(method="dc", ipc=1, iterations=1))
+    ctx = build_context(cfg, ds, torch.device("cpu"))
+    sizes, offsets = [4, 3, 5], [0, 2, 1]
+    real = torch.randn(12, 3, 8, 8)
+    whole = ctx.augment_real(real, sizes, 3, 1, real_offsets=offsets)
+    block = ctx.augment_real(real[4:], sizes[1:], 3, 1, real_offsets=offsets, first_class=1)
+    assert torch.equal(block, whole[4:])
+    assert not torch.equal(ctx.augment_real(real[4:], sizes[1:], 3, 1, real_offsets=offsets), whole[4:])

@@ -105,24 +105,70 @@ class RunContext:
         real row as one process would; the synthetic set is replicated, its
         rows always start at 0, and synthetic row i keeps the transform of
         global real row i of its class, as in one process."""
+        return (self.augment_real(real, real_sizes, it, *keys, real_offsets=real_offsets),
+                self.augment_syn(syn, it, *keys))
+
+    def _dsa_seed(self, it: int, keys: tuple[int, ...], c: int) -> int:
+        return rng.derive(self.cfg.seed, it, rng.DSA, *keys, c)
+
+    def augment_syn(self, syn: Tensor, it: int, *keys: int) -> Tensor:
+        """The synthetic half of :meth:`siamese`."""
         if not self.cfg.dsa:
-            return real, syn
-        strategy = self.cfg.dsa_strategy
-        offsets = real_offsets if real_offsets is not None else [0] * self.num_classes
-        real_parts = torch.split(real, real_sizes)
-        syn_parts = torch.split(syn, self.syn_sizes)
-        # The real rows are written in place of a list + cat: at an ImageNet
-        # subset's scale (25600 images at 64 px) every copy is 1.3 GB.
-        out_r = torch.empty_like(real)
-        out_s = []
+            return syn
+        parts = torch.split(syn, self.syn_sizes)
+        return torch.cat([dsa(parts[c], self._dsa_seed(it, keys, c), self.cfg.dsa_strategy)
+                          for c in range(self.num_classes)])
+
+    def _augment_class(self, part: Tensor, c: int, it: int, keys: tuple[int, ...],
+                       offsets: list[int] | None) -> Tensor:
+        if not self.cfg.dsa:
+            return part
+        off = offsets[c] if offsets is not None else 0
+        return dsa(part, self._dsa_seed(it, keys, c), self.cfg.dsa_strategy, offset=off)
+
+    def augment_real(self, real: Tensor, real_sizes: list[int], it: int, *keys: int,
+                     real_offsets: list[int] | None = None, first_class: int = 0) -> Tensor:
+        """The real half of :meth:`siamese` (class-major rows). ``first_class``:
+        the rows are those of classes first_class, first_class + 1, ... (a
+        block of the batch; ``real_sizes`` lists those classes only)."""
+        if not self.cfg.dsa:
+            return real
+        # Written in place of a list + cat: at an ImageNet subset's scale
+        # (25600 images at 64 px) every copy of the batch is 1.3 GB.
+        out = torch.empty_like(real)
         row = 0
-        for c in range(self.num_classes):
-            s = rng.derive(self.cfg.seed, it, rng.DSA, *keys, c)
-            n = real_parts[c].shape[0]
-            out_r[row:row + n] = dsa(real_parts[c], s, strategy, offset=offsets[c])
-            row += n
-            out_s.append(dsa(syn_parts[c], s, strategy))
-        return out_r, torch.cat(out_s)
+        for c, part in enumerate(torch.split(real, real_sizes), start=first_class):
+            out[row:row + part.shape[0]] = self._augment_class(part, c, it, keys, real_offsets)
+            row += part.shape[0]
+        return out
+
+    @torch.no_grad()
+    def embed_real_augmented(self, net: nn.Module, real: Tensor, real_sizes: list[int], it: int, *keys: int,
+                             real_offsets: list[int] | None = None) -> Tensor:
+        """``embed_real(net, augment_real(real, ...))`` without an augmented
+        copy of the whole batch: each class is augmented when the chunked
+        forward reaches it, so at most one chunk plus one class of augmented
+        rows exist at a time. The chunks are the same rows as there, so the
+        embeddings are the same."""
+        rows = self.real_chunk(net, real)
+        out: list[Tensor] = []
+        pending: list[Tensor] = []
+        waiting = 0
+        parts = torch.split(real, real_sizes)
+        for c, part in enumerate(parts):
+            pending.append(self._augment_class(part, c, it, keys, real_offsets))
+            waiting += part.shape[0]
+            last = c == len(parts) - 1
+            if waiting < rows and not last:
+                continue
+            block = torch.cat(pending) if len(pending) > 1 else pending[0]
+            full = block.shape[0] if last else block.shape[0] - block.shape[0] % rows
+            out += [net.embed(block[r0:r0 + rows]) for r0 in range(0, full, rows)]
+            rest = block[full:]
+            pending, waiting = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
+        if not out:  # no real rows at all
+            return net.embed(real)
+        return torch.cat(out)
 
     # ----------------------------------------------------- network training
 

@@ -23,7 +23,7 @@ reduced.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -74,10 +74,13 @@ def block_classes(cfg_block: int | None, num_classes: int, num_groups: int) -> i
 
 
 def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Tensor, seg: Tensor, G: int,
-                      sizes: list[int], syn_grads: tuple[Tensor, ...], x: Tensor) -> tuple[Tensor, Tensor]:
+                      sizes: list[int], syn_grads: tuple[Tensor, ...], x: Tensor,
+                      augment: Callable[[Tensor, list[int], int], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """The matching loss and its gradient w.r.t. the images ``x``, the real
     per-segment gradients (segment ``seg`` = class * G + group) computed and
-    matched a block of classes at a time.
+    matched a block of classes at a time. ``augment(rows, sizes, first_class)``
+    augments a block's real rows just before its pass (None: ``real`` is
+    already augmented), so no augmented copy of the whole batch exists.
 
     The loss is a sum of per-class terms, and each class's term reads only that
     class's G segment gradients and its own synthetic gradient. So the real
@@ -104,7 +107,7 @@ def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Ten
         r0, r1 = starts[c0], starts[c1]
         width = (c1 - c0) * G
         seg_b = seg[r0:r1] - c0 * G
-        real_b = real[r0:r1]
+        real_b = real[r0:r1] if augment is None else augment(real[r0:r1], sizes[c0:c1], c0)
         grads = segment_gradients(net, real_b, labels[r0:r1], seg_b, width, chunk=ctx.real_chunk(net, real_b))
         grads, counts = _global_segment_means(tuple(g.detach() for g in grads), seg_b, width)
         loss = dc_matching_loss(grads, counts, [leaf[c0:c1] for leaf in leaves], G,
@@ -141,12 +144,20 @@ def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
         real, labels, groups = ctx.real_batch(batch)
         x = imgs.detach().requires_grad_(True)
         syn = decode(x, ctx.factor)
-        real_aug, syn_aug = ctx.siamese(real, batch.sizes, syn, it, ol, real_offsets=batch.offsets)
+        # Siamese DSA, one seed per class; the real rows are augmented per
+        # block of classes right before their pass.
+        syn_aug = ctx.augment_syn(syn, it, ol)
+        offsets = batch.offsets
+
+        def augment(rows: Tensor, sizes: list[int], first: int) -> Tensor:
+            return ctx.augment_real(rows, sizes, it, ol, real_offsets=offsets, first_class=first)
+
         if cfg.groups == "pseudo" and G > 1:
-            groups = ctx.pseudo(ctx.embed_real(net, real_aug), batch.sizes)
+            emb = ctx.embed_real_augmented(net, real, batch.sizes, it, ol, real_offsets=offsets)
+            groups = ctx.pseudo(emb, batch.sizes)
         seg = labels * G + groups if G > 1 else labels
         syn_grads = class_gradients(net, syn_aug, ctx.dec_labels, C, create_graph=True)
-        loss, grad = _blocked_matching(ctx, net, real_aug, labels, seg, G, batch.sizes, syn_grads, x)
+        loss, grad = _blocked_matching(ctx, net, real, labels, seg, G, batch.sizes, syn_grads, x, augment)
         imgs, buf = sgd_step(imgs.detach(), buf, grad, cfg.lr_img, cfg.momentum)
         total = total + loss.detach()
         if ol == cfg.outer_loop - 1:

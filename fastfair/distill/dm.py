@@ -43,10 +43,10 @@ def dm_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int) -
     batch = ctx.sampler.draw(rng.generator(cfg.seed, it, rng.SAMPLE))
     real, labels, groups = ctx.real_batch(batch)
     x = images.detach().requires_grad_(True)
-    real_aug, syn_aug = ctx.siamese(real, batch.sizes, x, it, real_offsets=batch.offsets)
-
-    real_emb = ctx.embed_real(net, real_aug)
-    syn_emb = net.embed(syn_aug)
+    # Siamese DSA (one seed per class for its real and synthetic rows); the
+    # real rows are augmented class by class inside the chunked forward.
+    real_emb = ctx.embed_real_augmented(net, real, batch.sizes, it, real_offsets=batch.offsets)
+    syn_emb = net.embed(ctx.augment_syn(x, it))
     if cfg.groups == "pseudo":
         groups = ctx.pseudo(real_emb, batch.sizes)
 
