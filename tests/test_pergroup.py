@@ -85,6 +85,26 @@ def test_linear_weight_grad(device, dtype, index_dtype, n, o, k, s):
     assert (got.cpu()[empty] == 0).all()
 
 
+def conv_inputs(n, ci, co, h, w, ks, st, pd, dl, seed):  # noqa: ANN001, ANN201
+    """float64 input [n, ci, h, w] and grad_out of the matching conv output size."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, ci, h, w, generator=g, dtype=torch.float64)
+    oh = (h + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
+    ow = (w + 2 * pd[1] - dl[1] * (ks[1] - 1) - 1) // st[1] + 1
+    return a, torch.randn(n, co, oh, ow, generator=g, dtype=torch.float64)
+
+
+def check_conv_kernel(device, b, a, ids, s, ks, st, pd, dl) -> None:  # noqa: ANN001
+    """The kernel in float64/32/bf16 against ref_conv; the last two segments are empty."""
+    want = ref_conv(b, a, ids, s, ks, st, pd, dl)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        got = ops.segment_conv2d_weight_grad(b.to(device, dtype), a.to(device, dtype), ids.to(device), s,
+                                             ks, st, pd, dl)
+        assert got.shape == (s, b.shape[1], a.shape[1], *ks) and got.dtype == dtype
+        assert_close_scaled(got, want, dtype)
+        assert (got[-2:] == 0).all()
+
+
 CONV_CASES = [  # (kernel, stride, padding, dilation, H, W)
     ((3, 3), (1, 1), (1, 1), (1, 1), 8, 8),
     ((3, 2), (2, 1), (1, 0), (1, 2), 9, 7),
@@ -98,19 +118,8 @@ CONV_CASES = [  # (kernel, stride, padding, dilation, H, W)
 def test_conv2d_weight_grad(device, case, index_dtype):
     ks, st, pd, dl, h, w = case
     n, ci, co, s = 13, 3, 5, 7
-    g = torch.Generator().manual_seed(h * w)
-    a = torch.randn(n, ci, h, w, generator=g, dtype=torch.float64)
-    oh = (h + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
-    ow = (w + 2 * pd[1] - dl[1] * (ks[1] - 1) - 1) // st[1] + 1
-    b = torch.randn(n, co, oh, ow, generator=g, dtype=torch.float64)
-    ids = layout(n, s, seed=h, index_dtype=index_dtype)
-    want = ref_conv(b, a, ids, s, ks, st, pd, dl)
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
-        got = ops.segment_conv2d_weight_grad(b.to(device, dtype), a.to(device, dtype), ids.to(device), s,
-                                             ks, st, pd, dl)
-        assert got.shape == (s, co, ci, *ks) and got.dtype == dtype
-        assert_close_scaled(got, want, dtype)
-        assert (got[-2:] == 0).all()
+    a, b = conv_inputs(n, ci, co, h, w, ks, st, pd, dl, seed=h * w)
+    check_conv_kernel(device, b, a, layout(n, s, seed=h, index_dtype=index_dtype), s, ks, st, pd, dl)
 
 
 @pytest.mark.parametrize("rows", ["consecutive", "interleaved"])
@@ -140,21 +149,11 @@ def test_conv2d_weight_grad_many_small_segments(device, case, order):
     # 64 px, so segments straddle blocks; unsorted ids are gathered.
     ks, st, pd, dl = case
     n, ci, co, s, h = 60, 16, 4, 27, 64
-    g = torch.Generator().manual_seed(5)
-    a = torch.randn(n, ci, h, h, generator=g, dtype=torch.float64)
-    oh = (h + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
-    ow = (h + 2 * pd[1] - dl[1] * (ks[1] - 1) - 1) // st[1] + 1
-    b = torch.randn(n, co, oh, ow, generator=g, dtype=torch.float64)
+    a, b = conv_inputs(n, ci, co, h, h, ks, st, pd, dl, seed=5)
     ids = layout(n, s, seed=11)
     if order == "sorted":
         ids = ids.sort().values
-    want = ref_conv(b, a, ids, s, ks, st, pd, dl)
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
-        got = ops.segment_conv2d_weight_grad(b.to(device, dtype), a.to(device, dtype), ids.to(device), s,
-                                             ks, st, pd, dl)
-        assert got.shape == (s, co, ci, *ks) and got.dtype == dtype
-        assert_close_scaled(got, want, dtype)
-        assert (got[-2:] == 0).all()
+    check_conv_kernel(device, b, a, ids, s, ks, st, pd, dl)
 
 
 @pytest.mark.parametrize("op", ["linear", "conv"])

@@ -232,12 +232,16 @@ void conv2d_weight_grad_per_sample(const at::Tensor& grad_out, const at::Tensor&
   const int64_t rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, per_row + 2 * w_elems));
   const std::vector<int64_t> no_output_padding{0, 0};
   at::Tensor flat = out.view({num_segments, w_elems});
+  // Only the weight's shape matters to the weight gradient: one zero tensor
+  // for the largest block, narrowed for a shorter last one.
+  const at::Tensor weight_all = at::zeros({std::min(rows, n) * o, ci, kernel_size[0], kernel_size[1]},
+                                          input.options().dtype(acc));
   int64_t s = 0;
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r1 = std::min(r0 + rows, n), m = r1 - r0;
     const at::Tensor b = block_rows(grad_out, perm, r0, r1, acc, false);
     const at::Tensor a = block_rows(input, perm, r0, r1, acc, false);
-    const at::Tensor weight = at::zeros({m * o, ci, kernel_size[0], kernel_size[1]}, a.options());
+    const at::Tensor weight = weight_all.narrow(0, 0, m * o);
     const at::Tensor per = std::get<1>(at::convolution_backward(
         b.view({1, m * o, b.size(2), b.size(3)}), a.view({1, m * ci, a.size(2), a.size(3)}), weight,
         c10::nullopt, stride, padding, dilation, /*transposed=*/false, no_output_padding,

@@ -159,15 +159,12 @@ class RunContext:
             pending.append(self._augment_class(part, c, it, keys, real_offsets))
             waiting += part.shape[0]
             last = c == len(parts) - 1
-            if waiting < rows and not last:
-                continue
-            block = torch.cat(pending) if len(pending) > 1 else pending[0]
-            full = block.shape[0] if last else block.shape[0] - block.shape[0] % rows
-            out += [net.embed(block[r0:r0 + rows]) for r0 in range(0, full, rows)]
-            rest = block[full:]
-            pending, waiting = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
-        if not out:  # no real rows at all
-            return net.embed(real)
+            if waiting >= rows or last:
+                # Whole chunks now, the remainder waits for the next class.
+                block = torch.cat(pending)
+                full = block.shape[0] if last else block.shape[0] - block.shape[0] % rows
+                out.append(self.embed_real(net, block[:full]))
+                pending, waiting = [block[full:]], block.shape[0] - full
         return torch.cat(out)
 
     # ----------------------------------------------------- network training
