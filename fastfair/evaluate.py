@@ -81,7 +81,9 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, epochs: int, b
             x = images[idx].to(device, non_blocking=True)
             y = labels[idx].to(device, non_blocking=True)
             if dsa:
-                x = dsa_augment(x, seed=int(torch.randint(2**62, (1,), generator=gen)), strategy=DEFAULT_STRATEGY)
+                # Per sample, as the reference trains (DiffAugment with seed -1).
+                x = dsa_augment(x, seed=int(torch.randint(2**62, (1,), generator=gen)), strategy=DEFAULT_STRATEGY,
+                                per_sample=True)
             loss = F.cross_entropy(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
