@@ -13,7 +13,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-from .objectives import OBJECTIVES
+from .choices import GROUP_SOURCES, INITS, METHODS, NETWORKS, OBJECTIVES
+from .report import format_table
 
 EXIT_USAGE = 2
 EXIT_INTERRUPT = 130
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "several processes. Options left at 'None' take the paper default of the "
                                    "method and IPC.")
     _add_data(s, required=True)
-    s.add_argument("--method", default="dm", choices=["dm", "dc", "idc", "dream"], help="distillation method")
+    s.add_argument("--method", default="dm", choices=list(METHODS), help="distillation method")
     s.add_argument("--objective", default="fairdd", choices=list(OBJECTIVES), help="matching objective")
     s.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
     s.add_argument("--iterations", type=int, default=None,
@@ -140,12 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int, default=128, help="ConvNet width")
     s.add_argument("--depth", type=int, default=3, help="ConvNet depth")
     s.add_argument("--norm", default="instancenorm", help="normalisation layer of the network")
-    s.add_argument("--init", default="real", choices=["real", "noise"], help="synthetic set initialisation")
+    s.add_argument("--init", default="real", choices=list(INITS), help="synthetic set initialisation")
     s.add_argument("--no-dsa", action="store_true", help="turn DSA augmentation off")
     s.add_argument("--cobra-warmup-epochs", type=int, default=None,
                    help="COBRA DM warm-up epochs; default: 10, 50 at IPC >= 50, 100 at IPC >= 100")
     s.add_argument("--group-noise", type=float, default=0.0, help="fraction of real samples given a wrong group")
-    s.add_argument("--groups", default="true", choices=["true", "pseudo"],
+    s.add_argument("--groups", default="true", choices=list(GROUP_SOURCES),
                    help="group labels: the dataset's, or DBSCAN pseudo groups per class batch")
     s.add_argument("--sample-per-group", action="store_true", help="draw each class batch equally from its groups")
     s.add_argument("--log-every", type=int, default=10, help="log the loss every N iterations")
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: none, evaluate PATH)")
     _add_data(e, required=False)
     e.add_argument("--ipc", type=int, default=10, help="images per class of the random baseline")
-    e.add_argument("--model", default="ConvNet", choices=["ConvNet", "AlexNet", "VGG11", "ResNet18", "ViT"],
+    e.add_argument("--model", default="ConvNet", choices=list(NETWORKS),
                    help="evaluation network")
     e.add_argument("--runs", type=int, default=5, help="trained networks (mean and std over them)")
     e.add_argument("--epochs", type=int, default=None, help="training epochs (default: 1000, the DM protocol)")
@@ -207,23 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _pm(mean: float, std: float) -> str:
-    return f"{mean:6.2f} +- {std:5.2f}"
-
-
-def format_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
-    """Plain-text table of results rows (method, objective, metrics, seconds)."""
-    head = f"{'method':<8} {'objective':<16} {'Acc':>15} {'DEO_M':>15} {'DEO_A':>15} {'seconds':>8}"
-    lines = [title] if title else []
-    lines += [head, "-" * len(head)]
-    for r in rows:
-        secs = r.get("seconds")
-        lines.append(f"{r['method']:<8} {r['objective']:<16} {_pm(r['acc'], r['acc_std']):>15} "
-                     f"{_pm(r['deo_m'], r['deo_m_std']):>15} {_pm(r['deo_a'], r['deo_a_std']):>15} "
-                     f"{(f'{secs:8.1f}' if secs is not None else '-'):>8}")
-    return "\n".join(lines)
 
 
 def _parse_options(items: list[str]) -> dict[str, Any]:
