@@ -8,8 +8,10 @@ tables; tests/test_cli.py checks that the two agree.
 """
 from __future__ import annotations
 
-OBJECTIVES = ("vanilla", "fairdd", "cobra", "fairdd-iw", "fairdd-ldam", "fairdd-groupdro")
-METHODS = ("dm", "dc", "idc", "dream")
+OBJECTIVES = ("vanilla", "fairdd", "fairdd-mean", "cobra", "fairdd-iw", "fairdd-ldam", "fairdd-groupdro")
+METHODS = ("dm", "dc", "dsa", "idc", "dream")
+PRESETS = ("fairdd", "cobra")
+BUDGETS = ("paper", "cpu", "tiny")
 INITS = ("real", "noise")
 GROUP_SOURCES = ("true", "pseudo")
 DC_METRICS = ("ours", "mse", "cos")

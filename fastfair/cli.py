@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from .choices import GROUP_SOURCES, INITS, METHODS, NETWORKS, OBJECTIVES
+from .choices import GROUP_SOURCES, INITS, METHODS, NETWORKS, OBJECTIVES, PRESETS
 from .report import format_table
 
 EXIT_USAGE = 2
@@ -100,11 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "several processes. Options left at 'None' take the paper default of the "
                                    "method and IPC.")
     _add_data(s, required=True)
-    s.add_argument("--method", default="dm", choices=list(METHODS), help="distillation method")
-    s.add_argument("--objective", default="fairdd", choices=list(OBJECTIVES), help="matching objective")
+    s.add_argument("--method", default="dm", choices=list(METHODS),
+                   help="distillation method: dm (Zhao & Bilen, WACV'23), dc (Zhao et al., ICLR'21), dsa (DC with "
+                        "DSA, Zhao & Bilen, ICML'21), idc (Kim et al., ICML'22), dream (Liu et al., ICCV'23)")
+    s.add_argument("--objective", default="fairdd", choices=list(OBJECTIVES),
+                   help="matching objective: vanilla, fairdd (FairDD, sum over groups), fairdd-mean (COBRA's "
+                        "re-implementation of the FairDD DC baseline: the mean over the groups present), cobra "
+                        "(COBRA barycenter), fairdd-iw / -ldam / -groupdro (FairDD's Table 7 ablations)")
+    s.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="paper protocol for the options left unset: fairdd (the FairDD code: DM 20000 iterations, "
+                        "batch_real 256, lr_img 1 (10 at IPC >= 100); DC 1000, 256, 0.1) or cobra (COBRA's "
+                        "train_dm.py: DM 2600 iterations, batch_real 600; DC as fairdd); both warm COBRA's DM up "
+                        "50 epochs at IPC 50, 100 at IPC 100, else 10 (default: fairdd)")
     s.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
     s.add_argument("--iterations", type=int, default=None,
-                   help="iterations; default: 20000 for DM, 1000 for the DC family")
+                   help="iterations; default: the preset's (DM 20000, COBRA's DM 2600, DC family 1000)")
     s.add_argument("--out", required=True, help="output directory")
     _add_device(s)
     s.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
@@ -114,12 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resume an existing checkpoint is overwritten")
     s.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: never)")
     s.add_argument("--eval-model", default="ConvNet", help="network of the evaluations during the run")
-    s.add_argument("--eval-epochs", type=int, default=None, help="epochs of those evaluations (default: 1000)")
+    s.add_argument("--eval-epochs", type=int, default=None,
+                   help="epochs of those evaluations; default: the method's reference protocol (DM, DSA, IDC, "
+                        "DREAM 1000; DC 300)")
     s.add_argument("--eval-runs", type=int, default=1, help="trained networks per evaluation")
     s.add_argument("--lr-img", type=float, default=None,
                    help="image learning rate; default: DM 1 (10 at IPC >= 100), DC family 0.1")
     s.add_argument("--momentum", type=float, default=0.5, help="SGD momentum of the image update")
-    s.add_argument("--batch-real", type=int, default=256, help="real images per class per step")
+    s.add_argument("--batch-real", type=int, default=None,
+                   help="real images per class per step; default: the preset's (256; COBRA's DM 600)")
     s.add_argument("--real-chunk", type=int, default=None,
                    help="at most this many real images per network pass (the per-segment sums of the chunks are "
                         "added, so the result is the same); bounds activation memory for many classes "
@@ -142,9 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--depth", type=int, default=3, help="ConvNet depth")
     s.add_argument("--norm", default="instancenorm", help="normalisation layer of the network")
     s.add_argument("--init", default="real", choices=list(INITS), help="synthetic set initialisation")
-    s.add_argument("--no-dsa", action="store_true", help="turn DSA augmentation off")
+    s.add_argument("--dsa", default=None, choices=["on", "off"],
+                   help="DSA augmentation while distilling; default: the method's paper: on for dm, dsa, idc, "
+                        "dream; off for dc (FairDD main_DC.py and COBRA train_dc.py distil DC without DSA)")
+    s.add_argument("--no-dsa", action="store_true", help="the same as --dsa off")
+    s.add_argument("--dsa-per-sample", action="store_true",
+                   help="siamese DSA with one transform per real/synthetic row pair instead of the reference's "
+                        "one transform per class batch (an option, not the papers' protocol)")
     s.add_argument("--cobra-warmup-epochs", type=int, default=None,
-                   help="COBRA DM warm-up epochs; default: 10, 50 at IPC >= 50, 100 at IPC >= 100")
+                   help="COBRA DM warm-up epochs; default: COBRA's rule, 50 at IPC 50, 100 at IPC 100, else 10")
     s.add_argument("--group-noise", type=float, default=0.0, help="fraction of real samples given a wrong group")
     s.add_argument("--groups", default="true", choices=list(GROUP_SOURCES),
                    help="group labels: the dataset's, or DBSCAN pseudo groups per class batch")
@@ -167,10 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="ConvNet", choices=list(NETWORKS),
                    help="evaluation network")
     e.add_argument("--runs", type=int, default=5, help="trained networks (mean and std over them)")
-    e.add_argument("--epochs", type=int, default=None, help="training epochs (default: 1000, the DM protocol)")
+    e.add_argument("--epochs", type=int, default=None,
+                   help="training epochs Epoch (the reference trains Epoch + 1 and drops the lr after Epoch // 2 + "
+                        "1); default: the reference protocol of the method recorded in the synthetic set: DM "
+                        "(FairDD main_DM.py), DSA, IDC, DREAM 1000; DC 300 (FairDD main_DC.py); baselines 1000")
     e.add_argument("--width", type=int, default=None,
                    help="ConvNet/ViT width (default: 128)")
-    e.add_argument("--no-dsa", action="store_true", help="train without DSA")
+    e.add_argument("--dsa", default=None, choices=["on", "off"],
+                   help="DSA while training; default: the method's reference protocol: on for DM, DSA, IDC, DREAM "
+                        "and the baselines, off for DC (FairDD main_DC.py evaluates DC sets without augmentation)")
+    e.add_argument("--no-dsa", action="store_true", help="the same as --dsa off")
     e.add_argument("--seed", type=int, default=0, help="seed of the first run (run r uses seed + r)")
     e.add_argument("--json", default=None, help="where to write the metrics (default: metrics.json beside PATH)")
     _add_device(e)
@@ -279,6 +304,15 @@ def _write_json(path: str, obj: Any) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+def _dsa_flag(a: argparse.Namespace) -> bool | None:
+    """--dsa on|off (None: the method's paper default); --no-dsa is --dsa off."""
+    if a.no_dsa and a.dsa == "on":
+        raise UsageError("--no-dsa contradicts --dsa on")
+    if a.no_dsa:
+        return False
+    return None if a.dsa is None else a.dsa == "on"
+
+
 def cmd_distill(a: argparse.Namespace) -> int:
     from . import distill
     from . import distributed as dist
@@ -288,7 +322,8 @@ def cmd_distill(a: argparse.Namespace) -> int:
         dataset=a.dataset, method=a.method, objective=a.objective, ipc=a.ipc, iterations=a.iterations,
         lr_img=a.lr_img, momentum=a.momentum, batch_real=a.batch_real, real_chunk=a.real_chunk,
         dc_block_classes=a.dc_block_classes, outer_loop=a.outer_loop,
-        inner_loop=a.inner_loop, lr_net=a.lr_net, dsa=not a.no_dsa, init=a.init, model=a.model, width=a.width,
+        inner_loop=a.inner_loop, lr_net=a.lr_net, dsa=_dsa_flag(a), dsa_per_sample=a.dsa_per_sample,
+        preset=a.preset, init=a.init, model=a.model, width=a.width,
         depth=a.depth, norm=a.norm, cobra_warmup_epochs=a.cobra_warmup_epochs, group_noise=a.group_noise,
         groups=a.groups, sample_per_group=a.sample_per_group, seed=a.seed, log_every=a.log_every,
         checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, eval_model=a.eval_model,
@@ -356,7 +391,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_baseline, evaluate_synset
 
     _check_device(a.device)
-    kw: dict[str, Any] = dict(model=a.model, epochs=a.epochs, runs=a.runs, dsa=not a.no_dsa, seed=a.seed,
+    kw: dict[str, Any] = dict(model=a.model, epochs=a.epochs, runs=a.runs, dsa=_dsa_flag(a), seed=a.seed,
                               device=a.device, progress=not a.no_progress)
     if a.width is not None:
         kw["net_kwargs"] = {"width": a.width}
@@ -394,15 +429,24 @@ def cmd_eval(a: argparse.Namespace) -> int:
         else:
             bias, options = a.bias_ratio, _parse_options(a.data_option)
         ds = _load_data(name, root, bias, options, a.download)
-        res = evaluate_synset(syn["images"], syn["labels"], ds, **kw)
+        res = evaluate_synset(syn["images"], syn["labels"], ds, method=cfg.get("method"), **kw)
         row = {"method": cfg.get("method", "?"), "objective": cfg.get("objective", "?"), "dataset": name}
         out_path = a.json or os.path.join(os.path.dirname(os.path.abspath(sp)), "metrics.json")
     row.update({k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std")})
-    row.update(model=a.model, epochs=res["epochs"], runs=a.runs, seconds=None)
-    print(format_table([row], title=f"{row['dataset']}: {a.model}, {a.runs} runs x {res['epochs']} epochs"))
+    row.update(model=a.model, epochs=res["epochs"], dsa=res["dsa"], runs=a.runs, seconds=None)
+    print(format_table([row], title=f"{row['dataset']}: {a.model}, {a.runs} runs x {res['epochs']} epochs "
+                                   f"({'with' if res['dsa'] else 'without'} DSA)"))
+    print(f"worst-group accuracy {res['worst_group_acc']:.2f} +- {res['worst_group_acc_std']:.2f}")
     if out_path:
-        _write_json(out_path, {**row, "per_run": [{k: r[k] for k in ("acc", "deo_m", "deo_a")} for r in res["runs"]]})
-        print(f"metrics written to {out_path}")
+        from .heatmap import cell_heatmap, cells_payload, heatmap_path
+
+        per_run = [{k: r[k] for k in ("acc", "deo_m", "deo_a", "worst_group_acc")} for r in res["runs"]]
+        _write_json(out_path, {**row, **cells_payload(res, ds), "per_run": per_run})
+        png = cell_heatmap(res["cell_acc"], heatmap_path(out_path), class_names=ds.class_names,
+                           group_names=ds.group_names,
+                           title=f"{row['dataset']} {row['method']}+{row['objective']}: test accuracy per "
+                                 f"(class, group), mean of {a.runs} runs")
+        print(f"metrics written to {out_path}; per-cell heatmap in {png}")
     return 0
 
 
