@@ -12,6 +12,7 @@ OBJECTIVES = ("vanilla", "fairdd", "fairdd-mean", "cobra", "fairdd-iw", "fairdd-
 METHODS = ("dm", "dc", "dsa", "idc", "dream")
 PRESETS = ("fairdd", "cobra")
 BUDGETS = ("paper", "cpu", "tiny")
+TABLES = ("fairdd-cmnist", "fairdd", "cobra-cifar10s", "cobra-cmnist", "cdigits")
 INITS = ("real", "noise")
 GROUP_SOURCES = ("true", "pseudo")
 DC_METRICS = ("ours", "mse", "cos")

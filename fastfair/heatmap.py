@@ -22,8 +22,7 @@ def cell_heatmap(cell_acc: Sequence[Sequence[float | None]], path: str, title: s
         raise ValueError(f"cell_acc must be a non-empty [classes][groups] matrix, got shape {m.shape}")
     C, G = m.shape
     fig, ax = plt.subplots(figsize=(1.6 + 0.55 * G, 1.2 + 0.42 * C))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#d0d0d0")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d0d0d0")
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0, vmax=100, aspect="auto")
     for c in range(C):
         for a in range(G):
