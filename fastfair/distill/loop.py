@@ -172,7 +172,8 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
             check_finite(st)
             # A window already written to the log (an interrupt between the
             # log line and the window reset) is empty.
-            logged = bool(log) and log[-1].get("iteration") == st.iteration and "loss" in log[-1]
+            logged = (st.iteration % cfg.log_every == 0 and bool(log) and log[-1].get("iteration") == st.iteration
+                      and "loss" in log[-1])
             ck.save_checkpoint(out_dir, {
                 "iteration": st.iteration, "images": st.images.detach().cpu(),
                 "buf": None if st.buf is None else st.buf.cpu(), "labels": ctx.syn_labels.cpu(),
@@ -204,7 +205,10 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
                     last_good = done
                     entry = {"iteration": done, "loss": mean, "seconds": round(seconds(), 3)}
                     log.append(entry)
-                    state = state._replace(loss_sum=zero, loss_n=0)
+                    if done % cfg.log_every == 0:
+                        # (the last line of a run off the grid keeps its window: a
+                        # resume with more iterations logs what a longer run would)
+                        state = state._replace(loss_sum=zero, loss_n=0)
                     bar.set_postfix(loss=f"{entry['loss']:.4g}")
                     if write:
                         ck.append_log(out_dir, entry)
