@@ -224,8 +224,11 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
                     if main:
                         entry = {"iteration": done, "eval": ev, "seconds": round(seconds(), 3)}
                         log.append(entry)
+                        from ..evaluate import chance_note
+
+                        note = chance_note(ev["acc"], ctx.num_classes)
                         bar.write(f"[{desc}] iteration {done}: acc {ev['acc']:.2f}  DEO_M {ev['deo_m']:.2f}  "
-                                  f"DEO_A {ev['deo_a']:.2f}")
+                                  f"DEO_A {ev['deo_a']:.2f}" + (f"  ({note})" if note else ""))
                         if write:
                             ck.append_log(out_dir, entry)
                 if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
