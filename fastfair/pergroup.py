@@ -39,19 +39,43 @@ def _trainable(m: nn.Module) -> bool:
     return any(p.requires_grad for p in m.parameters(recurse=False))
 
 
+# Parameter-free layers that mix the rows of a batch when they act on the
+# batch dimension (dim 0; None is Softmax's implicit dim, 0 for 1-D and 3-D
+# inputs): (type, attribute naming the dimension, values that do).
+_BATCH_DIM_MIXERS: tuple[tuple[type, str, tuple], ...] = (
+    (nn.Softmax, "dim", (0, None)), (nn.Softmin, "dim", (0, None)), (nn.LogSoftmax, "dim", (0, None)),
+    (nn.Flatten, "start_dim", (0,)), (nn.Unflatten, "dim", (0,)), (nn.CosineSimilarity, "dim", (0,)),
+)
+
+
 def _refusal(name: str, m: nn.Module) -> str | None:
-    """Why layer ``m`` cannot be decomposed per sample (None when it can)."""
+    """Why layer ``m`` cannot be decomposed per sample (None when it can).
+
+    Layers that couple the samples of a batch are refused whatever their
+    parameters (a frozen or parameter-free BatchNorm in training mode still
+    makes every sample's output, and so every gradient above it, depend on
+    the others); layers with trainable parameters must also be of a kind the
+    hooks split. InstanceNorm normalises each sample with its own statistics
+    (or, with track_running_stats in eval mode, with fixed ones), so it never
+    couples samples.
+    """
     where = f"layer '{name}' ({type(m).__name__})"
     if isinstance(m, _BatchNorm):
         if m.training:
             return (f"{where} is in training mode: BatchNorm couples the samples of a batch, so "
-                    "per-group gradients are not separable; use instance/group norm, call "
-                    "model.eval(), or fallback='loop'")
+                    "per-group gradients are not separable (with or without affine parameters); use "
+                    "instance/group norm, call model.eval(), or fallback='loop'")
         if m.running_mean is None or m.running_var is None:
             return (f"{where} has no running statistics, so it normalises with batch statistics even "
                     "in eval mode: it couples the samples, per-group gradients are not separable; "
                     "use fallback='loop'")
         return None
+    for kind, attr, values in _BATCH_DIM_MIXERS:
+        if isinstance(m, kind) and getattr(m, attr, None) in values:
+            return (f"{where} acts on the batch dimension ({attr}={getattr(m, attr)}), so it mixes the "
+                    "samples: per-group gradients are not separable; use fallback='loop'")
+    if not _trainable(m):
+        return None  # no gradient of its own, and (past the checks above) per sample
     if not isinstance(m, _SUPPORTED):
         return (f"{where} has trainable parameters that cannot be decomposed per sample (supported: "
                 "Conv2d, Linear, GroupNorm, LayerNorm, BatchNorm in eval mode); use fallback='loop'")
@@ -62,12 +86,12 @@ def _refusal(name: str, m: nn.Module) -> str | None:
 
 def check_decomposable(model: nn.Module) -> None:
     """Raise ValueError naming the first layer whose parameter gradients are
-    not a sum of per-sample terms (or that this module cannot split)."""
+    not a sum of per-sample terms (or that this module cannot split). Every
+    module is checked, with or without trainable parameters."""
     for name, m in model.named_modules():
-        if _trainable(m):
-            why = _refusal(name, m)
-            if why is not None:
-                raise ValueError(f"segment_gradients: {why}")
+        why = _refusal(name, m)
+        if why is not None:
+            raise ValueError(f"segment_gradients: {why}")
 
 
 @dataclass
