@@ -94,6 +94,60 @@ def check_decomposable(model: nn.Module) -> None:
             raise ValueError(f"segment_gradients: {why}")
 
 
+def _parameter_uses(root: torch.autograd.graph.Node | None) -> dict[int, int]:
+    """How often each leaf parameter (by id) enters the graph below ``root``:
+    the number of edges from a node that is NOT a pure function of one
+    parameter into one that is (the parameter's AccumulateGrad, or a chain of
+    pure functions of it such as a transpose or autocast's cached copy, which
+    several calls may share). A module call counts once per parameter."""
+    if root is None:
+        return {}
+    pure: dict[torch.autograd.graph.Node, int | None] = {}  # node -> id of the one parameter it is a function of
+    uses: dict[int, int] = {}
+    stack: list[tuple[torch.autograd.graph.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: children are classified before their parents
+        node, ready = stack.pop()
+        if node in pure:
+            continue
+        kids = [f for f, _ in node.next_functions if f is not None]
+        if not ready:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if k not in pure)
+            continue
+        var = getattr(node, "variable", None)
+        if var is not None:  # AccumulateGrad of a leaf
+            pure[node] = id(var)
+            continue
+        owners = {pure[k] for k in kids}
+        pure[node] = owners.pop() if len(owners) == 1 and None not in owners and kids else None
+        if pure[node] is None:
+            for k in kids:
+                if pure[k] is not None:
+                    uses[pure[k]] = uses.get(pure[k], 0) + 1
+    return uses
+
+
+def check_parameter_uses(model: nn.Module, total: Tensor, calls: list) -> None:
+    """Raise ValueError when a hooked parameter enters the loss more often than
+    its modules were called (e.g. ``F.linear(h, self.a.weight)`` in a
+    forward): the hooks see only the module calls, so such a use would be
+    missing from the per-segment gradients."""
+    hooked: dict[int, int] = {}
+    for c in calls:
+        for p in c.module.parameters(recurse=False):
+            if p.requires_grad:
+                hooked[id(p)] = hooked.get(id(p), 0) + 1
+    uses = _parameter_uses(total.grad_fn)
+    for name, p in model.named_parameters():
+        n_uses, n_calls = uses.get(id(p), 0), hooked.get(id(p), 0)
+        if p.requires_grad and n_uses > n_calls:
+            raise ValueError(
+                f"segment_gradients: parameter '{name}' enters the loss {n_uses} time(s) but its layer is "
+                f"called {n_calls} time(s): a use outside the layer's own call (e.g. F.linear(h, "
+                f"self.layer.weight) in forward) is not split per segment; call the layer instead, or use "
+                "fallback='loop'")
+
+
 @dataclass
 class _Call:
     """One call of a hooked layer: its input A and output (later: gradient B)."""
@@ -125,6 +179,7 @@ def _capture(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tenso
     try:
         with torch.enable_grad():
             total = loss_fn(model(inputs))
+            check_parameter_uses(model, total, calls)
             for c in calls:
                 # A layer input or output overwritten in place later on (e.g.
                 # ReLU(inplace=True) after a conv) would give silently wrong A or B.

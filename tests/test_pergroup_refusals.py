@@ -68,3 +68,71 @@ def test_per_sample_layers_are_accepted_and_exact(mid):
     loop = pergroup.segment_gradients(model, x, y, ids, 4, fallback="loop")
     for a, b in zip(one, loop):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+class _OutsideUse(nn.Module):
+    """Uses a.weight a second time outside a's own call."""
+
+    def __init__(self, outside: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.outside = nn.Linear(6, 6), nn.Linear(6, 3), outside
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.outside:
+            h = h + torch.nn.functional.linear(h, self.a.weight)
+        return self.b(h)
+
+
+class _Tied(nn.Module):
+    """Two layers sharing a weight, and one layer called twice: every use is a module call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.c.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.c(torch.tanh(self.a(self.a(x))))))
+
+
+def _vec_data():
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(10, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g),
+            torch.arange(10) % 4)
+
+
+def test_parameter_used_outside_its_module_is_refused(monkeypatch):
+    torch.manual_seed(0)
+    model = _OutsideUse(True).double()
+    x, y, ids = _vec_data()
+    with pytest.raises(ValueError, match=r"parameter 'a\.weight' enters the loss 2 time\(s\).*called 1 time"):
+        pergroup.segment_gradients(model, x, y, ids, 4)
+    # ... because the hooks alone would miss the outside use.
+    loop = pergroup.segment_gradients(model, x, y, ids, 4, fallback="loop")
+    monkeypatch.setattr(pergroup, "check_parameter_uses", lambda *a: None)
+    one = pergroup.segment_gradients(model, x, y, ids, 4)
+    assert float((one[0] - loop[0]).abs().max() / loop[0].abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("make", [lambda: _OutsideUse(False), _Tied])
+def test_module_calls_only_are_accepted_and_exact(make):
+    torch.manual_seed(0)
+    model = make().double()
+    x, y, ids = _vec_data()
+    one = pergroup.segment_gradients(model, x, y, ids, 4)
+    loop = pergroup.segment_gradients(model, x, y, ids, 4, fallback="loop")
+    for a, b in zip(one, loop):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_autocast_shared_weight_copies_count_per_call():
+    # autocast caches one cast copy of a weight for all calls of the layer
+    torch.manual_seed(0)
+    model = _Tied()
+    x, y, ids = _vec_data()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pergroup.segment_gradients(model, x.float(), y, ids, 4)
+    outside = _OutsideUse(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="a.weight"):
+        pergroup.segment_gradients(outside, x.float(), y, ids, 4)
