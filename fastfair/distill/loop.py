@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -78,6 +78,10 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def _floats(values: Any) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
+
+
 def load_dataset(cfg: DistillConfig) -> Any:
     from .. import data
 
@@ -96,7 +100,8 @@ def _evaluate(cfg: DistillConfig, images: Tensor, labels: Tensor, dataset: Any, 
 
 
 def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
-        device: str | torch.device | None = None, resume: bool = False, progress: bool = True) -> DistillResult:
+        device: str | torch.device | None = None, resume: bool = False, progress: bool = True,
+        on_log: Callable[[dict[str, Any]], None] | None = None) -> DistillResult:
     """Distil ``dataset`` (a ``fastfair.data`` dataset; None: load
     ``config.dataset``) with ``config.method`` and ``config.objective``.
 
@@ -104,6 +109,8 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
     and ``checkpoint.pt`` (every ``checkpoint_every`` iterations, at the end,
     and on Ctrl-C). ``resume=True`` continues from ``out_dir/checkpoint.pt``
     (a fresh start when there is none); ``iterations`` may be raised on resume.
+    ``on_log`` (rank 0) receives every log entry as it is written, e.g. for
+    :class:`fastfair.tboard.TensorBoardLogger`.
     """
     cfg = resolve(config)
     dev = _device(device)
@@ -212,6 +219,8 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
                     bar.set_postfix(loss=f"{entry['loss']:.4g}")
                     if write:
                         ck.append_log(out_dir, entry)
+                    if on_log is not None and main:
+                        on_log(entry)
                 if cfg.eval_every and done % cfg.eval_every == 0:
                     check_finite(state)
                     # Rank 0 evaluates. The others wait for it with a timeout of
@@ -231,6 +240,8 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
                                   f"DEO_A {ev['deo_a']:.2f}" + (f"  ({note})" if note else ""))
                         if write:
                             ck.append_log(out_dir, entry)
+                        if on_log is not None:
+                            on_log(entry)
                 if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
                     checkpoint()
                     last_good = done
@@ -251,7 +262,9 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
     labels = ctx.dec_labels.cpu()
     if write:
         payload = {"images": train_images, "labels": labels, "config": cfg.to_dict(), "iterations": state.iteration,
-                   "seconds": total, "num_classes": ctx.num_classes, "factor": ctx.factor}
+                   "seconds": total, "num_classes": ctx.num_classes, "factor": ctx.factor,
+                   # What the images are normalised with: to view or de-normalise them without the dataset.
+                   "mean": _floats(getattr(dataset, "mean", None)), "std": _floats(getattr(dataset, "std", None))}
         if ctx.factor > 1:
             payload["stored"] = stored.cpu()
         atomic_save(payload, os.path.join(out_dir, ck.SYNSET))

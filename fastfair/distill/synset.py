@@ -146,6 +146,9 @@ def read_synset(path: str) -> dict[str, Any]:
     for key in ("dataset", "method", "objective", "root"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             raise ValueError(f"{path!r}: config {key!r} must be a string, got {type(cfg[key]).__name__}")
+    ipc = cfg.get("ipc")
+    if ipc is not None and (isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1):
+        raise ValueError(f"{path!r}: config 'ipc' must be a positive int, got {ipc!r}")
     ratio = cfg.get("bias_ratio")
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
         raise ValueError(f"{path!r}: config 'bias_ratio' must be a number, got {type(ratio).__name__}")

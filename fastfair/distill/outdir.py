@@ -1,0 +1,102 @@
+"""The output directory of a run: writability checks before any work, an
+exclusive lock against a second run into the same directory, and atomic
+file writes that leave no temporary file behind on any failure.
+
+Torch-free, so the CLI can check its output paths before it imports torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from typing import IO, Callable, Iterator
+
+LOCK = ".fastfair.lock"
+
+
+class OutputError(OSError):
+    """A file of the run could not be written (disk full, read-only, ...);
+    the message says which and that the previous version is kept."""
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write(f)`` on a temporary file beside it, then
+    os.replace: a kill leaves the old file or the new one, never half; any
+    failure (ENOSPC, EIO, an exception of ``write``, Ctrl-C) removes the
+    temporary file, and an OSError becomes an OutputError naming ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        kept = " (the previous file is kept)" if os.path.exists(path) else ""
+        raise OutputError(exc.errno or errno.EIO, f"cannot write {path}: {_reason(exc)}{kept}") from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def check_writable_dir(path: str, flag: str = "--out") -> None:
+    """Create ``path`` if needed and prove that a file can be written in it,
+    so a read-only or full filesystem fails before any work (ValueError)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fastfair-write-test.", dir=path)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path!r} is not writable: {_reason(exc)}") from None
+
+
+def check_writable_file(path: str, flag: str) -> None:
+    """``path`` can be created or replaced (its directory is writable)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a directory, not a file")
+    check_writable_dir(os.path.dirname(os.path.abspath(path)), f"the directory of {flag}")
+
+
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on the output directory ``path`` (created if
+    needed) for the duration: a second run into it fails at once with a
+    ValueError naming the holder's pid. The lock is an flock on
+    ``path/.fastfair.lock``, which the kernel releases when its holder dies,
+    so a killed run leaves no stale lock."""
+    import fcntl
+
+    os.makedirs(path, exist_ok=True)
+    lock = os.path.join(path, LOCK)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ValueError(f"cannot create the lock file {lock!r}: {_reason(exc)}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ValueError(f"cannot lock {lock!r}: {_reason(exc)}") from None
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise ValueError(f"{path!r} is in use by another fastfair run (pid {holder}); wait for it, or "
+                             "choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
