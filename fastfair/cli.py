@@ -564,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, ValueError, OSError) as exc:  # OSError: a full disk, a read-only or missing path
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"fastfair {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,12 +7,14 @@ Everything else an iteration needs is re-derived from (seed, iteration).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
 
 import torch
 
+from .outdir import OutputError, atomic_write
 from .synset import atomic_save
 
 CHECKPOINT = "checkpoint.pt"
@@ -40,16 +42,16 @@ def load_checkpoint(out_dir: str) -> dict[str, Any] | None:
 
 
 def append_log(out_dir: str, entry: dict[str, Any]) -> None:
-    with open(os.path.join(out_dir, LOG), "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    path = os.path.join(out_dir, LOG)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+    except OSError as exc:
+        raise OutputError(exc.errno or errno.EIO, f"cannot append to {path}: {exc.strerror or exc}") from exc
 
 
 def rewrite_log(out_dir: str, entries: list[dict[str, Any]]) -> None:
     """Replace log.jsonl with ``entries`` (on resume: drop the lines of
     iterations that the checkpoint does not contain)."""
-    path = os.path.join(out_dir, LOG)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        for e in entries:
-            f.write(json.dumps(e) + "\n")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(e) + "\n" for e in entries).encode()
+    atomic_write(os.path.join(out_dir, LOG), lambda f: f.write(text))

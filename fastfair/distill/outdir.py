@@ -19,6 +19,9 @@ class OutputError(OSError):
     """A file of the run could not be written (disk full, read-only, ...);
     the message says which and that the previous version is kept."""
 
+    def __str__(self) -> str:  # the message alone, without "[Errno 28]"
+        return str(self.strerror)
+
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .outdir import atomic_write
+
 
 def sgd_step(images: Tensor, buf: Tensor | None, grad: Tensor, lr: float, momentum: float) -> tuple[Tensor, Tensor]:
     """(new images, new momentum buffer): buf = momentum * buf + grad; x -= lr * buf."""
@@ -103,17 +105,16 @@ def save_grid(images: Tensor, labels: Tensor, num_classes: int, denormalize: Any
     if denormalize is not None:
         grid = denormalize(grid)
     grid = torch.nan_to_num(grid, nan=1.0).clamp(0, 1)
-    tmp = path + ".tmp.png"
-    save_image(make_grid(grid, nrow=per_class, padding=1, pad_value=1.0), tmp)
-    os.replace(tmp, path)
+    picture = make_grid(grid, nrow=per_class, padding=1, pad_value=1.0)
+    atomic_write(path, lambda f: save_image(picture, f, format="png"))
 
 
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file beside ``path``, then os.replace: a kill
-    at any moment leaves either the old file or the new one, never half."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    at any moment leaves either the old file or the new one, never half; a
+    failure (a full disk) removes the temporary file and raises
+    :class:`fastfair.distill.outdir.OutputError` naming ``path``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_synset(path: str) -> dict[str, Any]:
