@@ -51,13 +51,19 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def check_writable_dir(path: str, flag: str = "--out") -> None:
-    """Create ``path`` if needed and prove that a file can be written in it,
-    so a read-only or full filesystem fails before any work (ValueError)."""
+    """Prove that ``path`` (or, while it does not exist, the ancestor it would
+    be created in) takes a new file, so a read-only or full filesystem fails
+    before any work (ValueError). Creates nothing that outlives the check."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path!r} is a file, not a directory")
+    where = os.path.abspath(path)
+    while not os.path.isdir(where):
+        parent = os.path.dirname(where)
+        if os.path.exists(where) or parent == where:  # a file on the way
+            raise ValueError(f"{flag} {path!r} cannot be created: {where!r} is not a directory")
+        where = parent
     try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".fastfair-write-test.", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=".fastfair-write-test.", dir=where)
         try:
             os.write(fd, b"x")
         finally:
@@ -74,6 +80,9 @@ def check_writable_file(path: str, flag: str) -> None:
     check_writable_dir(os.path.dirname(os.path.abspath(path)), f"the directory of {flag}")
 
 
+_HELD: dict[str, int] = {}  # realpath -> nesting depth of this process's lock
+
+
 @contextlib.contextmanager
 def locked(path: str) -> Iterator[None]:
     """Hold an exclusive lock on the output directory ``path`` (created if
@@ -81,25 +90,75 @@ def locked(path: str) -> Iterator[None]:
     ValueError naming the holder's pid. The lock is an flock on
     ``path/.fastfair.lock``, which the kernel releases when its holder dies,
     so a killed run leaves no stale lock."""
+    key = os.path.realpath(path)
+    if key in _HELD:  # re-entrant (the CLI locks, then distill.run): a second flock would fail on ourselves
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    lock = os.path.join(path, LOCK)
+    created = not os.path.isdir(path)
+    fd = _acquire(path, lock)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            if created and _only_lock(path):
+                # Nothing was written (a bad option, a missing dataset): leave no directory behind.
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+    finally:
+        os.close(fd)  # releases the flock
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # fails, as it should, when anything is inside
+
+
+def _only_lock(path: str) -> bool:
+    try:
+        return os.listdir(path) == [LOCK]
+    except OSError:
+        return False
+
+
+def _acquire(path: str, lock: str) -> int:
+    """An fd holding the flock of ``lock``; a file that a finishing run
+    unlinked between our open and our flock is opened again."""
     import fcntl
 
-    os.makedirs(path, exist_ok=True)
-    lock = os.path.join(path, LOCK)
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise ValueError(f"cannot create the lock file {lock!r}: {_reason(exc)}") from None
-    try:
+    for _ in range(10):
+        os.makedirs(path, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ValueError(f"cannot create the lock file {lock!r}: {_reason(exc)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ValueError(f"cannot lock {lock!r}: {_reason(exc)}") from None
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             raise ValueError(f"{path!r} is in use by another fastfair run (pid {holder}); wait for it, or "
                              "choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the flock
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except OSError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+    raise ValueError(f"cannot lock {lock!r}: it keeps being replaced")
+
+
+def main_rank_lock(path: str) -> contextlib.AbstractContextManager:
+    """:func:`locked` on the process that writes the outputs: rank 0 under
+    torchrun (RANK unset: a single process). The other ranks never write into
+    ``path``; if rank 0 fails to lock, torchrun stops them with it."""
+    return locked(path) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
