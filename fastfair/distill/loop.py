@@ -141,13 +141,17 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
 
     saved = ck.load_checkpoint(out_dir) if resume else None
     if saved is not None:
+        if not isinstance(saved.get("config"), dict):
+            raise ValueError(f"{os.path.join(out_dir, ck.CHECKPOINT)}: field 'config' is missing or not a dict; "
+                             "the checkpoint is damaged (move it away to start afresh)")
         bad = resume_mismatch(saved["config"], cfg)
         if bad:
             raise ValueError(f"cannot resume {out_dir}: the checkpoint was made with different "
                              f"{', '.join(bad)} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
-        if saved["iteration"] > cfg.iterations:
-            raise ValueError(f"the checkpoint in {out_dir} already has {saved['iteration']} iterations, "
-                             f"more than the {cfg.iterations} requested")
+        ck.check_fields(saved, os.path.join(out_dir, ck.CHECKPOINT), iterations=cfg.iterations,
+                        images_shape=(int(ctx.syn_labels.numel()), *ctx.train_images.shape[1:]),
+                        labels=ctx.syn_labels, num_train=int(ctx.train_images.shape[0]),
+                        num_classes=ctx.num_classes)
         if saved.get("world_size", 1) != ctx.world_size and cfg.method == "dream":
             # The global batch and its DSA parameters do not depend on the
             # number of ranks (up to float rounding); DREAM's k-means does: each
