@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "augment", "data", "distill", "distributed", "evaluate", "metrics",
-    "nets", "objectives", "pergroup", "cli",
+    "nets", "nn", "objectives", "pergroup", "cli",
 }
 
 

@@ -309,9 +309,12 @@ def naming_bad_rows(op: str, checks: list[tuple[str, Tensor, int, str]], fn, *ar
 
 
 def _check_rows_1d(op: str, name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
-        what = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-        raise TypeError(f"{op}: {name} must be a 1-D int32/int64 tensor, got {what}")
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a 1-D int32/int64 tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {name} must be a 1-D int32/int64 tensor, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{op}: {name} must be a 1-D int32/int64 tensor, got shape {tuple(t.shape)}")
 
 
 def _check_dm_args(real_emb: Tensor, real_labels: Tensor, real_groups: Tensor, syn_emb: Tensor,
