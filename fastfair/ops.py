@@ -78,10 +78,9 @@ def _as_size(value: object, name: str, op: str) -> int | torch.SymInt:
     """A positive size from any integer type: int, numpy integer, 0-d integer
     tensor (read once, a host sync on GPUs), or a SymInt under dynamic shapes.
     bool and floats are refused: they are never meant as a count."""
-    if isinstance(value, torch.SymInt):
-        torch._check_value(value > 0, lambda: f"{op}: {name} must be positive, got {value}")
-        return value
-    if isinstance(value, Tensor):
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        size = value  # as is: operator.index would specialise a traced SymInt
+    elif isinstance(value, Tensor):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
             raise TypeError(f"{op}: {name} must be an integer or a 0-d integer tensor, got a "
                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
@@ -89,10 +88,11 @@ def _as_size(value: object, name: str, op: str) -> int | torch.SymInt:
             raise ValueError(f"{op}: {name} is a meta tensor, which holds no value; pass an int")
     elif isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be an integer, got bool")
-    try:
-        size = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{op}: {name} must be an integer, got {type(value).__name__}") from None
+    if not isinstance(value, (int, torch.SymInt)):
+        try:
+            size = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{op}: {name} must be an integer, got {type(value).__name__}") from None
     if size <= 0:
         raise ValueError(f"{op}: {name} must be positive, got {size}")
     if size > _INT64_MAX:
@@ -428,11 +428,9 @@ _REF_CHUNK_ELEMS = 1 << 24
 
 def _pair(v: object, name: str, op: str) -> tuple[int, int]:
     def one(e: object) -> int:
-        if isinstance(e, torch.SymInt):
-            return e
         if isinstance(e, bool):
             raise TypeError
-        out = operator.index(e)
+        out = e if isinstance(e, (int, torch.SymInt)) else operator.index(e)
         if abs(out) > _INT64_MAX:
             raise ValueError(f"{op}: {name} = {v!r} does not fit in int64")
         return out
