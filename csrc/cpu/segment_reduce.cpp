@@ -47,19 +47,25 @@ void check_range_cpu(const index_t* ids, int64_t n, int64_t num_segments,
   }
 }
 
-// Up to this many rows the serial column pass costs at most
-// kMinSplitRows * kMinSortedCols adds (~10^5, tens of microseconds) when D is
-// narrow; wider rows go to the sorted strategy, which splits columns too.
-constexpr int64_t kMinSplitRows = 4096;
-// Row chunks have at least this many rows (each task's work then dwarfs the
-// thread pool's wake-up)...
-constexpr int64_t kMinChunkRows = 4096;
+// Row chunks hold at least this many elements, counting a row as at least
+// 64 wide: 4096 rows for D <= 64 (measured there: each task's work then
+// dwarfs the thread pool's wake-up), fewer for wider rows, so that 2560
+// rows of 2048 (DM's real embeddings) still split into 20 chunks. Inputs
+// smaller than one chunk skip the parallel row split altogether (the serial
+// column pass or the sorted strategy, which splits segments and columns).
+constexpr int64_t kMinChunkElems = int64_t(4096) * 64;
 // ...and at least this many rows per segment: the partial buffers cost
 // nchunks * G * D to zero and combine, at most 1/6 of the N * D main pass.
 // Measured (N = 2^17, D = 64, 2 threads): two chunks still beat the sorted
 // strategy at G = N / 13 and tie at N / 8; with many chunks, ratios 4 to 16
 // are within ~20% of each other, larger being cheaper (fewer partials).
 constexpr int64_t kChunkRowsPerSegment = 6;
+// At most this many row chunks: more only adds partial buffers to zero and
+// combine (N = 20000, D = 512, G = 100 would otherwise take 33 chunks, 6.6 MB
+// of partials, freshly page-faulted on every call); 16 still balance any
+// core count up to 16. A constant, so that results do not depend on the
+// thread count.
+constexpr int64_t kMaxRowChunks = 16;
 // Cap on the partial-sum buffers (elements) of the row-chunk strategy.
 constexpr int64_t kMaxPartial = int64_t(1) << 24;
 // Cap on one row chunk's partial [G, D] buffer in bytes: it is updated at
@@ -98,8 +104,13 @@ constexpr int64_t kPrefetchRows = 8;
 // overrun L1.
 constexpr int64_t kMaxPrefetchLines = 8;
 
-int64_t num_row_chunks(int64_t n, int64_t num_segments) {
-  return std::min(n / kMinChunkRows, n / (kChunkRowsPerSegment * num_segments));
+int64_t min_chunk_rows(int64_t d) {
+  return kMinChunkElems / std::max<int64_t>(d, 64);
+}
+
+int64_t num_row_chunks(int64_t n, int64_t d, int64_t num_segments) {
+  return std::min({kMaxRowChunks, n / min_chunk_rows(d),
+                   n / (kChunkRowsPerSegment * num_segments)});
 }
 
 enum class Strategy { kColumns, kRowChunks, kSorted };
@@ -108,10 +119,10 @@ enum class Strategy { kColumns, kRowChunks, kSorted };
 // counts depends on that.
 Strategy choose_strategy(int64_t n, int64_t d, int64_t num_segments,
                          int64_t acc_bytes) {
-  if (n <= kMinSplitRows)
+  if (n <= min_chunk_rows(d))
     return d >= kMinSortedCols ? Strategy::kSorted : Strategy::kColumns;
   // Few segments: row chunks stream x in order, the cheapest parallel pass.
-  const int64_t nchunks = num_row_chunks(n, num_segments);
+  const int64_t nchunks = num_row_chunks(n, d, num_segments);
   if (nchunks >= 2 && nchunks * num_segments * d <= kMaxPartial &&
       num_segments * d * acc_bytes <= kMaxChunkPartialBytes)
     return Strategy::kRowChunks;
@@ -232,7 +243,7 @@ void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
     // Each row chunk sums into its own buffer (zeroed by its task, so in
     // parallel), then the buffers are added in chunk order; this writes
     // every output element.
-    const int64_t nchunks = num_row_chunks(n, num_segments);
+    const int64_t nchunks = num_row_chunks(n, d, num_segments);
     const int64_t chunk_rows = (n + nchunks - 1) / nchunks;
     const int64_t stride = num_segments * d;
     std::unique_ptr<acc_t[]> partial(new acc_t[nchunks * stride]);
