@@ -308,7 +308,21 @@ def grouped_conv2d_weight_grad(grad_out: Tensor, inp: Tensor, ids: Tensor, num_s
 # The CUDA kernels of the custom ops.
 
 
+def _check(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int, op: str, dims: int,
+           geometry: tuple | None = None) -> None:
+    # The same argument errors as the CPU kernel, for callers of
+    # torch.ops.fastfair.* directly. The id range is left to the public
+    # wrappers (ops.py: one check per call, switched off in hot loops).
+    from . import ops
+
+    with ops.validate_ids(False):
+        ops._check_weight_grad_args(grad_out, inp, ids, num_segments, op, dims)
+    if geometry is not None:
+        ops._check_conv_geometry(grad_out, inp, *geometry, op)
+
+
 def _cuda_linear(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int) -> Tensor:
+    _check(grad_out, inp, ids, num_segments, "segment_linear_weight_grad", 2)
     precision = get_weight_grad_precision()
     if precision == "simt" or inp.dtype == torch.float64:
         return torch.ops.fastfair.segment_linear_weight_grad_simt(grad_out, inp, ids, num_segments)
@@ -317,6 +331,8 @@ def _cuda_linear(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int) 
 
 def _cuda_conv2d(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int, kernel_size: Sequence[int],
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    geometry = tuple(tuple(int(v) for v in t) for t in (kernel_size, stride, padding, dilation))
+    _check(grad_out, inp, ids, num_segments, "segment_conv2d_weight_grad", 4, geometry)
     precision = get_weight_grad_precision()
     if precision == "simt" or inp.dtype == torch.float64:
         return torch.ops.fastfair.segment_conv2d_weight_grad_simt(
