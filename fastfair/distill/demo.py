@@ -98,8 +98,8 @@ def run_demo(out_dir: str = ".", json_path: str | None = None, device: str | Non
              threads: int | None = None) -> dict[str, Any]:
     """Run the demo, print the table, write the JSON, grids and bar chart; return the JSON object."""
     from .. import data
-    from ..cli import format_table
     from ..evaluate import evaluate_synset
+    from ..report import format_table
 
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if threads is not None:

@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -57,6 +57,10 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def _floats(values: Any) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
+
+
 def load_dataset(cfg: DistillConfig) -> Any:
     from .. import data
 
@@ -75,7 +79,8 @@ def _evaluate(cfg: DistillConfig, images: Tensor, labels: Tensor, dataset: Any, 
 
 
 def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
-        device: str | torch.device | None = None, resume: bool = False, progress: bool = True) -> DistillResult:
+        device: str | torch.device | None = None, resume: bool = False, progress: bool = True,
+        on_log: Callable[[dict[str, Any]], None] | None = None) -> DistillResult:
     """Distil ``dataset`` (a ``fastfair.data`` dataset; None: load
     ``config.dataset``) with ``config.method`` and ``config.objective``.
 
@@ -83,6 +88,8 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
     and ``checkpoint.pt`` (every ``checkpoint_every`` iterations, at the end,
     and on Ctrl-C). ``resume=True`` continues from ``out_dir/checkpoint.pt``
     (a fresh start when there is none); ``iterations`` may be raised on resume.
+    ``on_log`` (rank 0) receives every log entry as it is written, e.g. for
+    :class:`fastfair.tboard.TensorBoardLogger`.
     """
     cfg = resolve(config)
     dev = _device(device)
@@ -167,6 +174,8 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
                     bar.set_postfix(loss=f"{entry['loss']:.4g}")
                     if write:
                         ck.append_log(out_dir, entry)
+                    if on_log is not None and main:
+                        on_log(entry)
                 if cfg.eval_every and done % cfg.eval_every == 0:
                     # Rank 0 evaluates. The others wait for it with a timeout of
                     # its own (dist.run_on_main says why), not in the next
@@ -182,6 +191,8 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
                                   f"DEO_A {ev['deo_a']:.2f}")
                         if write:
                             ck.append_log(out_dir, entry)
+                        if on_log is not None:
+                            on_log(entry)
                 if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
                     checkpoint()
     except KeyboardInterrupt:
@@ -201,7 +212,9 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
     labels = ctx.dec_labels.cpu()
     if write:
         payload = {"images": train_images, "labels": labels, "config": cfg.to_dict(), "iterations": state[0],
-                   "seconds": total, "num_classes": ctx.num_classes, "factor": ctx.factor}
+                   "seconds": total, "num_classes": ctx.num_classes, "factor": ctx.factor,
+                   # What the images are normalised with: to view or de-normalise them without the dataset.
+                   "mean": _floats(getattr(dataset, "mean", None)), "std": _floats(getattr(dataset, "std", None))}
         if ctx.factor > 1:
             payload["stored"] = stored.cpu()
         atomic_save(payload, os.path.join(out_dir, ck.SYNSET))
