@@ -588,6 +588,13 @@ if _LOADED:
         setup_context=_setup_weight_grad,
     )
 
+    # On CUDA the two ops run a vendor grouped GEMM (fastfair/wgrad.py).
+    from .wgrad import register_cuda_kernels as _register_wgrad
+
+    _register_wgrad(_has_kernel)
+
+from .wgrad import get_weight_grad_precision, set_weight_grad_precision, weight_grad_precision  # noqa: E402,F401
+
 
 def segment_linear_weight_grad(grad_out: Tensor, input: Tensor, ids: Tensor, num_segments: int) -> Tensor:  # noqa: A002
     """Per-segment sums of Linear weight gradients: out[s] = sum_{i: ids[i] = s} grad_out[i]^T input[i].
