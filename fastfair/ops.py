@@ -591,7 +591,10 @@ if _LOADED:
     # On CUDA the two ops run a vendor grouped GEMM (fastfair/wgrad.py).
     from .wgrad import register_cuda_kernels as _register_wgrad
 
-    _register_wgrad(_has_kernel)
+    _register_wgrad(lambda op, key: torch._C._dispatch_has_kernel_for_dispatch_key(f"fastfair::{op}", key))
+    # The registration above adds CUDA kernels: resolve those ops' devices again (still once, at import).
+    _KERNEL_DEVICES.update({op: _kernel_devices(op) for op in ("segment_linear_weight_grad",
+                                                              "segment_conv2d_weight_grad")})
 
 from .wgrad import get_weight_grad_precision, set_weight_grad_precision, weight_grad_precision  # noqa: E402,F401
 
