@@ -422,7 +422,7 @@ def _synset_path(path: str) -> str:
 
 
 def _read_synset(sp: str) -> dict[str, Any]:
-    from .distill.synset import read_synset  # every field checked, one-line ValueError
+    from .distill.synset import read_synset  # checks every field; ValueError -> one line, exit 2
 
     return read_synset(sp)
 

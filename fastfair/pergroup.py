@@ -22,15 +22,16 @@ sync on this path beyond, at most, one range check of the ids.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import ops
+from . import ops, wgrad
 
 _SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm, _BatchNorm)
 
@@ -295,12 +296,15 @@ def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, 
         return tuple(p.new_zeros((num_segments, *p.shape)) for p in params)
     rows = _chunk_rows(chunk, model, inputs)
     chunked = rows < n
-    if n > 1 and (chunked or ids.device.type == "cpu"):
-        # Rows sorted by segment (stable: a segment keeps its row order): the
-        # weight-gradient kernels then read each segment's rows in place
-        # instead of gathering them, and a chunk of rows spans a contiguous
-        # range of segments, so it only produces and adds that range's sums
-        # (S x |W| per chunk would swamp small chunks when S is large).
+    if n > 1:
+        # Rows sorted by segment ONCE per call (stable: a segment keeps its
+        # row order), so every layer's A and B arrive sorted: the
+        # weight-gradient kernels read each segment's rows in place instead
+        # of gathering them (the CUDA grouped GEMM skips its sort and shares
+        # one set of offsets across layers: wgrad.sorted_segments below), and
+        # a chunk of rows spans a contiguous range of segments, so it only
+        # produces and adds that range's sums (S x |W| per chunk would swamp
+        # small chunks when S is large).
         order = torch.argsort(ids, stable=True)
         inputs, labels, ids = inputs[order], labels[order], ids[order]
     if not chunked:
@@ -322,8 +326,11 @@ def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, 
         calls = _capture(model, inputs[r0:r1], _summed_loss(labels[r0:r1], loss), create_graph)
         part_ids = ids[r0:r1] - lo if lo else ids[r0:r1]
         # The ids were range-checked once by the caller's segment_count: the
-        # per-layer ops skip the check (it is a host sync on GPUs).
-        with ops.validate_ids(False):
+        # per-layer ops skip the check (it is a host sync on GPUs). On GPUs
+        # the chunk's segment offsets are computed once for all its layers.
+        shared = (wgrad.sorted_segments(wgrad.SegmentLayout.of_sorted(part_ids, width))
+                  if part_ids.device.type != "cpu" else contextlib.nullcontext())
+        with ops.validate_ids(False), shared:
             part: dict[int, Tensor] = {}
             for c in calls:
                 if c.b is None:  # the loss does not depend on this layer's output
@@ -508,6 +515,7 @@ def class_gradients(
     num_classes: int,
     create_graph: bool = True,
     batched: bool = False,
+    class_sizes: Sequence[int] | None = None,
 ) -> tuple[Tensor, ...]:
     """Per-class gradients of the synthetic set's mean loss, [C, *p.shape] each
     (one per trainable parameter), differentiable w.r.t. the synthetic images
@@ -519,6 +527,12 @@ def class_gradients(
     ``batched=True``: one forward and one backward over all classes with the
     segmented kernels (segments = classes), for per-sample-independent models
     only (ValueError otherwise, like :func:`segment_gradients`).
+
+    ``class_sizes`` (loop only): the rows are class-major with these many rows
+    per class (the synthetic set's layout, known on the host), so each class
+    is a slice and the loop never reads the device. Without it the rows are
+    sorted by label once and the per-class sizes read back once: one host
+    sync per call instead of one per class (boolean-mask indexing).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if batched:
@@ -528,10 +542,23 @@ def class_gradients(
         counts = ops.segment_count(syn_labels, num_classes)
         return _hooked_segment_gradients(model, syn_images, syn_labels, "ce", syn_labels,
                                          num_classes, counts, create_graph=create_graph)
+    if syn_images.shape[0] != syn_labels.shape[0]:
+        raise ValueError("class_gradients: syn_images and syn_labels need the same length")
+    if class_sizes is None:
+        order = torch.argsort(syn_labels, stable=True)
+        sizes = ops.segment_count(syn_labels, num_classes).tolist()  # the one host read
+        if sum(sizes) != syn_labels.shape[0]:
+            raise ValueError(f"class_gradients: syn_labels must lie in [0, {num_classes})")
+        syn_images, syn_labels = syn_images[order], syn_labels[order]
+    else:
+        sizes = [int(v) for v in class_sizes]
+        if len(sizes) != num_classes or sum(sizes) != syn_labels.shape[0] or min(sizes, default=0) < 0:
+            raise ValueError(
+                f"class_gradients: class_sizes must give {num_classes} non-negative row counts summing "
+                f"to {syn_labels.shape[0]}, got {list(class_sizes)}"
+            )
     per_class: list[list[Tensor]] = []
-    for c in range(num_classes):
-        rows = syn_labels == c
-        x, y = syn_images[rows], syn_labels[rows]
+    for c, (x, y) in enumerate(zip(syn_images.split(sizes), syn_labels.split(sizes))):
         if x.shape[0] == 0:
             per_class.append([p.new_zeros(p.shape) for p in params])
             continue
