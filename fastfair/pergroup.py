@@ -40,19 +40,43 @@ def _trainable(m: nn.Module) -> bool:
     return any(p.requires_grad for p in m.parameters(recurse=False))
 
 
+# Parameter-free layers that mix the rows of a batch when they act on the
+# batch dimension (dim 0; None is Softmax's implicit dim, 0 for 1-D and 3-D
+# inputs): (type, attribute naming the dimension, values that do).
+_BATCH_DIM_MIXERS: tuple[tuple[type, str, tuple], ...] = (
+    (nn.Softmax, "dim", (0, None)), (nn.Softmin, "dim", (0, None)), (nn.LogSoftmax, "dim", (0, None)),
+    (nn.Flatten, "start_dim", (0,)), (nn.Unflatten, "dim", (0,)), (nn.CosineSimilarity, "dim", (0,)),
+)
+
+
 def _refusal(name: str, m: nn.Module) -> str | None:
-    """Why layer ``m`` cannot be decomposed per sample (None when it can)."""
+    """Why layer ``m`` cannot be decomposed per sample (None when it can).
+
+    Layers that couple the samples of a batch are refused whatever their
+    parameters (a frozen or parameter-free BatchNorm in training mode still
+    makes every sample's output, and so every gradient above it, depend on
+    the others); layers with trainable parameters must also be of a kind the
+    hooks split. InstanceNorm normalises each sample with its own statistics
+    (or, with track_running_stats in eval mode, with fixed ones), so it never
+    couples samples.
+    """
     where = f"layer '{name}' ({type(m).__name__})"
     if isinstance(m, _BatchNorm):
         if m.training:
             return (f"{where} is in training mode: BatchNorm couples the samples of a batch, so "
-                    "per-group gradients are not separable; use instance/group norm, call "
-                    "model.eval(), or fallback='loop'")
+                    "per-group gradients are not separable (with or without affine parameters); use "
+                    "instance/group norm, call model.eval(), or fallback='loop'")
         if m.running_mean is None or m.running_var is None:
             return (f"{where} has no running statistics, so it normalises with batch statistics even "
                     "in eval mode: it couples the samples, per-group gradients are not separable; "
                     "use fallback='loop'")
         return None
+    for kind, attr, values in _BATCH_DIM_MIXERS:
+        if isinstance(m, kind) and getattr(m, attr, None) in values:
+            return (f"{where} acts on the batch dimension ({attr}={getattr(m, attr)}), so it mixes the "
+                    "samples: per-group gradients are not separable; use fallback='loop'")
+    if not _trainable(m):
+        return None  # no gradient of its own, and (past the checks above) per sample
     if not isinstance(m, _SUPPORTED):
         return (f"{where} has trainable parameters that cannot be decomposed per sample (supported: "
                 "Conv2d, Linear, GroupNorm, LayerNorm, BatchNorm in eval mode); use fallback='loop'")
@@ -63,12 +87,66 @@ def _refusal(name: str, m: nn.Module) -> str | None:
 
 def check_decomposable(model: nn.Module) -> None:
     """Raise ValueError naming the first layer whose parameter gradients are
-    not a sum of per-sample terms (or that this module cannot split)."""
+    not a sum of per-sample terms (or that this module cannot split). Every
+    module is checked, with or without trainable parameters."""
     for name, m in model.named_modules():
-        if _trainable(m):
-            why = _refusal(name, m)
-            if why is not None:
-                raise ValueError(f"segment_gradients: {why}")
+        why = _refusal(name, m)
+        if why is not None:
+            raise ValueError(f"segment_gradients: {why}")
+
+
+def _parameter_uses(root: torch.autograd.graph.Node | None) -> dict[int, int]:
+    """How often each leaf parameter (by id) enters the graph below ``root``:
+    the number of edges from a node that is NOT a pure function of one
+    parameter into one that is (the parameter's AccumulateGrad, or a chain of
+    pure functions of it such as a transpose or autocast's cached copy, which
+    several calls may share). A module call counts once per parameter."""
+    if root is None:
+        return {}
+    pure: dict[torch.autograd.graph.Node, int | None] = {}  # node -> id of the one parameter it is a function of
+    uses: dict[int, int] = {}
+    stack: list[tuple[torch.autograd.graph.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: children are classified before their parents
+        node, ready = stack.pop()
+        if node in pure:
+            continue
+        kids = [f for f, _ in node.next_functions if f is not None]
+        if not ready:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if k not in pure)
+            continue
+        var = getattr(node, "variable", None)
+        if var is not None:  # AccumulateGrad of a leaf
+            pure[node] = id(var)
+            continue
+        owners = {pure[k] for k in kids}
+        pure[node] = owners.pop() if len(owners) == 1 and None not in owners and kids else None
+        if pure[node] is None:
+            for k in kids:
+                if pure[k] is not None:
+                    uses[pure[k]] = uses.get(pure[k], 0) + 1
+    return uses
+
+
+def check_parameter_uses(model: nn.Module, total: Tensor, calls: list) -> None:
+    """Raise ValueError when a hooked parameter enters the loss more often than
+    its modules were called (e.g. ``F.linear(h, self.a.weight)`` in a
+    forward): the hooks see only the module calls, so such a use would be
+    missing from the per-segment gradients."""
+    hooked: dict[int, int] = {}
+    for c in calls:
+        for p in c.module.parameters(recurse=False):
+            if p.requires_grad:
+                hooked[id(p)] = hooked.get(id(p), 0) + 1
+    uses = _parameter_uses(total.grad_fn)
+    for name, p in model.named_parameters():
+        n_uses, n_calls = uses.get(id(p), 0), hooked.get(id(p), 0)
+        if p.requires_grad and n_uses > n_calls:
+            raise ValueError(
+                f"segment_gradients: parameter '{name}' enters the loss {n_uses} time(s) but its layer is "
+                f"called {n_calls} time(s): a use outside the layer's own call (e.g. F.linear(h, "
+                f"self.layer.weight) in forward) is not split per segment; call the layer instead, or use "
+                "fallback='loop'")
 
 
 @dataclass
@@ -102,6 +180,7 @@ def _capture(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tenso
     try:
         with torch.enable_grad():
             total = loss_fn(model(inputs))
+            check_parameter_uses(model, total, calls)
             for c in calls:
                 # A layer input or output overwritten in place later on (e.g.
                 # ReLU(inplace=True) after a conv) would give silently wrong A or B.
