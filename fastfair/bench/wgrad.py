@@ -132,8 +132,9 @@ def _rel(got: Tensor, want: Tensor) -> float:
 
 
 def bench_layers(device: str, scales: dict, groups: list[int], repeats: int, log: Callable[[str], None],
-                 width: int = WIDTH) -> list[dict]:
-    rows = []
+                 width: int = WIDTH, done: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """``done(rows)`` after every layer (the caller saves: a cut-off keeps what finished)."""
+    rows: list[dict] = []
     for scale, (n, side, depth) in scales.items():
         for name, ci, co, h in layer_shapes(side, depth, width):
             conv = h > 0
@@ -165,6 +166,8 @@ def bench_layers(device: str, scales: dict, groups: list[int], repeats: int, log
                     log(f"{scale:8s} {name:5s} G={g:3d} {method:18s} {ms:9.3f} ms  err {err:.1e}")
                 del want
             del a, b
+            if done is not None:
+                done(rows)
     return rows
 
 
@@ -174,7 +177,8 @@ def _sync(device: str) -> None:
 
 
 def bench_network(device: str, rows_n: int, side: int, depth: int, width: int, groups: list[int], repeats: int,
-                  loop_budget: float, log: Callable[[str], None]) -> list[dict]:
+                  loop_budget: float, log: Callable[[str], None],
+                  done: Callable[[list[dict]], None] | None = None) -> list[dict]:
     torch.manual_seed(0)
     net = get_network("ConvNet", 3, CLASSES, side, width=width, depth=depth).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -214,6 +218,8 @@ def bench_network(device: str, rows_n: int, side: int, depth: int, width: int, g
                     "ms": statistics.median(t), "samples": len(t)})
         for r in out[-len(precisions) - 2:]:
             log(f"network G={g:3d} {r['method']:26s} {r['ms']:9.2f} ms")
+        if done is not None:
+            done(out)
     return out
 
 
@@ -249,15 +255,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "network_width": net_width, "quick": a.quick, "ids": "sorted by segment (as pergroup delivers)"}
     rows: list[dict] = []
 
-    def save() -> None:  # after every part, so a cut-off keeps what finished
-        write_json(path, {"benchmark": NAME, "machine": machine, "setting": setting, "rows": rows})
+    def save(extra: list[dict] | None = None) -> None:  # often, so a cut-off keeps what finished
+        write_json(path, {"benchmark": NAME, "machine": machine, "setting": setting, "rows": rows + (extra or [])})
 
     log = lambda line: print(line, flush=True)  # noqa: E731
     if "layers" in parts:
-        rows += bench_layers(device, scales, groups, a.repeats, log, width)
+        rows += bench_layers(device, scales, groups, a.repeats, log, width, done=save)
         save()
     if "network" in parts:
-        rows += bench_network(device, net_rows, 32, 3, net_width, groups, a.repeats, a.loop_budget, log)
+        rows += bench_network(device, net_rows, 32, 3, net_width, groups, a.repeats, a.loop_budget, log, done=save)
         save()
     print(f"wrote {path}")
     return rows
