@@ -420,17 +420,9 @@ def _synset_path(path: str) -> str:
 
 
 def _read_synset(sp: str) -> dict[str, Any]:
-    import torch
+    from .distill.synset import read_synset  # checks every field; ValueError -> one line, exit 2
 
-    try:
-        syn = torch.load(sp, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors alike: not a synthetic set
-        raise UsageError(f"cannot read {sp!r} as a synthetic set ({type(exc).__name__}); expected a "
-                         "synset.pt written by fastfair distill") from None
-    if not isinstance(syn, dict) or not {"images", "labels"} <= set(syn):
-        raise UsageError(f"{sp!r} is not a synthetic set (no images and labels); expected a synset.pt "
-                         "written by fastfair distill")
-    return syn
+    return read_synset(sp)
 
 
 def _check_ipc(ds: Any, ipc: int) -> None:
@@ -446,7 +438,7 @@ def _check_ipc(ds: Any, ipc: int) -> None:
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import evaluate_baseline, evaluate_synset
+    from .evaluate import chance_note, evaluate_baseline, evaluate_synset
 
     _check_device(a.device)
     kw: dict[str, Any] = dict(model=a.model, epochs=a.epochs, runs=a.runs, dsa=not a.no_dsa, seed=a.seed,
@@ -486,6 +478,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     row.update({k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std")})
     row.update(model=a.model, epochs=res["epochs"], runs=a.runs, seconds=None)
     print(format_table([row], title=f"{row['dataset']}: {a.model}, {a.runs} runs x {res['epochs']} epochs"))
+    note = chance_note(row["acc"], ds.num_classes)
+    row["near_chance"] = note is not None
+    if note:
+        print(f"note: {note}")
     if out_path:
         _write_json(out_path, {**row, "per_run": [{k: r[k] for k in ("acc", "deo_m", "deo_a")} for r in res["runs"]]})
         print(f"metrics written to {out_path}")
