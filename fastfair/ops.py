@@ -19,14 +19,11 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers the ops)
+from ._extension import load as _load_extension
 
-    _LOADED = True
-    _LOAD_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _LOADED = False
-    _LOAD_ERROR = str(exc)
+# Loads fastfair._C; an extension built for another torch is an ImportError
+# that says how to rebuild, not a silent fallback to the reference ops.
+_LOADED, _LOAD_ERROR = _load_extension(__package__)
 
 _warned = False
 _validate_ids = True
