@@ -15,7 +15,8 @@ driver (``fastfair.distill.dm`` / ``dc``) uses them.
 a class without real or without synthetic rows contributes 0). After each
 call ``last_terms`` holds the detached :class:`fastfair.objectives.MatchTerms`
 (per-class terms, per-(class, group) distances, real rows per segment) for
-logging.
+logging; inside a torch.compile'd graph it is not updated (a compiled graph
+keeps no Python side effects): call ``terms(...)`` there instead.
 """
 from __future__ import annotations
 
