@@ -182,3 +182,14 @@ def test_opcheck_every_op(name):
         args = tuple(a.to(index_dtype) if not a.is_floating_point() else a.detach().requires_grad_(True)
                      for a in args)
         torch.library.opcheck(op, (*args, S, *extra))
+
+
+def test_compile_loss_terms():
+    # The per-class and per-(class, group) terms, for logging in a compiled step.
+    loss = FairDMLoss(C, G, objective="cobra")
+    compiled = torch.compile(loss.terms, fullgraph=True, dynamic=True, backend="aot_eager")
+    args = make_inputs("fair_dm_loss", SIZES[0])
+    got, want = compiled(*args), loss.terms(*args)
+    assert got.per_group.shape == (C, G)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
