@@ -23,8 +23,10 @@ Precision (:func:`set_weight_grad_precision`, or ``FASTFAIR_WGRAD_PRECISION``):
 ``"fp32"`` (default until a GPU run measures the choice: the exact-er one;
 float32 operands, TF32 off for the call), ``"tf32"`` (float32 operands, TF32
 on), ``"bf16"`` (bfloat16 operands on tensor cores, float32 accumulation
-inside the GEMM, bfloat16 per-group results summed in float32) and
-``"simt"`` (the hand-written kernel). float64 input always takes the SIMT
+inside the GEMM, bfloat16 per-group results summed in float32), ``"cudnn"``
+(no grouped GEMM: one cuDNN weight gradient / cuBLAS mm per non-empty
+segment on its sorted slice of rows, the offsets read back once per call;
+TF32 as torch.backends.cudnn says) and ``"simt"`` (the hand-written kernel). float64 input always takes the SIMT
 kernel, which accumulates in float64.
 
 Host syncs: none on the bf16 path (offsets, sort and splits are device
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PRECISIONS = ("fp32", "tf32", "bf16", "simt")
+PRECISIONS = ("fp32", "tf32", "bf16", "cudnn", "simt")
 _ENV = "FASTFAIR_WGRAD_PRECISION"
 
 
@@ -59,7 +61,8 @@ _precision = _initial_precision()
 
 def set_weight_grad_precision(precision: str) -> None:
     """Choose how the CUDA weight-gradient ops compute: ``"fp32"``, ``"tf32"``,
-    ``"bf16"`` (grouped GEMM) or ``"simt"`` (the hand-written kernel)."""
+    ``"bf16"`` (grouped GEMM), ``"cudnn"`` (per segment) or ``"simt"`` (the
+    hand-written kernel)."""
     global _precision
     if precision not in PRECISIONS:
         raise ValueError(f"weight-gradient precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -304,6 +307,31 @@ def grouped_conv2d_weight_grad(grad_out: Tensor, inp: Tensor, ids: Tensor, num_s
     return total.contiguous().view(num_segments, o, ci, kh, kw)
 
 
+def per_segment_weight_grad(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int,
+                            conv: tuple | None = None) -> Tensor:
+    """float32 per-segment weight gradients by the vendor's dense kernels, one
+    call per non-empty segment on its slice of the sorted rows (cuDNN's
+    implicit GEMM for conv: no im2col). ``conv``: (kernel_size, stride,
+    padding, dilation), None for Linear. Reads the offsets back once."""
+    perm, ends = _layout(ids, num_segments)
+    if perm is not None:
+        grad_out, inp = grad_out.index_select(0, perm), inp.index_select(0, perm)
+    shape = (grad_out.shape[1], inp.shape[1], *conv[0]) if conv else (grad_out.shape[1], inp.shape[1])
+    out = inp.new_zeros((num_segments, *shape), dtype=torch.float32)
+    if inp.shape[0] == 0:
+        return out
+    start = 0
+    for k, end in enumerate(ends.tolist()):  # the one host read
+        if end > start:
+            a, b = inp[start:end], grad_out[start:end]
+            if conv:
+                out[k] = torch.nn.grad.conv2d_weight(a, shape, b, conv[1], conv[2], conv[3])
+            else:
+                out[k] = b.t() @ a
+        start = end
+    return out
+
+
 # ---------------------------------------------------------------------------
 # The CUDA kernels of the custom ops.
 
@@ -326,6 +354,8 @@ def _cuda_linear(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int) 
     precision = get_weight_grad_precision()
     if precision == "simt" or inp.dtype == torch.float64:
         return torch.ops.fastfair.segment_linear_weight_grad_simt(grad_out, inp, ids, num_segments)
+    if precision == "cudnn":
+        return per_segment_weight_grad(grad_out, inp, ids, num_segments).to(inp.dtype)
     return grouped_linear_weight_grad(grad_out, inp, ids, num_segments, precision).to(inp.dtype)
 
 
@@ -337,6 +367,8 @@ def _cuda_conv2d(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int, 
     if precision == "simt" or inp.dtype == torch.float64:
         return torch.ops.fastfair.segment_conv2d_weight_grad_simt(
             grad_out, inp, ids, num_segments, kernel_size, stride, padding, dilation)
+    if precision == "cudnn":
+        return per_segment_weight_grad(grad_out, inp, ids, num_segments, geometry).to(inp.dtype)
     return grouped_conv2d_weight_grad(grad_out, inp, ids, num_segments, kernel_size, stride, padding,
                                       dilation, precision).to(inp.dtype)
 
