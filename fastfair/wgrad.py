@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -101,7 +102,8 @@ class SegmentLayout:
     @staticmethod
     def of_sorted(ids: Tensor, num_segments: int) -> "SegmentLayout":
         """Layout of ids that are already in segment order (no sort)."""
-        return SegmentLayout(ids, num_segments, _ends(ids, num_segments), _key(ids, num_segments))
+        return SegmentLayout(ids, num_segments, _ends(_bucket(ids, num_segments), num_segments),
+                             _key(ids, num_segments))
 
 
 def _key(ids: Tensor, num_segments: int) -> tuple:
@@ -115,11 +117,13 @@ def _bucket(ids: Tensor, num_segments: int) -> Tensor:
     return torch.where(valid, ids.long(), torch.full_like(ids, num_segments, dtype=torch.long))
 
 
-def _ends(ids: Tensor, num_segments: int) -> Tensor:
-    bucket = _bucket(ids, num_segments)
-    counts = torch.zeros(num_segments + 1, dtype=torch.long, device=ids.device)
-    counts.index_add_(0, bucket, torch.ones_like(bucket))
-    return counts[:num_segments].cumsum(0).to(torch.int32)
+def _ends(sorted_bucket: Tensor, num_segments: int) -> Tensor:
+    """End row of every segment in rows sorted by bucket: a binary search (no
+    atomics, so deterministic mode is fine). cummax keeps the ends monotone
+    (the grouped GEMM's contract) even if unchecked bad ids broke the order."""
+    bounds = torch.arange(1, num_segments + 1, device=sorted_bucket.device)
+    ends = torch.searchsorted(sorted_bucket, bounds)
+    return ends.cummax(0).values.to(torch.int32)
 
 
 _hint: SegmentLayout | None = None
@@ -146,7 +150,7 @@ def _layout(ids: Tensor, num_segments: int) -> tuple[Tensor | None, Tensor]:
         return None, h.ends
     bucket = _bucket(ids, num_segments)
     perm = torch.argsort(bucket, stable=True)
-    return perm, _ends(ids, num_segments)
+    return perm, _ends(bucket[perm], num_segments)
 
 
 # ---------------------------------------------------------------------------
@@ -191,15 +195,21 @@ def _sub_ends(ends: Tensor, rows0: int, rows: int, positions: int, splits: int) 
     return sub.reshape(-1).to(torch.int32)
 
 
+_warned_fallback = False
+
+
 def _grouped(mat_a: Tensor, mat_b: Tensor, offs: Tensor) -> Tensor:
     """torch's grouped GEMM, [G, M, N]; where this torch version refuses the
     dtype (float32 on an older CUDA build), the same per-group loop its own
     fallback runs."""
+    global _warned_fallback
     try:
         return torch._grouped_mm(mat_a, mat_b, offs=offs)
-    except RuntimeError:
-        if mat_a.dtype == torch.bfloat16:
-            raise
+    except RuntimeError as exc:
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(f"fastfair: torch._grouped_mm refused {mat_a.dtype} operands ({exc}); "
+                          "running one mm per group instead", RuntimeWarning, stacklevel=3)
     ends = offs.tolist()  # one sync; only where torch has no kernel for the dtype
     out = mat_a.new_empty((len(ends), mat_a.shape[0], mat_b.shape[1]))
     start = 0

@@ -251,3 +251,19 @@ def test_cuda_bf16_sorted_path_has_no_host_sync():
             ops.segment_linear_weight_grad(b.flatten(1), a.flatten(1), ids, 10)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_fallback_when_grouped_mm_refuses(monkeypatch):
+    # An older torch refusing the dtype: one mm per group, the same result.
+    b, a = torch.randn(30, 4), torch.randn(30, 6)
+    ids = ids_with_gaps(30, 6, seed=1)
+    want = wgrad.grouped_linear_weight_grad(b, a, ids, 6)
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("Expected mat_a to be BFloat16")
+
+    monkeypatch.setattr(torch, "_grouped_mm", refuse)
+    monkeypatch.setattr(wgrad, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="one mm per group"):
+        got = wgrad.grouped_linear_weight_grad(b, a, ids, 6)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
