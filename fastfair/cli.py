@@ -336,6 +336,7 @@ def _write_json(path: str, obj: Any) -> None:
 def cmd_distill(a: argparse.Namespace) -> int:
     from . import distill
     from . import distributed as dist
+    from .distill import outdir
     from .augment import parse_strategy
     from .data.registry import canonical_name
 
@@ -357,15 +358,16 @@ def cmd_distill(a: argparse.Namespace) -> int:
     )
     cfg = distill.resolve(cfg)  # bad settings fail before the data are loaded
     _check_device(a.device)
-    _check_out_dir(a.out)
+    outdir.check_writable_dir(a.out)
     _check_network(a.eval_model, "--eval-model")
-    _resume_notice(a.out, a.resume)
     # Under torchrun: join the group, and destroy it however the run ends (a
     # group that the caller set up before calling main() is left alone).
     if a.tensorboard:
         _check_out_dir(a.tensorboard, "--tensorboard")
     writer_class = _tensorboard_writer_class() if a.tensorboard else None
-    with dist.process_group(device=a.device), contextlib.ExitStack() as stack:
+    # The lock first: a second run into --out fails before it loads anything.
+    with outdir.main_rank_lock(a.out), dist.process_group(device=a.device), contextlib.ExitStack() as stack:
+        _resume_notice(a.out, a.resume)
         ds = _load_data(cfg.dataset, a.root, a.bias_ratio, options, a.download)
         on_log = None
         if writer_class is not None and dist.is_main():
@@ -438,6 +440,7 @@ def _check_ipc(ds: Any, ipc: int) -> None:
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
+    from .distill import outdir
     from .evaluate import chance_note, evaluate_baseline, evaluate_synset
 
     _check_device(a.device)
@@ -450,6 +453,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
             raise UsageError("give either PATH or --baseline, not both")
         if a.dataset is None:
             raise UsageError("--baseline needs --dataset")
+        if a.json:  # before any training: metrics that cannot be written would be lost
+            outdir.check_writable_file(a.json, "--json")
         ds = _load_data(a.dataset, a.root, a.bias_ratio, _parse_options(a.data_option), a.download)
         if a.baseline == "random":
             _check_ipc(ds, a.ipc)
@@ -461,6 +466,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
             raise UsageError("give PATH (a synset.pt) or --baseline random|whole")
         sp = _synset_path(a.path)
         syn = _read_synset(sp)
+        out_path = a.json or os.path.join(os.path.dirname(os.path.abspath(sp)), "metrics.json")
+        outdir.check_writable_file(out_path, "--json" if a.json else "metrics.json (beside PATH; or pass --json)")
         cfg = syn.get("config", {})
         name = a.dataset or cfg.get("dataset")
         if name is None:
@@ -474,7 +481,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
         ds = _load_data(name, root, bias, options, a.download)
         res = evaluate_synset(syn["images"], syn["labels"], ds, **kw)
         row = {"method": cfg.get("method", "?"), "objective": cfg.get("objective", "?"), "dataset": name}
-        out_path = a.json or os.path.join(os.path.dirname(os.path.abspath(sp)), "metrics.json")
     row.update({k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std")})
     row.update(model=a.model, epochs=res["epochs"], runs=a.runs, seconds=None)
     print(format_table([row], title=f"{row['dataset']}: {a.model}, {a.runs} runs x {res['epochs']} epochs"))
@@ -544,10 +550,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    from .distill import outdir
     from .distill.demo import run_demo
 
     _check_device(a.device)
-    _check_out_dir(a.out)
+    outdir.check_writable_dir(a.out)
+    if a.json:
+        outdir.check_writable_file(a.json, "--json")
     if a.threads is not None and a.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {a.threads}")
     tiny = a.tiny or os.environ.get("FASTFAIR_DEMO_TINY", "") not in ("", "0")
@@ -564,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, ValueError, OSError) as exc:  # OSError: a full disk, a read-only or missing path
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"fastfair {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

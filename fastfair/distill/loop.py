@@ -12,6 +12,7 @@ deterministic).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dist
 from .. import ops
 from . import checkpoint as ck
+from . import outdir
 from . import rng
 from .config import RESUMABLE_CHANGES, DistillConfig, resolve, resume_mismatch
 from .context import build_context
@@ -109,9 +111,19 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
     and ``checkpoint.pt`` (every ``checkpoint_every`` iterations, at the end,
     and on Ctrl-C). ``resume=True`` continues from ``out_dir/checkpoint.pt``
     (a fresh start when there is none); ``iterations`` may be raised on resume.
+    The writing process holds an exclusive lock on ``out_dir``
+    (:func:`fastfair.distill.outdir.locked`): a second run into it fails at once.
     ``on_log`` (rank 0) receives every log entry as it is written, e.g. for
     :class:`fastfair.tboard.TensorBoardLogger`.
     """
+    config = resolve(config)  # bad settings fail before out_dir is created
+    write = out_dir is not None and dist.is_main()
+    with outdir.locked(out_dir) if write else contextlib.nullcontext():
+        return _run(config, dataset, out_dir, device, resume, progress, on_log)
+
+
+def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str | torch.device | None,
+         resume: bool, progress: bool, on_log: Callable[[dict[str, Any]], None] | None) -> DistillResult:
     cfg = resolve(config)
     dev = _device(device)
     if resume and out_dir is None:
@@ -129,13 +141,17 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
 
     saved = ck.load_checkpoint(out_dir) if resume else None
     if saved is not None:
+        if not isinstance(saved.get("config"), dict):
+            raise ValueError(f"{os.path.join(out_dir, ck.CHECKPOINT)}: field 'config' is missing or not a dict; "
+                             "the checkpoint is damaged (move it away to start afresh)")
         bad = resume_mismatch(saved["config"], cfg)
         if bad:
             raise ValueError(f"cannot resume {out_dir}: the checkpoint was made with different "
                              f"{', '.join(bad)} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
-        if saved["iteration"] > cfg.iterations:
-            raise ValueError(f"the checkpoint in {out_dir} already has {saved['iteration']} iterations, "
-                             f"more than the {cfg.iterations} requested")
+        ck.check_fields(saved, os.path.join(out_dir, ck.CHECKPOINT), iterations=cfg.iterations,
+                        images_shape=(int(ctx.syn_labels.numel()), *ctx.train_images.shape[1:]),
+                        labels=ctx.syn_labels, num_train=int(ctx.train_images.shape[0]),
+                        num_classes=ctx.num_classes)
         if saved.get("world_size", 1) != ctx.world_size and cfg.method == "dream":
             # The global batch and its DSA parameters do not depend on the
             # number of ranks (up to float rounding); DREAM's k-means does: each

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .outdir import atomic_write
+
 
 def sgd_step(images: Tensor, buf: Tensor | None, grad: Tensor, lr: float, momentum: float) -> tuple[Tensor, Tensor]:
     """(new images, new momentum buffer): buf = momentum * buf + grad; x -= lr * buf."""
@@ -103,17 +105,16 @@ def save_grid(images: Tensor, labels: Tensor, num_classes: int, denormalize: Any
     if denormalize is not None:
         grid = denormalize(grid)
     grid = torch.nan_to_num(grid, nan=1.0).clamp(0, 1)
-    tmp = path + ".tmp.png"
-    save_image(make_grid(grid, nrow=per_class, padding=1, pad_value=1.0), tmp)
-    os.replace(tmp, path)
+    picture = make_grid(grid, nrow=per_class, padding=1, pad_value=1.0)
+    atomic_write(path, lambda f: save_image(picture, f, format="png"))
 
 
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file beside ``path``, then os.replace: a kill
-    at any moment leaves either the old file or the new one, never half."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    at any moment leaves either the old file or the new one, never half; a
+    failure (a full disk) removes the temporary file and raises
+    :class:`fastfair.distill.outdir.OutputError` naming ``path``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_synset(path: str) -> dict[str, Any]:
@@ -146,6 +147,9 @@ def read_synset(path: str) -> dict[str, Any]:
     for key in ("dataset", "method", "objective", "root"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             raise ValueError(f"{path!r}: config {key!r} must be a string, got {type(cfg[key]).__name__}")
+    ipc = cfg.get("ipc")
+    if ipc is not None and (isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1):
+        raise ValueError(f"{path!r}: config 'ipc' must be a positive int, got {ipc!r}")
     ratio = cfg.get("bias_ratio")
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
         raise ValueError(f"{path!r}: config 'bias_ratio' must be a number, got {type(ratio).__name__}")
