@@ -11,9 +11,10 @@ layers  every weight-gradient layer of the DC ConvNet (width 128, instance
         Methods: ``simt`` (the hand-written CUDA kernel,
         segment_*_weight_grad_simt), ``grouped_bf16`` / ``grouped_tf32`` /
         ``grouped_fp32`` (fastfair.wgrad: one grouped GEMM, sorted fast path,
-        the casts and im2col included), ``cudnn_per_segment`` (the segment
-        offsets read back once, then torch.nn.grad.conv2d_weight /
-        one mm per non-empty segment on its slice of rows), ``cpu_kernel`` (the C++
+        the casts and im2col included), ``cudnn_per_segment``
+        (wgrad.per_segment_weight_grad: the segment offsets read back once,
+        then torch.nn.grad.conv2d_weight / one mm per non-empty segment on
+        its slice of rows), ``cpu_kernel`` (the C++
         CPU op, CPU only) and ``dense`` (ONE weight gradient of all rows: what
         vanilla pays, the floor). Each row has its error against float64
         (the float64 SIMT kernel on CUDA, the C++ kernel on CPU), relative to
@@ -74,20 +75,6 @@ def layer_shapes(side: int, depth: int, width: int = WIDTH) -> list[tuple[str, i
     return shapes
 
 
-def _per_segment(b: Tensor, a: Tensor, ids: Tensor, s: int, conv: bool) -> Tensor:
-    ends = ops.segment_count(ids, s).cumsum(0).tolist()  # the one host read
-    out = a.new_zeros((s, b.shape[1], *((a.shape[1], 3, 3) if conv else (a.shape[1],))))
-    start = 0
-    for k, end in enumerate(ends):
-        if end > start:
-            if conv:
-                out[k] = torch.nn.grad.conv2d_weight(a[start:end], out.shape[1:], b[start:end], 1, 1)
-            else:
-                out[k] = b[start:end].t() @ a[start:end]
-        start = end
-    return out
-
-
 def _methods(device: str, conv: bool) -> dict[str, Callable[[Tensor, Tensor, Tensor, int], Tensor]]:
     cuda = torch.device(device).type == "cuda"
     geo = ([3, 3], [1, 1], [1, 1], [1, 1])
@@ -105,7 +92,8 @@ def _methods(device: str, conv: bool) -> dict[str, Callable[[Tensor, Tensor, Ten
             m[name] = lambda b, a, i, s, p=p: wgrad.grouped_conv2d_weight_grad(b, a, i, s, *geo, precision=p)
         else:
             m[name] = lambda b, a, i, s, p=p: wgrad.grouped_linear_weight_grad(b, a, i, s, precision=p)
-    m["cudnn_per_segment" if cuda else "aten_per_segment"] = lambda b, a, i, s: _per_segment(b, a, i, s, conv)
+    m["cudnn_per_segment" if cuda else "aten_per_segment"] = (
+        lambda b, a, i, s: wgrad.per_segment_weight_grad(b, a, i, s, ((3, 3), (1, 1), (1, 1), (1, 1)) if conv else None))
     if not cuda and ops.backend() != "reference":
         if conv:
             m["cpu_kernel"] = lambda b, a, i, s: torch.ops.fastfair.segment_conv2d_weight_grad(b, a, i, s, *geo)
@@ -186,7 +174,7 @@ def bench_network(device: str, rows_n: int, side: int, depth: int, width: int, g
     x = torch.randn(rows_n, 3, side, side, generator=gen).to(device)
     out = []
 
-    precisions = ["bf16", "tf32", "fp32", "simt"] if torch.device(device).type == "cuda" else ["fp32"]
+    precisions = ["bf16", "tf32", "fp32", "cudnn", "simt"] if torch.device(device).type == "cuda" else ["fp32"]
     for g in groups:
         s = CLASSES * g
         ids = segment_ids(rows_n, g, gen).to(device)
