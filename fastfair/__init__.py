@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "ops", "augment", "data", "distill", "distributed", "evaluate", "metrics",
-    "nets", "objectives", "pergroup", "cli", "choices", "report",
+    "nets", "nn", "objectives", "pergroup", "cli", "choices", "report",
 }
 
 

@@ -18,3 +18,4 @@ GROUP_SOURCES = ("true", "pseudo")
 DC_METRICS = ("ours", "mse", "cos")
 NETWORKS = ("ConvNet", "AlexNet", "VGG11", "ResNet18", "ViT")
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+EXPORT_FORMATS = ("dc",)

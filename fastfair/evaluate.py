@@ -54,6 +54,11 @@ def _check_synset(images: Tensor, labels: Tensor, dataset: Any) -> None:
     n = images.shape[0]
     if n == 0:
         raise ValueError("the training set is empty")
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        # Networks trained on NaN predict one class: DEO 0 would read as "fair".
+        raise ValueError(f"the training images hold {bad} non-finite values (NaN or inf) of {images.numel()}; "
+                         "refusing to evaluate them")
     if labels.shape[0] != n:
         raise ValueError(f"{n} images but {labels.shape[0]} labels")
     lo, hi = int(labels.min()), int(labels.max())
@@ -182,6 +187,17 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "
                            for c in range(cells.shape[1])]
     out.update(runs=per_run, model=model, epochs=epochs, dsa=dsa)
     return out
+
+
+def chance_note(acc: float, num_classes: int) -> str | None:
+    """A warning for an accuracy near chance level, where a DEO near 0 says
+    nothing about fairness (a classifier that ignores its input is "fair");
+    None otherwise. Near: within a tenth of the way from chance to 100 %."""
+    chance = 100.0 / max(1, num_classes)
+    if acc > chance + 0.1 * (100.0 - chance):
+        return None
+    return (f"Acc {acc:.1f} % is near chance level ({chance:.1f} % for {num_classes} classes): "
+            "its DEO says nothing about fairness")
 
 
 def baseline_set(kind: str, dataset: Any, ipc: int = 10, seed: int = 0) -> tuple[Tensor, Tensor]:

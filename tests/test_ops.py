@@ -108,17 +108,23 @@ def test_deterministic(device):
 
 
 # Shapes that reach each CPU strategy of csrc/cpu/segment_reduce.cpp (its
-# choose_strategy; the choice depends only on N, D, G): ceil(D / 64) >= 4 or
-# N <= 4096 -> columns; else min(N // 4096, N // (6 G)) >= 2 row chunks -> row
-# chunks; else D >= 32 -> sorted, D < 32 -> columns.
+# choose_strategy; the choice depends only on N, D, G). With R = 2^18 //
+# max(D, 64) rows a chunk: N <= R -> sorted if D >= 32 else columns; else
+# min(N // R, N // (6 G)) >= 2 row chunks whose [G, D] partial fits 512 KB ->
+# row chunks; else D >= 32 -> sorted, D < 32 -> columns. The sorted strategy
+# tiles columns (>= 256 wide) when it has fewer than 16 segment ranges.
 STRATEGY_SHAPES = {
     "columns_few_rows": (3000, 20, 500),
-    "columns_wide": (5000, 300, 9000),
     "columns_narrow_many_segments": (20000, 3, 30000),
     "row_chunks": (50000, 3, 7),  # 12 chunks of 4167 rows
     "row_chunks_two": (20001, 8, 1500),  # 2 chunks of 10001 rows
+    "row_chunks_wide": (9000, 300, 20),  # 10 chunks of 900 rows, 24 KB partials
     "sorted": (9000, 40, 4000),
     "sorted_mostly_empty": (5000, 32, 50000),
+    "sorted_partial_too_big": (9000, 300, 500),  # row chunks' partial would be 600 KB
+    "sorted_few_rows": (3000, 130, 7),
+    "sorted_tiled_one_segment": (400, 600, 1),  # 2 tiles of 300 columns
+    "sorted_tiled": (250, 1030, 3),  # 3 ranges x 4 tiles of 258 columns
 }
 
 

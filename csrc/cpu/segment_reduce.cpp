@@ -5,15 +5,19 @@
 // so the order of the additions) is a function of (N, D, G) only, never of
 // the thread count. Results are bitwise identical run to run and across
 // OMP_NUM_THREADS. Three strategies (see choose_strategy):
-//   columns    tasks own column blocks and stream all rows; output rows are
-//              read-modify-written in row order. Parallel only when D is wide.
+//   columns    one serial pass over the rows in order, read-modify-writing
+//              output rows. Only for narrow rows (D < 32) where nothing else
+//              pays for its setup.
 //   row chunks tasks own row chunks (how many: from N and G) with private
-//              [G, D] partial sums, combined in chunk order. Parallel for
-//              narrow D and G up to ~N / 12.
+//              [G, D] partial sums (kept within L2), combined in chunk order.
+//              Parallel for many rows and G up to ~N / 12.
 //   sorted     a stable counting sort of the ids (O(N + G), serial), then
-//              tasks own segment ranges and sum each segment's rows in
-//              ascending row order into its own output row. Parallel for
-//              large G, where the other two serialise or blow up.
+//              tasks own (segment range, column tile) pairs and sum each
+//              segment's rows in ascending row order into its own output
+//              row. Parallel for large G, and for wide rows at any G (columns
+//              are tiled when segments are few).
+// Columns and sorted add every element's rows in the same order (ascending
+// rows from zero), so they give the same bits; row chunks differ.
 // The strategies add the rows in different orders, so the same input can
 // give slightly different bits under different shapes; never under
 // different thread counts.
@@ -43,28 +47,31 @@ void check_range_cpu(const index_t* ids, int64_t n, int64_t num_segments,
   }
 }
 
-// Up to this many rows (with D < 256, as here) the serial column pass is at
-// most ~10^6 adds, a fraction of a millisecond: too little to pay for the
-// sorted strategy's sort or the row chunks' partial buffers.
-constexpr int64_t kMinSplitRows = 4096;
-// Row chunks have at least this many rows (each task's work then dwarfs the
-// thread pool's wake-up)...
-constexpr int64_t kMinChunkRows = 4096;
+// Row chunks hold at least this many elements, counting a row as at least
+// 64 wide: 4096 rows for D <= 64 (measured there: each task's work then
+// dwarfs the thread pool's wake-up), fewer for wider rows, so that 2560
+// rows of 2048 (DM's real embeddings) still split into 20 chunks. Inputs
+// smaller than one chunk skip the parallel row split altogether (the serial
+// column pass or the sorted strategy, which splits segments and columns).
+constexpr int64_t kMinChunkElems = int64_t(4096) * 64;
 // ...and at least this many rows per segment: the partial buffers cost
 // nchunks * G * D to zero and combine, at most 1/6 of the N * D main pass.
 // Measured (N = 2^17, D = 64, 2 threads): two chunks still beat the sorted
 // strategy at G = N / 13 and tie at N / 8; with many chunks, ratios 4 to 16
 // are within ~20% of each other, larger being cheaper (fewer partials).
 constexpr int64_t kChunkRowsPerSegment = 6;
+// At most this many row chunks: more only adds partial buffers to zero and
+// combine (N = 20000, D = 512, G = 100 would otherwise take 33 chunks, 6.6 MB
+// of partials, freshly page-faulted on every call); 16 still balance any
+// core count up to 16. A constant, so that results do not depend on the
+// thread count.
+constexpr int64_t kMaxRowChunks = 16;
 // Cap on the partial-sum buffers (elements) of the row-chunk strategy.
 constexpr int64_t kMaxPartial = int64_t(1) << 24;
-// Columns per task of the column strategy: 64 floats = four cache lines.
-// Narrower blocks (16 or 32, so that D = 64 gives 2-4 tasks) were slower on
-// 2 threads at every G tried (10^3 .. 10^5, up to 2x): every task re-reads
-// all ids and pays the per-row bookkeeping for fewer columns.
-constexpr int64_t kColBlock = 64;
-// Below this many column blocks the column split leaves cores idle.
-constexpr int64_t kMinColBlocks = 4;
+// Cap on one row chunk's partial [G, D] buffer in bytes: it is updated at
+// random rows, so it must stay in a core's L2 (1 MB here) or every row add
+// becomes a cache miss (N = 20000, D = 512, G = 100: 200 KB per chunk).
+constexpr int64_t kMaxChunkPartialBytes = int64_t(512) << 10;
 // The sorted strategy's counting sort is serial, O(N + G), independent of
 // D; below this width a single-threaded column pass costs about the same or
 // less (measured on 2 threads, N = 2^17, G = 10^4 .. 10^5: column pass
@@ -76,31 +83,50 @@ constexpr int64_t kMinSortedCols = 32;
 // binary searches that find a task's segment range; small enough that a
 // few hundred tasks balance any thread count. Results do not depend on it.
 constexpr int64_t kSortedTaskElems = int64_t(1) << 15;
+// Sorted strategy: when there are fewer segment ranges than this, the
+// columns are cut into tiles too, so that few segments with wide rows
+// (G = 1, D = 2048) still keep every core busy...
+constexpr int64_t kMinSortedTasks = 16;
+// ...but a tile keeps at least this many columns (1 KB of float32 per row),
+// long enough for the hardware prefetcher to stream each row's piece. The
+// column split of v2 (64-column blocks over every row, 256 B per row) ran at
+// 2-3 GB/s at D = 512 and 2048, 3x slower than index_add_.
+constexpr int64_t kMinTileCols = 256;
 // Sorted strategy: the rows are gathered in sorted order, which the hardware
 // prefetcher cannot predict; prefetching the row this many positions ahead
 // hides most of the memory latency (measured 2 threads, N = 2^17, D = 64,
 // inputs rotated so that x is not in cache: 1.5x faster at G = 3 * 10^4 and
 // 10^5; distances 4 to 16 gave the same). A hint only: no effect on results.
 constexpr int64_t kPrefetchRows = 8;
+// Prefetch at most this many cache lines of the row ahead: the rest of a
+// long row is streamed by the hardware prefetcher once its first lines are
+// touched, and explicit prefetches of whole 8 KB rows 8 rows ahead would
+// overrun L1.
+constexpr int64_t kMaxPrefetchLines = 8;
 
-int64_t num_row_chunks(int64_t n, int64_t num_segments) {
-  return std::min(n / kMinChunkRows, n / (kChunkRowsPerSegment * num_segments));
+int64_t min_chunk_rows(int64_t d) {
+  return kMinChunkElems / std::max<int64_t>(d, 64);
+}
+
+int64_t num_row_chunks(int64_t n, int64_t d, int64_t num_segments) {
+  return std::min({kMaxRowChunks, n / min_chunk_rows(d),
+                   n / (kChunkRowsPerSegment * num_segments)});
 }
 
 enum class Strategy { kColumns, kRowChunks, kSorted };
 
 // The strategy is a function of the shapes only: determinism across thread
 // counts depends on that.
-Strategy choose_strategy(int64_t n, int64_t d, int64_t num_segments) {
-  // Wide rows: the column split alone keeps the cores busy, with no extra
-  // pass over the data.
-  if ((d + kColBlock - 1) / kColBlock >= kMinColBlocks) return Strategy::kColumns;
-  if (n <= kMinSplitRows) return Strategy::kColumns;
+Strategy choose_strategy(int64_t n, int64_t d, int64_t num_segments,
+                         int64_t acc_bytes) {
+  if (n <= min_chunk_rows(d))
+    return d >= kMinSortedCols ? Strategy::kSorted : Strategy::kColumns;
   // Few segments: row chunks stream x in order, the cheapest parallel pass.
-  const int64_t nchunks = num_row_chunks(n, num_segments);
-  if (nchunks >= 2 && nchunks * num_segments * d <= kMaxPartial)
+  const int64_t nchunks = num_row_chunks(n, d, num_segments);
+  if (nchunks >= 2 && nchunks * num_segments * d <= kMaxPartial &&
+      num_segments * d * acc_bytes <= kMaxChunkPartialBytes)
     return Strategy::kRowChunks;
-  // Many segments: sort once, then one writer per segment.
+  // Many segments (or wide rows): sort once, then one writer per segment.
   if (d >= kMinSortedCols) return Strategy::kSorted;
   return Strategy::kColumns;
 }
@@ -108,8 +134,8 @@ Strategy choose_strategy(int64_t n, int64_t d, int64_t num_segments) {
 // dst[j] += src[j * sc] for j in [j0, j1). The sc == 1 branch lets the
 // compiler vectorise; element-wise adds give the same bits either way.
 template <typename scalar_t, typename acc_t>
-inline void add_row(acc_t* dst, const scalar_t* src, int64_t j0, int64_t j1,
-                    int64_t sc) {
+inline void add_row(acc_t* __restrict__ dst, const scalar_t* __restrict__ src,
+                    int64_t j0, int64_t j1, int64_t sc) {
   if (sc == 1) {
     for (int64_t j = j0; j < j1; ++j) dst[j] += static_cast<acc_t>(src[j]);
   } else {
@@ -123,7 +149,9 @@ void count_kernel(const index_t* ids, int64_t n, int64_t* counts) {
 }
 
 // Sorted strategy. pos_t holds row positions (int32 when N allows: half the
-// memory traffic of the sort).
+// memory traffic of the sort). Every output element is the sum of its
+// segment's rows in ascending row order, whatever the task split, so the
+// split may use the shapes freely.
 template <typename pos_t, typename scalar_t, typename index_t>
 void sorted_kernel(const scalar_t* xp, int64_t sr, int64_t sc, int64_t n,
                    int64_t d, const index_t* ids, int64_t num_segments,
@@ -140,11 +168,16 @@ void sorted_kernel(const scalar_t* xp, int64_t sr, int64_t sc, int64_t n,
   for (int64_t i = n - 1; i >= 0; --i)
     perm[--offsets[static_cast<int64_t>(ids[i])]] = static_cast<pos_t>(i);
 
-  // Tasks own contiguous segment ranges of about equal weight, where the
-  // weight before segment s is offsets[s] + s (rows plus output rows), so a
-  // huge segment does not leave the other threads idle.
+  // Segment ranges of about equal weight, where the weight before segment s
+  // is offsets[s] + s (rows plus output rows), so a huge segment does not
+  // leave the other threads idle; times column tiles when there are few.
   const int64_t total = n + num_segments;
-  const int64_t ntasks = std::clamp<int64_t>(total * d / kSortedTaskElems, 1, num_segments);
+  const int64_t nranges = std::clamp<int64_t>(total * d / kSortedTaskElems, 1, num_segments);
+  const int64_t max_tiles = std::max<int64_t>(1, d / kMinTileCols);
+  const int64_t ntiles = nranges >= kMinSortedTasks
+                             ? 1
+                             : std::min(max_tiles, (kMinSortedTasks + nranges - 1) / nranges);
+  const int64_t tile = (d + ntiles - 1) / ntiles;
   auto first_segment_at = [&](int64_t w) {  // smallest s with weight >= w
     int64_t lo = 0, hi = num_segments;
     while (lo < hi) {
@@ -153,27 +186,34 @@ void sorted_kernel(const scalar_t* xp, int64_t sr, int64_t sc, int64_t n,
     }
     return lo;
   };
-  // Cache lines of one contiguous row (strided rows are not prefetched).
-  const int64_t prefetch_lines =
-      sc == 1 ? (d * static_cast<int64_t>(sizeof(scalar_t)) + 63) / 64 : 0;
-  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-    int64_t s0 = first_segment_at(total * t0 / ntasks);
-    const int64_t s1 = t1 == ntasks ? num_segments : first_segment_at(total * t1 / ntasks);
-    for (; s0 < s1; ++s0) {
-      acc_t* dst = op + s0 * d;
-      std::fill(dst, dst + d, acc_t(0));
-      const int64_t k0 = offsets[s0], k1 = offsets[s0 + 1];
-      for (int64_t k = k0; k < k1; ++k) {
-        if (prefetch_lines > 0 && k + kPrefetchRows < n) {
-          const char* ahead = reinterpret_cast<const char*>(
-              xp + static_cast<int64_t>(perm[k + kPrefetchRows]) * sr);
-          for (int64_t l = 0; l < prefetch_lines; ++l) __builtin_prefetch(ahead + 64 * l);
+  at::parallel_for(0, nranges * ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / ntiles;
+      const int64_t j0 = (t % ntiles) * tile, j1 = std::min(d, j0 + tile);
+      // Cache lines of this task's piece of one row (strided rows are not
+      // prefetched).
+      const int64_t lines =
+          sc == 1 ? std::min<int64_t>(kMaxPrefetchLines,
+                                      ((j1 - j0) * static_cast<int64_t>(sizeof(scalar_t)) + 63) / 64)
+                  : 0;
+      const int64_t s0 = first_segment_at(total * r / nranges);
+      const int64_t s1 = r + 1 == nranges ? num_segments : first_segment_at(total * (r + 1) / nranges);
+      for (int64_t s = s0; s < s1; ++s) {
+        acc_t* dst = op + s * d;
+        std::fill(dst + j0, dst + j1, acc_t(0));
+        const int64_t k0 = offsets[s], k1 = offsets[s + 1];
+        for (int64_t k = k0; k < k1; ++k) {
+          if (lines > 0 && k + kPrefetchRows < n) {
+            const char* ahead = reinterpret_cast<const char*>(
+                xp + static_cast<int64_t>(perm[k + kPrefetchRows]) * sr + j0);
+            for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(ahead + 64 * l);
+          }
+          add_row(dst, xp + static_cast<int64_t>(perm[k]) * sr, j0, j1, sc);
         }
-        add_row(dst, xp + static_cast<int64_t>(perm[k]) * sr, 0, d, sc);
-      }
-      if (mean && k1 - k0 > 1) {
-        const acc_t inv = acc_t(1) / static_cast<acc_t>(k1 - k0);
-        for (int64_t j = 0; j < d; ++j) dst[j] *= inv;
+        if (mean && k1 - k0 > 1) {
+          const acc_t inv = acc_t(1) / static_cast<acc_t>(k1 - k0);
+          for (int64_t j = j0; j < j1; ++j) dst[j] *= inv;
+        }
       }
     }
   });
@@ -188,7 +228,8 @@ void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
   const int64_t sr = x.stride(0), sc = x.stride(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* op = out_acc.data_ptr<acc_t>();
-  const Strategy strategy = choose_strategy(n, d, num_segments);
+  const Strategy strategy =
+      choose_strategy(n, d, num_segments, static_cast<int64_t>(sizeof(acc_t)));
 
   if (strategy == Strategy::kSorted) {
     if (n < std::numeric_limits<int32_t>::max())
@@ -202,7 +243,7 @@ void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
     // Each row chunk sums into its own buffer (zeroed by its task, so in
     // parallel), then the buffers are added in chunk order; this writes
     // every output element.
-    const int64_t nchunks = num_row_chunks(n, num_segments);
+    const int64_t nchunks = num_row_chunks(n, d, num_segments);
     const int64_t chunk_rows = (n + nchunks - 1) / nchunks;
     const int64_t stride = num_segments * d;
     std::unique_ptr<acc_t[]> partial(new acc_t[nchunks * stride]);
@@ -223,17 +264,11 @@ void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
       }
     });
   } else {
-    // Column blocks in parallel: every task streams all rows for its
-    // columns, so each output element has exactly one writer.
+    // Narrow rows (D < kMinSortedCols): one serial pass over the rows in
+    // order; the other strategies' setup would cost more than it saves.
     out_acc.zero_();
-    const int64_t ncolblocks = (d + kColBlock - 1) / kColBlock;
-    at::parallel_for(0, ncolblocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t j0 = b * kColBlock, j1 = std::min(d, j0 + kColBlock);
-        for (int64_t i = 0; i < n; ++i)
-          add_row(op + static_cast<int64_t>(ids[i]) * d, xp + i * sr, j0, j1, sc);
-      }
-    });
+    for (int64_t i = 0; i < n; ++i)
+      add_row(op + static_cast<int64_t>(ids[i]) * d, xp + i * sr, 0, d, sc);
   }
   if (mean) {
     std::vector<int64_t> counts(num_segments, 0);

@@ -1,14 +1,23 @@
-"""Group-count scaling of per-segment means.
+"""Segment reductions (mean, and sum where the driver sums) at the shapes the
+driver uses, G = 1 .. 10^5 segments.
 
-Times, side by side in one run, at a fixed N x D and G = 1 .. 10^5 segments
-(10^4 with --quick):
+Cases (``--n/--d/--groups`` replace them with one custom case):
+  d64       N = 2^17 (2^20 on CUDA; D = 512 there), mean: group-count scaling
+  d512      N = 20000, D = 512, mean
+  dm-emb    N = 2560, D = 2048, mean: DM's real embeddings (ConvNet width
+            128 at 32 px, 256 images a class x 10 classes)
+  dc-bias   N = 2560, D = 128, sum: the DC bias / GroupNorm sums of
+            fastfair.pergroup (B summed over positions, [N, C_out] rows,
+            S = C * G up to 1000)
+Implementations, timed round-robin in one process (one call of each in turn,
+so that load from other processes hits all alike):
   loop            the reference code's masked loop over groups
                   (torch.stack([x[ids == g].mean(0) for g in ids.unique()]));
                   skipped above --loop-max-groups (it is O(G * N))
-  index_add       index_add_ sums divided by counts
-  scatter_reduce  scatter_reduce_(..., "mean")
-  torch_scatter   torch_scatter.scatter_mean, where that package imports
-  fastfair        fastfair.ops.segment_mean
+  index_add       index_add_ sums (divided by counts for the mean)
+  scatter_reduce  scatter_reduce_(..., "mean" or "sum")
+  torch_scatter   torch_scatter.scatter_mean / scatter_sum, where it imports
+  fastfair        fastfair.ops.segment_mean / segment_sum
 
 torch_scatter: PyPI has only the 2.1.2 source distribution, and a plain
 ``pip install torch-scatter`` fails (its setup.py imports torch inside pip's
@@ -18,9 +27,9 @@ CUDA is found; about 4 minutes on 2 cores). Where it does not import, the JSON
 says ``"torch_scatter": "not installed: <reason>"`` and the sweep runs without
 it.
 
-Before timing, every implementation is checked once per G against fastfair
-(float32, relative error <= 1e-4 on the present segments), so the sweep cannot
-compare different computations.
+Before timing, every implementation is checked once per point against
+fastfair (float32, relative error <= 1e-4 on the present segments), so the
+sweep cannot compare different computations.
 
 Usage: fastfair bench segment [--device cpu|cuda] [--quick]
        python benchmarks/segment_ops.py --device cpu|cuda [--quick] [--json PATH]
@@ -30,13 +39,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from .timing import check_device, copy_bandwidth_gbs, default_json, describe_machine, loglog_plot, samples_ms, write_json
+from .timing import _flush_l2, check_device, copy_bandwidth_gbs, default_json, describe_machine, loglog_plot, write_json
 
 NAME = "segment_ops"
 FULL_GROUPS = [1, 2, 4, 16, 100, 1000, 10_000, 100_000]
@@ -48,39 +59,77 @@ _SCATTER_BUILD_NOTE = ("only the 2.1.2 sdist is on PyPI; build it against the in
 Impl = Callable[[Tensor, Tensor, int], Tensor]
 
 
+@dataclass(frozen=True)
+class Case:
+    name: str
+    n: int
+    d: int
+    groups: tuple[int, ...]
+    op: str  # "mean" or "sum"
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    """The default sweep: group-count scaling at one width, then the driver's shapes."""
+    cuda = torch.device(device).type == "cuda"
+    q = 8 if quick else 1
+    scaling = QUICK_GROUPS if quick else FULL_GROUPS
+    out = [Case("d64" if not cuda else "d512-scaling", ((1 << 20) if cuda else (1 << 17)) // q,
+                512 if cuda else 64, tuple(scaling), "mean")]
+    if not cuda:
+        out.append(Case("d512", 20000 // q, 512, (1, 4, 16, 100, 1000) + (() if quick else (10_000,)), "mean"))
+    out.append(Case("dm-emb", 2560, 2048, (1, 10, 100, 1000), "mean"))
+    out.append(Case("dc-bias", 2560, 128, (1, 10, 100, 1000), "sum"))
+    return out
+
+
 def _loop(x: Tensor, ids: Tensor, s: int) -> Tensor:
     return torch.stack([x[ids == g].mean(0) for g in ids.unique()])
 
 
+def _loop_sum(x: Tensor, ids: Tensor, s: int) -> Tensor:
+    return torch.stack([x[ids == g].sum(0) for g in ids.unique()])
+
+
+def _index_add_sum(x: Tensor, ids: Tensor, s: int) -> Tensor:
+    return torch.zeros(s, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, ids, x)
+
+
 def _index_add(x: Tensor, ids: Tensor, s: int) -> Tensor:
-    total = torch.zeros(s, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, ids, x)
+    total = _index_add_sum(x, ids, s)
     count = torch.zeros(s, dtype=x.dtype, device=x.device).index_add_(0, ids, torch.ones_like(ids, dtype=x.dtype))
     return total / count.clamp(min=1).unsqueeze(1)
 
 
-def _scatter_reduce(x: Tensor, ids: Tensor, s: int) -> Tensor:
+def _scatter_reduce(x: Tensor, ids: Tensor, s: int, how: str = "mean") -> Tensor:
     out = torch.zeros(s, x.shape[1], dtype=x.dtype, device=x.device)
-    return out.scatter_reduce_(0, ids.unsqueeze(1).expand_as(x), x, "mean", include_self=False)
+    return out.scatter_reduce_(0, ids.unsqueeze(1).expand_as(x), x, how, include_self=False)
 
 
 def _fastfair(x: Tensor, ids: Tensor, s: int) -> Tensor:
     return ops.segment_mean(x, ids, s)
 
 
-def impls() -> tuple[dict[str, Impl], str]:
-    """The implementations, and the torch_scatter status line for the JSON."""
-    out: dict[str, Impl] = {"loop": _loop, "index_add": _index_add, "scatter_reduce": _scatter_reduce}
+def impls(op: str = "mean") -> tuple[dict[str, Impl], str]:
+    """The implementations of ``op`` ("mean" or "sum"), and the torch_scatter
+    status line for the JSON."""
+    mean = op == "mean"
+    out: dict[str, Impl] = {
+        "loop": _loop if mean else _loop_sum,
+        "index_add": _index_add if mean else _index_add_sum,
+        "scatter_reduce": lambda x, ids, s: _scatter_reduce(x, ids, s, op),
+    }
     try:
         import torch_scatter  # type: ignore[import-not-found]
 
-        out["torch_scatter"] = lambda x, ids, s: torch_scatter.scatter_mean(x, ids, dim=0, dim_size=s)
+        fn = torch_scatter.scatter_mean if mean else torch_scatter.scatter_sum
+        out["torch_scatter"] = lambda x, ids, s: fn(x, ids, dim=0, dim_size=s)
         status = f"installed: {getattr(torch_scatter, '__version__', '?')}"
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
         reason = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, ImportError):
             reason += f" ({_SCATTER_BUILD_NOTE})"
         status = f"not installed: {reason}"
-    out["fastfair"] = _fastfair
+    out["fastfair"] = _fastfair if mean else ops.segment_sum
     return out, status
 
 
@@ -90,6 +139,42 @@ def _check(name: str, got: Tensor, ref: Tensor, ids: Tensor) -> None:
     err = ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()
     if not err <= 1e-4:
         raise AssertionError(f"segment benchmark: {name} disagrees with fastfair (relative error {err:.2e})")
+
+
+def round_robin_ms(fns: dict[str, Callable[[int], object]], *, device: str, repeats: int, warmup: int = 2,
+                   max_seconds: float = 20.0) -> dict[str, list[float]]:
+    """Wall times (ms) of every fn(i), one call of each in turn per round, so
+    that a burst of load from other processes lands on all of them alike; i
+    rotates the inputs. CUDA: events around each call after an L2 flush. An
+    implementation stops after ``max_seconds`` (with >= 3 samples), so a slow
+    baseline does not stall the sweep."""
+    cuda = torch.device(device).type == "cuda"
+    for i in range(warmup):
+        for fn in fns.values():
+            fn(i)
+    if cuda:
+        torch.cuda.synchronize()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    spent: dict[str, float] = {k: 0.0 for k in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            if len(out[name]) >= 3 and spent[name] > max_seconds:
+                continue
+            if cuda:
+                _flush_l2(device)
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn(warmup + r)
+                b.record()
+                b.synchronize()
+                ms = a.elapsed_time(b)
+            else:
+                t0 = time.perf_counter()
+                fn(warmup + r)
+                ms = (time.perf_counter() - t0) * 1e3
+            out[name].append(ms)
+            spent[name] += ms * 1e-3
+    return out
 
 
 def parse_groups(text: str) -> list[int]:
@@ -106,16 +191,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segment_ops", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="N / 8 and G up to 10^4")
+    p.add_argument("--quick", action="store_true", help="fewer rows and G up to 10^4 in the scaling cases")
     p.add_argument("--json", default=None, help=f"output JSON (default benchmarks/results/{NAME}_<device>.json); "
-                                                "the PNG goes beside it")
-    p.add_argument("--n", type=int, default=None, help="rows (default 2^20 on CUDA, 2^17 on CPU; / 8 with --quick)")
-    p.add_argument("--d", type=int, default=None, help="features (default 512 on CUDA, 64 on CPU)")
+                                                "one PNG per case goes beside it")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated subset of the default cases (d64, d512, dm-emb, dc-bias; d512-scaling on CUDA)")
+    p.add_argument("--n", type=int, default=None, help="one custom case: rows (default 2^17 on CPU, 2^20 on CUDA)")
+    p.add_argument("--d", type=int, default=None, help="one custom case: features (default 64 on CPU, 512 on CUDA)")
     p.add_argument("--groups", type=parse_groups, default=None,
-                   help="comma-separated G values (default 1,2,4,16,100,1000,10000,100000; up to 10^4 with --quick)")
+                   help="one custom case: comma-separated G values (default 1,2,4,16,100,1000,10000,100000)")
+    p.add_argument("--op", choices=["mean", "sum"], default="mean", help="one custom case: the reduction")
     p.add_argument("--loop-max-groups", type=int, default=1000, help="skip the loop above this G (it is O(G*N))")
     p.add_argument("--repeats", type=int, default=7, help=argparse.SUPPRESS)  # timed calls per point
     return p
+
+
+def _select_cases(a: argparse.Namespace, device: str, parser: argparse.ArgumentParser) -> list[Case]:
+    if a.n is not None or a.d is not None or a.groups is not None:
+        cuda = torch.device(device).type == "cuda"
+        n = a.n or ((1 << 20) if cuda else (1 << 17)) // (8 if a.quick else 1)
+        d = a.d or (512 if cuda else 64)
+        groups = a.groups or (QUICK_GROUPS if a.quick else FULL_GROUPS)
+        return [Case("custom", n, d, tuple(groups), a.op)]
+    default = cases(device, a.quick)
+    if a.cases is None:
+        return default
+    want = [c.strip() for c in a.cases.split(",") if c.strip()]
+    known = {c.name: c for c in default}
+    unknown = [w for w in want if w not in known]
+    if unknown or not want:
+        parser.error(f"--cases: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(known)}")
+    return [known[w] for w in want]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -126,52 +232,62 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except ValueError as exc:
         parser.error(str(exc))
     cuda = torch.device(device).type == "cuda"
-    n = a.n or ((1 << 20) if cuda else (1 << 17)) // (8 if a.quick else 1)
-    d = a.d or (512 if cuda else 64)
-    groups = a.groups or (QUICK_GROUPS if a.quick else FULL_GROUPS)
+    todo = _select_cases(a, device, parser)
     machine = describe_machine(device)
     # On CUDA 1 GB (far past the L2, as the flushed timed calls are); on CPU
-    # the three rotated inputs' size, since their working set (100 MB) may sit
+    # the largest case's three rotated inputs, since their working set may sit
     # in a large shared L3, and the fraction should compare like with like.
-    bw = copy_bandwidth_gbs(device, nbytes=(1 << 30) if cuda else 3 * n * d * 4)
-    fns, scatter_status = impls()
-    print(f"segment mean, N={n} D={d} float32 on {machine['name']}, {machine['threads']} threads, "
+    biggest = max(c.n * c.d for c in todo)
+    bw = copy_bandwidth_gbs(device, nbytes=(1 << 30) if cuda else 3 * biggest * 4)
+    print(f"segment reductions, float32 on {machine['name']}, {machine['threads']} threads, "
           f"fastfair backend {ops.backend()}" + (f", copy bandwidth {bw:.0f} GB/s" if bw else ""))
-    print(f"torch_scatter: {scatter_status}")
-    bytes_moved = n * d * 4  # the read of x dominates; outputs are G x D
     rows: list[dict] = []
+    scatter_status = ""
     gen = torch.Generator().manual_seed(0)
-    for g in groups:
-        # Three input sets, rotated between calls.
-        xs = [torch.randn(n, d, generator=gen).to(device) for _ in range(3)]
-        idss = [torch.randint(0, g, (n,), generator=gen).to(device) for _ in range(3)]
-        ref = _fastfair(xs[0], idss[0], g)
-        line = [f"G={g:>6}"]
-        for name, fn in fns.items():
-            if name == "loop" and g > a.loop_max_groups:
-                line.append(f"{name}=skipped")
-                continue
-            if name != "fastfair":
-                _check(name, fn(xs[0], idss[0], g), ref, idss[0])
-            ts = samples_ms(lambda i: fn(xs[i % 3], idss[i % 3], g), device=device,
-                            repeats=min(3, a.repeats) if name == "loop" else a.repeats)
-            ms = statistics.median(ts)
-            row = {"impl": name, "groups": g, "n": n, "d": d, "ms": ms, "samples": len(ts), "device": device,
-                   "machine": machine["name"], "threads": machine["threads"], "torch": machine["torch"],
-                   "backend": ops.backend()}
-            if bw:
-                row["gbs"] = bytes_moved / (ms * 1e-3) / 1e9
-                row["frac_copy_bw"] = row["gbs"] / (bw / 2)  # copy bw counts read + write
-            rows.append(row)
-            line.append(f"{name}={ms:.3f}ms")
-        print("  ".join(line), flush=True)
     path = a.json or default_json(NAME, device)
-    payload = {"benchmark": NAME, "machine": machine, "n": n, "d": d, "dtype": "float32",
-               "torch_scatter": scatter_status, "copy_bandwidth_gbs": bw, "rows": rows}
-    write_json(path, payload)
-    png = os.path.splitext(path)[0] + ".png"
-    loglog_plot(rows, "groups", "ms", "impl", f"segment mean N={n} D={d} ({machine['name']})", png)
-    print(f"wrote {path} and {png}")
+    for case in todo:
+        fns, scatter_status = impls(case.op)
+        n, d = case.n, case.d
+        print(f"[{case.name}] segment {case.op}, N={n} D={d}; torch_scatter: {scatter_status}", flush=True)
+        bytes_moved = n * d * 4  # the read of x dominates; outputs are G x D
+        for g in case.groups:
+            # Three input sets, rotated between calls.
+            xs = [torch.randn(n, d, generator=gen).to(device) for _ in range(3)]
+            idss = [torch.randint(0, g, (n,), generator=gen).to(device) for _ in range(3)]
+            ref = fns["fastfair"](xs[0], idss[0], g)
+            timed: dict[str, Callable[[int], object]] = {}
+            line = [f"G={g:>6}"]
+            for name, fn in fns.items():
+                if name == "loop" and g > a.loop_max_groups:
+                    line.append(f"{name}=skipped")
+                    continue
+                if name != "fastfair":
+                    _check(name, fn(xs[0], idss[0], g), ref, idss[0])
+                timed[name] = lambda i, fn=fn: fn(xs[i % 3], idss[i % 3], g)
+            samples = round_robin_ms(timed, device=device, repeats=a.repeats)
+            for name, ts in samples.items():
+                ms = statistics.median(ts)
+                row = {"case": case.name, "op": case.op, "impl": name, "groups": g, "n": n, "d": d, "ms": ms,
+                       "samples": len(ts), "device": device, "machine": machine["name"],
+                       "threads": machine["threads"], "torch": machine["torch"], "backend": ops.backend()}
+                if bw:
+                    row["gbs"] = bytes_moved / (ms * 1e-3) / 1e9
+                    row["frac_copy_bw"] = row["gbs"] / (bw / 2)  # copy bw counts read + write
+                rows.append(row)
+                line.append(f"{name}={ms:.3f}ms")
+            print("  ".join(line), flush=True)
+        # Written after every case, so a cut-off run keeps what finished.
+        payload = {"benchmark": NAME, "machine": machine, "dtype": "float32", "torch_scatter": scatter_status,
+                   "copy_bandwidth_gbs": bw, "timing": "round-robin, median", "rows": rows,
+                   "cases": [c.__dict__ | {"groups": list(c.groups)} for c in todo]}
+        if len(todo) == 1:
+            payload |= {"n": todo[0].n, "d": todo[0].d}
+        write_json(path, payload)
+        base = os.path.splitext(path)[0]
+        png = base + ".png" if len(todo) == 1 else f"{base}_{case.name}.png"
+        loglog_plot([r for r in rows if r["case"] == case.name], "groups", "ms", "impl",
+                    f"segment {case.op} N={n} D={d} ({machine['name']})", png)
+    print(f"wrote {path} and its PNGs")
     return rows
 
 

@@ -17,8 +17,10 @@ class, and 2 px padding on every side. 3 channels, mean = std = 0.5.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 FOLDERS = {"mnist": "MNIST", "fmnist": "FashionMNIST"}
+IMAGE_SHAPE = (28, 28)  # both datasets
 CLASS_NAMES = {
     "mnist": [str(i) for i in range(10)],
     "fmnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -40,22 +43,32 @@ CLASS_NAMES = {
 }
 
 
-def read_idx(path: str) -> np.ndarray:
+def read_idx(path: str, ndim: int | None = None) -> np.ndarray:
     """An IDX file (the MNIST format): a big-endian header, magic 0x0000TTNN
     with TT = 0x08 for unsigned bytes and NN the number of dimensions, NN
-    uint32 sizes, then the data."""
+    uint32 sizes, then the data. Plain or gzip. A damaged file (truncated,
+    garbage, a broken .gz, ``ndim`` dimensions expected but others found) is
+    a ValueError naming it."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot read ({type(exc).__name__}: {exc}); the file is damaged, "
+                         "delete it and fetch it again") from None
     if len(data) < 4:
         raise ValueError(f"{path}: not an IDX file (too short)")
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    zero, dtype, nd = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes")
+    if ndim is not None and nd != ndim:
+        raise ValueError(f"{path}: an IDX file of {nd} dimensions, expected {ndim}")
+    if len(data) < 4 + 4 * nd:
+        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes for {nd} dimensions)")
+    dims = struct.unpack(f">{nd}I", data[4:4 + 4 * nd])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * nd)
+    if body.size != math.prod(dims):
+        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes (truncated or damaged)")
     return body.reshape(dims)
 
 
@@ -87,9 +100,12 @@ def read_split(root: str, source: str, split: str, download: bool) -> tuple[Tens
         raise missing_files(
             f"{FOLDERS[source]} ({split})", [os.path.join(raw_dir, s) + "[.gz]" for s in stems],
             f"Pass download=True to fetch {FOLDERS[source]} with torchvision into {root}.")
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{paths[0]}: {images.shape} images do not match {labels.shape} labels")
+    images, labels = read_idx(paths[0], ndim=3), read_idx(paths[1], ndim=1)
+    if images.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"{paths[0]}: {FOLDERS[source]} images are {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}, this file "
+                         f"holds {images.shape[1]}x{images.shape[2]}")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{paths[0]}: {images.shape[0]} images but {paths[1]} holds {labels.shape[0]} labels")
     if labels.size and labels.max() > 9:
         raise ValueError(f"{paths[1]}: labels must be 0..9")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
