@@ -53,7 +53,7 @@ def describe(p: dict[str, Any]) -> str:
             f"(loops {p['outer_loop']}/{p['inner_loop']}), image lr {p['lr_img']:g}, "
             f"real batch {p['batch_real']}/class, "
             f"COBRA warm-up {p['cobra_warmup_epochs']} epochs; eval {p['eval_runs']} runs x "
-            f"{p['eval_epochs']} epochs with DSA. (Paper: DM 20000 it at lr 1, DC 1000 at lr 0.1, width 128, "
+            f"{p['eval_epochs']} epochs (DM sets with DSA, DC sets without, as the reference evaluates them). (Paper: DM 20000 it at lr 1, DC 1000 at lr 0.1, width 128, "
             f"eval 1000 epochs.)")
 
 
