@@ -128,6 +128,8 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
     dev = _device(device)
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoint lives)")
+    # A damaged checkpoint fails before the dataset and the networks are built.
+    saved = ck.load_checkpoint(out_dir) if resume else None
     if dataset is None:
         dataset = load_dataset(cfg)
     ctx = build_context(cfg, dataset, dev)
@@ -139,7 +141,6 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
     source = DreamSelector() if cfg.method == "dream" else RandomBatches()
     step = dm_iteration if cfg.method == "dm" else partial(dc_iteration, source=source)
 
-    saved = ck.load_checkpoint(out_dir) if resume else None
     if saved is not None:
         if not isinstance(saved.get("config"), dict):
             raise ValueError(f"{os.path.join(out_dir, ck.CHECKPOINT)}: field 'config' is missing or not a dict; "
