@@ -397,7 +397,7 @@ def fair_dm_loss(
     Replaces the reference code's per-class, per-group masked means with one
     segment reduction of the real batch (all classes, all groups) and one of
     the synthetic batch. The real side is a constant; the gradient flows to
-    ``syn_emb``. Objectives: ``vanilla``, ``fairdd``, ``cobra``,
+    ``syn_emb``. Objectives: ``vanilla``, ``fairdd``, ``fairdd-mean``, ``cobra``,
     ``fairdd-iw``, ``fairdd-ldam``, ``fairdd-groupdro`` (see
     :mod:`fastfair.objectives`). Returns a scalar: the sum over classes.
 
