@@ -8,8 +8,11 @@ tables; tests/test_cli.py checks that the two agree.
 """
 from __future__ import annotations
 
-OBJECTIVES = ("vanilla", "fairdd", "cobra", "fairdd-iw", "fairdd-ldam", "fairdd-groupdro")
-METHODS = ("dm", "dc", "idc", "dream")
+OBJECTIVES = ("vanilla", "fairdd", "fairdd-mean", "cobra", "fairdd-iw", "fairdd-ldam", "fairdd-groupdro")
+METHODS = ("dm", "dc", "dsa", "idc", "dream")
+PRESETS = ("fairdd", "cobra")
+BUDGETS = ("paper", "cpu", "tiny")
+TABLES = ("fairdd-cmnist", "fairdd", "cobra-cifar10s", "cobra-cmnist", "cdigits")
 INITS = ("real", "noise")
 GROUP_SOURCES = ("true", "pseudo")
 DC_METRICS = ("ours", "mse", "cos")

@@ -14,7 +14,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-from .choices import DC_METRICS, DSA_STRATEGY, EXPORT_FORMATS, GROUP_SOURCES, INITS, METHODS, NETWORKS, OBJECTIVES
+from .choices import (BUDGETS, DC_METRICS, DSA_STRATEGY, EXPORT_FORMATS, GROUP_SOURCES, INITS, METHODS, NETWORKS,
+                      OBJECTIVES, PRESETS, TABLES)
 from .report import format_table
 
 EXIT_USAGE = 2
@@ -107,6 +108,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # testing: a seconds-long protocol
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    # ----------------------------------------------------------- reproduce
+    r = sub.add_parser("reproduce", formatter_class=_FMT,
+                       help="run a paper table's cells and compare with the published numbers",
+                       description="Distil and evaluate every cell (dataset x method x objective at the table's "
+                                   "IPC) of a published table at a named budget, and write OUT/results.json, "
+                                   "OUT/results.md (measured mean +- std beside the paper's numbers: FairDD Tables "
+                                   "1-2, COBRA's where given) and OUT/results.png. Resumable: run the same "
+                                   "command again and finished cells are skipped, unfinished ones continue from "
+                                   "their checkpoint and finished evaluation runs.")
+    r.add_argument("--table", default="fairdd-cmnist", choices=list(TABLES),
+                   help="fairdd-cmnist: C-MNIST FG and BG at IPC 10, DM / DM+FairDD / DM+COBRA / DC / DC+FairDD "
+                        "(FairDD Tables 1-2); fairdd: every Table 1-2 dataset; cobra-cifar10s, cobra-cmnist: "
+                        "COBRA's DM numbers under COBRA's preset")
+    r.add_argument("--budget", default="cpu", choices=list(BUDGETS),
+                   help="paper: the full protocol (GPU hours); cpu: a stated reduced protocol for a 2-core CPU "
+                        "(about an hour per C-MNIST dataset on a quiet machine; the summary is in the outputs); "
+                        "tiny: seconds, for tests")
+    r.add_argument("--out", required=True, help="output directory (one folder per cell, results.*)")
+    r.add_argument("--root", default=None,
+                   help="data directory (e.g. ../shared/data for the real MNIST); default: $FASTFAIR_DATA, "
+                        "else ./data. Nothing is written there")
+    r.add_argument("--datasets", default=None,
+                   help="comma-separated subset of the table's datasets (default: all of them)")
+    r.add_argument("--cells", default=None,
+                   help="comma-separated subset of METHOD:OBJECTIVE cells, e.g. dm:fairdd,dc:fairdd "
+                        "(default: all of the table's)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the distillation and the first evaluation run")
+    _add_device(r)
+    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    r.add_argument("--note", default=None, help="a note recorded with the machine (e.g. 'shared with 4 jobs')")
+    r.add_argument("--progress", action="store_true", help="progress bars")
+
     # ------------------------------------------------------------- distill
     s = sub.add_parser("distill", formatter_class=_FMT, help="distil a dataset into a synthetic set",
                        description="Distil a dataset. Writes synset.pt, grid.png, log.jsonl and checkpoint.pt "
@@ -114,11 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "several processes. Options left at 'None' take the paper default of the "
                                    "method and IPC. " + FAMILY_NOTE)
     _add_data(s, required=True)
-    s.add_argument("--method", default="dm", choices=list(METHODS), help="distillation method")
-    s.add_argument("--objective", default="fairdd", choices=list(OBJECTIVES), help="matching objective")
+    s.add_argument("--method", default="dm", choices=list(METHODS),
+                   help="distillation method: dm (Zhao & Bilen, WACV'23), dc (Zhao et al., ICLR'21), dsa (DC with "
+                        "DSA, Zhao & Bilen, ICML'21), idc (Kim et al., ICML'22), dream (Liu et al., ICCV'23)")
+    s.add_argument("--objective", default="fairdd", choices=list(OBJECTIVES),
+                   help="matching objective: vanilla, fairdd (FairDD, sum over groups), fairdd-mean (COBRA's "
+                        "re-implementation of the FairDD DC baseline: the mean over the groups present), cobra "
+                        "(COBRA barycenter), fairdd-iw / -ldam / -groupdro (FairDD's Table 7 ablations)")
+    s.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="paper protocol for the options left unset: fairdd (the FairDD code: DM 20000 iterations, "
+                        "batch_real 256, lr_img 1 (10 at IPC >= 100); DC 1000, 256, 0.1) or cobra (COBRA's "
+                        "train_dm.py: DM 2600 iterations, batch_real 600; DC as fairdd); both warm COBRA's DM up "
+                        "50 epochs at IPC 50, 100 at IPC 100, else 10 (default: fairdd)")
     s.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
     s.add_argument("--iterations", "--Iteration", type=int, default=None,
-                   help="iterations; default: 20000 for DM, 1000 for the DC family"
+                   help="iterations; default: the preset's (DM 20000, COBRA's DM 2600, DC family 1000)"
                         + _family("--Iteration", "the family's loop runs Iteration + 1 image updates "
                                                  "(it = 0 .. Iteration), fastfair exactly N"))
     s.add_argument("--out", "--save_path", required=True,
@@ -134,15 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: never)")
     s.add_argument("--eval-model", default="ConvNet", help="network of the evaluations during the run")
     s.add_argument("--eval-epochs", "--epoch_eval_train", type=int, default=None,
-                   help="epochs of those evaluations (default: 1000)" + _family("--epoch_eval_train"))
+                   help="epochs of those evaluations; default: the method's reference protocol (DM, DSA, IDC, "
+                        "DREAM 1000; DC 300)" + _family("--epoch_eval_train"))
     s.add_argument("--eval-runs", "--num_eval", type=int, default=1,
                    help="trained networks per evaluation" + _family("--num_eval", "the family trains 20"))
     s.add_argument("--lr-img", "--lr_img", type=float, default=None,
-                   help="image learning rate; default: DM 1 (10 at IPC >= 100), DC family 0.1"
+                   help="image learning rate; default: the preset's (DM 1 (10 at IPC >= 100), DC family 0.1)"
                         + _family("--lr_img"))
     s.add_argument("--momentum", type=float, default=0.5, help="SGD momentum of the image update")
-    s.add_argument("--batch-real", "--batch_real", type=int, default=256,
-                   help="real images per class per step" + _family("--batch_real"))
+    s.add_argument("--batch-real", "--batch_real", type=int, default=None,
+                   help="real images per class per step; default: the preset's (256; COBRA's DM 600)"
+                        + _family("--batch_real"))
     s.add_argument("--real-chunk", type=int, default=None,
                    help="at most this many real images per network pass (the per-segment sums of the chunks are "
                         "added, so the result is the same); bounds activation memory for many classes "
@@ -167,10 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", default="real", choices=list(INITS),
                    help="synthetic set initialisation (default: real) [the family's own spelling and values; its "
                         "DC script starts from noise, its DM script from real images]")
-    s.add_argument("--no-dsa", action="store_true", help="turn DSA augmentation off")
+    s.add_argument("--dsa", default=None, choices=["on", "off"],
+                   help="DSA augmentation while distilling; default: the method's paper: on for dm, dsa, idc, "
+                        "dream; off for dc (FairDD main_DC.py and COBRA train_dc.py distil DC without DSA)")
+    s.add_argument("--no-dsa", action="store_true", help="the same as --dsa off")
+    s.add_argument("--dsa-per-sample", action="store_true",
+                   help="siamese DSA with one transform per real/synthetic row pair instead of the reference's "
+                        "one transform per class batch (an option, not the papers' protocol)")
     s.add_argument("--dsa-strategy", "--dsa_strategy", default=DSA_STRATEGY, metavar="STRATEGY",
                    help="DSA ops, '_'-joined from color, crop, cutout, flip, scale, rotate; none (or None) turns "
-                        f"DSA off like --no-dsa (default: {DSA_STRATEGY})"
+                        f"DSA off like --dsa off (default: {DSA_STRATEGY})"
                         + _family("--dsa_strategy", "the family's DC script uses None, i.e. no DSA, unless told "
                                                     "otherwise"))
     s.add_argument("--dc-metric", "--dis_metric", default="ours", choices=list(DC_METRICS),
@@ -178,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cosine distance summed over layers, the DC paper's; mse; cos: one cosine of the "
                         "flattened gradients); DM ignores it" + _family("--dis_metric"))
     s.add_argument("--cobra-warmup-epochs", type=int, default=None,
-                   help="COBRA DM warm-up epochs; default: 10, 50 at IPC >= 50, 100 at IPC >= 100")
+                   help="COBRA DM warm-up epochs; default: COBRA's rule, 50 at IPC 50, 100 at IPC 100, else 10")
     s.add_argument("--group-noise", type=float, default=0.0, help="fraction of real samples given a wrong group")
     s.add_argument("--groups", default="true", choices=list(GROUP_SOURCES),
                    help="group labels: the dataset's, or DBSCAN pseudo groups per class batch")
@@ -207,10 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--runs", "--num_eval", type=int, default=5,
                    help="trained networks (mean and std over them)" + _family("--num_eval"))
     e.add_argument("--epochs", "--epoch_eval_train", type=int, default=None,
-                   help="training epochs (default: 1000, the DM protocol)" + _family("--epoch_eval_train"))
+                   help="training epochs Epoch (the reference trains Epoch + 1 and drops the lr after Epoch // 2 + "
+                        "1); default: the reference protocol of the method recorded in the synthetic set: DM "
+                        "(FairDD main_DM.py), DSA, IDC, DREAM 1000; DC 300 (FairDD main_DC.py); baselines 1000"
+                        + _family("--epoch_eval_train"))
     e.add_argument("--width", type=int, default=None,
                    help="ConvNet/ViT width (default: 128)")
-    e.add_argument("--no-dsa", action="store_true", help="train without DSA")
+    e.add_argument("--dsa", default=None, choices=["on", "off"],
+                   help="DSA while training; default: the method's reference protocol: on for DM, DSA, IDC, DREAM "
+                        "and the baselines, off for DC (FairDD main_DC.py evaluates DC sets without augmentation)")
+    e.add_argument("--no-dsa", action="store_true", help="the same as --dsa off")
     e.add_argument("--seed", type=int, default=0, help="seed of the first run (run r uses seed + r)")
     e.add_argument("--json", default=None, help="where to write the metrics (default: metrics.json beside PATH)")
     _add_device(e)
@@ -333,6 +390,15 @@ def _write_json(path: str, obj: Any) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+def _dsa_flag(a: argparse.Namespace) -> bool | None:
+    """--dsa on|off (None: the method's paper default); --no-dsa is --dsa off."""
+    if a.no_dsa and a.dsa == "on":
+        raise UsageError("--no-dsa contradicts --dsa on")
+    if a.no_dsa:
+        return False
+    return None if a.dsa is None else a.dsa == "on"
+
+
 def cmd_distill(a: argparse.Namespace) -> int:
     from . import distill
     from . import distributed as dist
@@ -348,7 +414,8 @@ def cmd_distill(a: argparse.Namespace) -> int:
         dataset=canonical_name(a.dataset), method=a.method, objective=a.objective, ipc=a.ipc,
         iterations=a.iterations, lr_img=a.lr_img, momentum=a.momentum, batch_real=a.batch_real,
         real_chunk=a.real_chunk, dc_block_classes=a.dc_block_classes, outer_loop=a.outer_loop,
-        inner_loop=a.inner_loop, lr_net=a.lr_net, dsa=not dsa_off,
+        inner_loop=a.inner_loop, lr_net=a.lr_net, dsa=False if dsa_off else _dsa_flag(a),
+        dsa_per_sample=a.dsa_per_sample, preset=a.preset,
         dsa_strategy=DSA_STRATEGY if dsa_off else a.dsa_strategy, dc_metric=a.dc_metric, init=a.init,
         model=a.model, width=a.width, depth=a.depth, norm=a.norm, cobra_warmup_epochs=a.cobra_warmup_epochs,
         group_noise=a.group_noise, groups=a.groups, sample_per_group=a.sample_per_group, seed=a.seed,
@@ -444,7 +511,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import chance_note, evaluate_baseline, evaluate_synset
 
     _check_device(a.device)
-    kw: dict[str, Any] = dict(model=a.model, epochs=a.epochs, runs=a.runs, dsa=not a.no_dsa, seed=a.seed,
+    kw: dict[str, Any] = dict(model=a.model, epochs=a.epochs, runs=a.runs, dsa=_dsa_flag(a), seed=a.seed,
                               device=a.device, progress=not a.no_progress)
     if a.width is not None:
         kw["net_kwargs"] = {"width": a.width}
@@ -479,18 +546,27 @@ def cmd_eval(a: argparse.Namespace) -> int:
         else:
             bias, options = a.bias_ratio, _parse_options(a.data_option)
         ds = _load_data(name, root, bias, options, a.download)
-        res = evaluate_synset(syn["images"], syn["labels"], ds, **kw)
+        res = evaluate_synset(syn["images"], syn["labels"], ds, method=cfg.get("method"), **kw)
         row = {"method": cfg.get("method", "?"), "objective": cfg.get("objective", "?"), "dataset": name}
     row.update({k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std")})
-    row.update(model=a.model, epochs=res["epochs"], runs=a.runs, seconds=None)
-    print(format_table([row], title=f"{row['dataset']}: {a.model}, {a.runs} runs x {res['epochs']} epochs"))
+    row.update(model=a.model, epochs=res["epochs"], dsa=res["dsa"], runs=a.runs, seconds=None)
+    print(format_table([row], title=f"{row['dataset']}: {a.model}, {a.runs} runs x {res['epochs']} epochs "
+                                   f"({'with' if res['dsa'] else 'without'} DSA)"))
+    print(f"worst-group accuracy {res['worst_group_acc']:.2f} +- {res['worst_group_acc_std']:.2f}")
     note = chance_note(row["acc"], ds.num_classes)
     row["near_chance"] = note is not None
     if note:
         print(f"note: {note}")
     if out_path:
-        _write_json(out_path, {**row, "per_run": [{k: r[k] for k in ("acc", "deo_m", "deo_a")} for r in res["runs"]]})
-        print(f"metrics written to {out_path}")
+        from .heatmap import cell_heatmap, cells_payload, heatmap_path
+
+        per_run = [{k: r[k] for k in ("acc", "deo_m", "deo_a", "worst_group_acc")} for r in res["runs"]]
+        _write_json(out_path, {**row, **cells_payload(res, ds), "per_run": per_run})
+        png = cell_heatmap(res["cell_acc"], heatmap_path(out_path), class_names=ds.class_names,
+                           group_names=ds.group_names,
+                           title=f"{row['dataset']} {row['method']}+{row['objective']}: test accuracy per "
+                                 f"(class, group), mean of {a.runs} runs")
+        print(f"metrics written to {out_path}; per-cell heatmap in {png}")
     return 0
 
 
@@ -565,7 +641,37 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench}
+def _split_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    cells = None
+    if a.cells:
+        cells = []
+        for item in _split_list(a.cells) or []:
+            method, sep, objective = item.partition(":")
+            if not sep or not method or not objective:
+                raise UsageError(f"--cells expects METHOD:OBJECTIVE items, got {item!r}")
+            cells.append((method, objective))
+    if a.threads is not None and a.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {a.threads}")
+    if a.root is not None and not os.path.isdir(a.root):
+        raise UsageError(f"data root {a.root!r} does not exist")
+    _check_device(a.device)
+    _check_out_dir(a.out)
+    from .reproduce import reproduce
+
+    res = reproduce(a.table, a.budget, a.out, root=a.root, datasets=_split_list(a.datasets), cells=cells,
+                    seed=a.seed, device=a.device, progress=a.progress, threads=a.threads, note=a.note)
+    with open(os.path.join(a.out, "results.md")) as f:
+        print(f.read())
+    print(f"{len(res['results'])} cells in {os.path.join(a.out, 'results.json')} (and results.md, results.png)")
+    return 0
+
+
+_COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
+             "reproduce": cmd_reproduce}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,8 @@ driver (``fastfair.distill.dm`` / ``dc``) uses them.
 a class without real or without synthetic rows contributes 0). After each
 call ``last_terms`` holds the detached :class:`fastfair.objectives.MatchTerms`
 (per-class terms, per-(class, group) distances, real rows per segment) for
-logging.
+logging; inside a torch.compile'd graph it is not updated (a compiled graph
+keeps no Python side effects): call ``terms(...)`` there instead.
 """
 from __future__ import annotations
 
@@ -168,7 +169,7 @@ class FairGradientMatching(nn.Module):
             grads = segment_gradients(net, real_images, real_labels.long(), seg, width, chunk=self.chunk)
             return _global_segment_means(tuple(g.detach() for g in grads), seg, width)
 
-        grads, counts = ops.naming_bad_rows(op, checks, real_side)
+        grads, counts = ops._naming_bad_rows(op, checks, real_side)
         syn_grads = class_gradients(net, syn_images, syn_labels.long(), C, create_graph=True)
         return objectives.dc_matching_terms(grads, counts, syn_grads, G if per_group else 1, self.objective,
                                             self.metric, group_terms=per_group)

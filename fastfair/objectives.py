@@ -13,7 +13,10 @@ all-reduced first.
 
 References: FairDD (Zhou et al., NeurIPS'25, arXiv 2411.19623) eq. for
 synchronized matching and App. H / Table 7 for the ablations; COBRA (Moslemi
-et al., ICML'26, arXiv 2605.00185) for the barycenter target.
+et al., ICML'26, arXiv 2605.00185) for the barycenter target and for
+``fairdd-mean``, the FairDD DC baseline as COBRA's code re-implements it
+(each group term divided by the number of groups present; FairDD's own
+main_DC.py sums them, ``fairdd``).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor
 
 Target = Literal["pooled", "groups", "barycenter"]
-Weighting = Literal["uniform", "inverse", "ldam", "max"]
+Weighting = Literal["uniform", "mean", "inverse", "ldam", "max"]
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,12 @@ class Objective:
       ``pooled``     the class statistic over all its real rows (vanilla);
       ``groups``     every present group's statistic, one term each (FairDD);
       ``barycenter`` the unweighted mean of the present group statistics (COBRA).
-    weighting (``groups`` only): ``uniform`` (FairDD), ``inverse`` (1/n_cg,
+    weighting (``groups`` only): ``uniform`` (FairDD), ``mean`` (each term
+      divided by the number of groups present in the class: COBRA's
+      re-implementation of the FairDD DC baseline), ``inverse`` (1/n_cg,
       FairDD's DF/IW ablation), ``ldam`` (n_cg^(-1/4)), ``max`` (GroupDRO: only
-      the largest group term). Weights are normalised to mean 1 over the
-      groups present in the class.
+      the largest group term). ``inverse`` and ``ldam`` weights are
+      normalised to mean 1 over the groups present in the class.
     dm_distance: DM's distance; COBRA's DM uses L1, the others squared L2.
     """
 
@@ -53,6 +58,7 @@ OBJECTIVES: dict[str, Objective] = {
     for o in (
         Objective("vanilla", "pooled"),
         Objective("fairdd", "groups"),
+        Objective("fairdd-mean", "groups", "mean"),
         Objective("cobra", "barycenter", dm_distance="l1"),
         Objective("fairdd-iw", "groups", "inverse"),
         Objective("fairdd-ldam", "groups", "ldam"),
@@ -82,6 +88,8 @@ def group_weights(counts: Tensor, objective: Objective, dtype: torch.dtype = tor
     c = counts.to(dtype)
     if objective.weighting in ("uniform", "max"):
         return present.to(c.dtype)
+    if objective.weighting == "mean":
+        return present.to(c.dtype) / present.sum(1, keepdim=True).clamp(min=1).to(c.dtype)
     if objective.weighting == "inverse":
         raw = torch.where(present, 1.0 / c.clamp(min=1), torch.zeros_like(c))
     elif objective.weighting == "ldam":

@@ -19,14 +19,11 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers the ops)
+from ._extension import load as _load_extension
 
-    _LOADED = True
-    _LOAD_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _LOADED = False
-    _LOAD_ERROR = str(exc)
+# Loads fastfair._C; an extension built for another torch is an ImportError
+# that says how to rebuild, not a silent fallback to the reference ops.
+_LOADED, _LOAD_ERROR = _load_extension(__package__)
 
 _warned = False
 _validate_ids = True
@@ -276,7 +273,7 @@ def segment_ids(labels: Tensor, groups: Tensor, num_classes: int, num_groups: in
     return torch.where(ok, lab * num_groups + grp, torch.full_like(lab, -1))
 
 
-def first_out_of_range(op: str, checks: list[tuple[str, Tensor, int, str]]) -> str | None:
+def _first_out_of_range(op: str, checks: list[tuple[str, Tensor, int, str]]) -> str | None:
     """The error message for the first value outside [0, bound) among
     ``checks`` = [(argument name, tensor, bound, bound's name)], or None.
     Reads the values back: for error paths only."""
@@ -291,7 +288,7 @@ def first_out_of_range(op: str, checks: list[tuple[str, Tensor, int, str]]) -> s
     return None
 
 
-def naming_bad_rows(op: str, checks: list[tuple[str, Tensor, int, str]], fn, *args):  # noqa: ANN001, ANN201
+def _naming_bad_rows(op: str, checks: list[tuple[str, Tensor, int, str]], fn, *args):  # noqa: ANN001, ANN201
     """``fn(*args)``; when it fails with the ops' range error, re-raise it as a
     ValueError that names the caller's label or group (eager only: a traced
     graph raises the kernels' own message)."""
@@ -302,7 +299,7 @@ def naming_bad_rows(op: str, checks: list[tuple[str, Tensor, int, str]], fn, *ar
     except ValueError as err:
         if "is outside [0, num_segments" not in str(err):
             raise
-        msg = first_out_of_range(op, checks)
+        msg = _first_out_of_range(op, checks)
         if msg is None:
             raise
         raise ValueError(msg) from None
@@ -368,7 +365,7 @@ def fair_dm_terms(
     C, G = _check_dm_args(real_emb, real_labels, real_groups, syn_emb, syn_labels, num_classes, num_groups, op)
     checks = [("real_labels", real_labels, C, "num_classes"), ("real_groups", real_groups, G, "num_groups"),
               ("syn_labels", syn_labels, C, "num_classes")]
-    return naming_bad_rows(op, checks, _fair_dm_terms, real_emb, real_labels, real_groups, syn_emb, syn_labels,
+    return _naming_bad_rows(op, checks, _fair_dm_terms, real_emb, real_labels, real_groups, syn_emb, syn_labels,
                            C, G, obj, group_terms)
 
 
@@ -400,7 +397,7 @@ def fair_dm_loss(
     Replaces the reference code's per-class, per-group masked means with one
     segment reduction of the real batch (all classes, all groups) and one of
     the synthetic batch. The real side is a constant; the gradient flows to
-    ``syn_emb``. Objectives: ``vanilla``, ``fairdd``, ``cobra``,
+    ``syn_emb``. Objectives: ``vanilla``, ``fairdd``, ``fairdd-mean``, ``cobra``,
     ``fairdd-iw``, ``fairdd-ldam``, ``fairdd-groupdro`` (see
     :mod:`fastfair.objectives`). Returns a scalar: the sum over classes.
 

@@ -23,8 +23,10 @@ Precision (:func:`set_weight_grad_precision`, or ``FASTFAIR_WGRAD_PRECISION``):
 ``"fp32"`` (default until a GPU run measures the choice: the exact-er one;
 float32 operands, TF32 off for the call), ``"tf32"`` (float32 operands, TF32
 on), ``"bf16"`` (bfloat16 operands on tensor cores, float32 accumulation
-inside the GEMM, bfloat16 per-group results summed in float32) and
-``"simt"`` (the hand-written kernel). float64 input always takes the SIMT
+inside the GEMM, bfloat16 per-group results summed in float32), ``"cudnn"``
+(no grouped GEMM: one cuDNN weight gradient / cuBLAS mm per non-empty
+segment on its sorted slice of rows, the offsets read back once per call;
+TF32 as torch.backends.cudnn says) and ``"simt"`` (the hand-written kernel). float64 input always takes the SIMT
 kernel, which accumulates in float64.
 
 Host syncs: none on the bf16 path (offsets, sort and splits are device
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -43,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PRECISIONS = ("fp32", "tf32", "bf16", "simt")
+PRECISIONS = ("fp32", "tf32", "bf16", "cudnn", "simt")
 _ENV = "FASTFAIR_WGRAD_PRECISION"
 
 
@@ -59,7 +62,8 @@ _precision = _initial_precision()
 
 def set_weight_grad_precision(precision: str) -> None:
     """Choose how the CUDA weight-gradient ops compute: ``"fp32"``, ``"tf32"``,
-    ``"bf16"`` (grouped GEMM) or ``"simt"`` (the hand-written kernel)."""
+    ``"bf16"`` (grouped GEMM), ``"cudnn"`` (per segment) or ``"simt"`` (the
+    hand-written kernel)."""
     global _precision
     if precision not in PRECISIONS:
         raise ValueError(f"weight-gradient precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -98,7 +102,8 @@ class SegmentLayout:
     @staticmethod
     def of_sorted(ids: Tensor, num_segments: int) -> "SegmentLayout":
         """Layout of ids that are already in segment order (no sort)."""
-        return SegmentLayout(ids, num_segments, _ends(ids, num_segments), _key(ids, num_segments))
+        return SegmentLayout(ids, num_segments, _ends(_bucket(ids, num_segments), num_segments),
+                             _key(ids, num_segments))
 
 
 def _key(ids: Tensor, num_segments: int) -> tuple:
@@ -112,11 +117,13 @@ def _bucket(ids: Tensor, num_segments: int) -> Tensor:
     return torch.where(valid, ids.long(), torch.full_like(ids, num_segments, dtype=torch.long))
 
 
-def _ends(ids: Tensor, num_segments: int) -> Tensor:
-    bucket = _bucket(ids, num_segments)
-    counts = torch.zeros(num_segments + 1, dtype=torch.long, device=ids.device)
-    counts.index_add_(0, bucket, torch.ones_like(bucket))
-    return counts[:num_segments].cumsum(0).to(torch.int32)
+def _ends(sorted_bucket: Tensor, num_segments: int) -> Tensor:
+    """End row of every segment in rows sorted by bucket: a binary search (no
+    atomics, so deterministic mode is fine). cummax keeps the ends monotone
+    (the grouped GEMM's contract) even if unchecked bad ids broke the order."""
+    bounds = torch.arange(1, num_segments + 1, device=sorted_bucket.device)
+    ends = torch.searchsorted(sorted_bucket, bounds)
+    return ends.cummax(0).values.to(torch.int32)
 
 
 _hint: SegmentLayout | None = None
@@ -143,7 +150,7 @@ def _layout(ids: Tensor, num_segments: int) -> tuple[Tensor | None, Tensor]:
         return None, h.ends
     bucket = _bucket(ids, num_segments)
     perm = torch.argsort(bucket, stable=True)
-    return perm, _ends(ids, num_segments)
+    return perm, _ends(bucket[perm], num_segments)
 
 
 # ---------------------------------------------------------------------------
@@ -188,15 +195,21 @@ def _sub_ends(ends: Tensor, rows0: int, rows: int, positions: int, splits: int) 
     return sub.reshape(-1).to(torch.int32)
 
 
+_warned_fallback = False
+
+
 def _grouped(mat_a: Tensor, mat_b: Tensor, offs: Tensor) -> Tensor:
     """torch's grouped GEMM, [G, M, N]; where this torch version refuses the
     dtype (float32 on an older CUDA build), the same per-group loop its own
     fallback runs."""
+    global _warned_fallback
     try:
         return torch._grouped_mm(mat_a, mat_b, offs=offs)
-    except RuntimeError:
-        if mat_a.dtype == torch.bfloat16:
-            raise
+    except RuntimeError as exc:
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(f"fastfair: torch._grouped_mm refused {mat_a.dtype} operands ({exc}); "
+                          "running one mm per group instead", RuntimeWarning, stacklevel=3)
     ends = offs.tolist()  # one sync; only where torch has no kernel for the dtype
     out = mat_a.new_empty((len(ends), mat_a.shape[0], mat_b.shape[1]))
     start = 0
@@ -304,6 +317,31 @@ def grouped_conv2d_weight_grad(grad_out: Tensor, inp: Tensor, ids: Tensor, num_s
     return total.contiguous().view(num_segments, o, ci, kh, kw)
 
 
+def per_segment_weight_grad(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int,
+                            conv: tuple | None = None) -> Tensor:
+    """float32 per-segment weight gradients by the vendor's dense kernels, one
+    call per non-empty segment on its slice of the sorted rows (cuDNN's
+    implicit GEMM for conv: no im2col). ``conv``: (kernel_size, stride,
+    padding, dilation), None for Linear. Reads the offsets back once."""
+    perm, ends = _layout(ids, num_segments)
+    if perm is not None:
+        grad_out, inp = grad_out.index_select(0, perm), inp.index_select(0, perm)
+    shape = (grad_out.shape[1], inp.shape[1], *conv[0]) if conv else (grad_out.shape[1], inp.shape[1])
+    out = inp.new_zeros((num_segments, *shape), dtype=torch.float32)
+    if inp.shape[0] == 0:
+        return out
+    start = 0
+    for k, end in enumerate(ends.tolist()):  # the one host read
+        if end > start:
+            a, b = inp[start:end], grad_out[start:end]
+            if conv:
+                out[k] = torch.nn.grad.conv2d_weight(a, shape, b, conv[1], conv[2], conv[3])
+            else:
+                out[k] = b.t() @ a
+        start = end
+    return out
+
+
 # ---------------------------------------------------------------------------
 # The CUDA kernels of the custom ops.
 
@@ -326,6 +364,8 @@ def _cuda_linear(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int) 
     precision = get_weight_grad_precision()
     if precision == "simt" or inp.dtype == torch.float64:
         return torch.ops.fastfair.segment_linear_weight_grad_simt(grad_out, inp, ids, num_segments)
+    if precision == "cudnn":
+        return per_segment_weight_grad(grad_out, inp, ids, num_segments).to(inp.dtype)
     return grouped_linear_weight_grad(grad_out, inp, ids, num_segments, precision).to(inp.dtype)
 
 
@@ -337,6 +377,8 @@ def _cuda_conv2d(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int, 
     if precision == "simt" or inp.dtype == torch.float64:
         return torch.ops.fastfair.segment_conv2d_weight_grad_simt(
             grad_out, inp, ids, num_segments, kernel_size, stride, padding, dilation)
+    if precision == "cudnn":
+        return per_segment_weight_grad(grad_out, inp, ids, num_segments, geometry).to(inp.dtype)
     return grouped_conv2d_weight_grad(grad_out, inp, ids, num_segments, kernel_size, stride, padding,
                                       dilation, precision).to(inp.dtype)
 

@@ -86,6 +86,23 @@ def test_grouped_conv_matches_float64(precision, case):
     assert (got[1] == 0).all() and (got[-1] == 0).all()
 
 
+@pytest.mark.parametrize("op", ["linear", "conv"])
+def test_per_segment_vendor_path_matches_float64(op):
+    s = 9
+    ids = ids_with_gaps(31, s, seed=6)
+    if op == "linear":
+        b, a = torch.randn(31, 5, dtype=torch.float64), torch.randn(31, 8, dtype=torch.float64)
+        want = ops._segment_linear_weight_grad_reference(b, a, ids, s)
+        got = wgrad.per_segment_weight_grad(b.float(), a.float(), ids, s)
+    else:
+        geo = ((3, 2), (2, 1), (1, 0), (1, 2))
+        a, b = conv_case(31, 3, 4, 9, 7, *geo, seed=8)
+        want = ops._segment_conv2d_weight_grad_reference(b, a, ids, s, *geo)
+        got = wgrad.per_segment_weight_grad(b.float(), a.float(), ids, s, geo)
+    assert got.shape == want.shape and rel_err(got, want) <= REL["fp32"]
+    assert (got[1] == 0).all() and (got[-1] == 0).all()
+
+
 def test_grouped_conv_many_segments_chunks_and_splits(monkeypatch):
     # Tiny budgets force several row chunks (each adding all S sums) and
     # several sub-ranges per segment (the split-K of small G).
@@ -197,14 +214,15 @@ def test_class_gradients_class_sizes_equal_label_loop():
 
 @cuda
 @compiled
-@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "simt"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "cudnn", "simt"])
 def test_cuda_ops_per_precision(precision):
     ks, st, pd, dl = (3, 3), (1, 1), (1, 1), (1, 1)
     a, b = conv_case(45, 8, 16, 12, 12, ks, st, pd, dl, seed=1)
     ids = ids_with_gaps(45, 9, seed=2)
     want = ops._segment_conv2d_weight_grad_reference(b, a, ids, 9, ks, st, pd, dl)
     want_lin = ops._segment_linear_weight_grad_reference(b.flatten(1), a.flatten(1)[:, :100], ids, 9)
-    rel = {"fp32": 1e-5, "tf32": 5e-3, "bf16": 2e-2, "simt": 1e-5}[precision]
+    # cudnn follows torch.backends.cudnn.allow_tf32 (on by default): TF32's error.
+    rel = {"fp32": 1e-5, "tf32": 5e-3, "bf16": 2e-2, "cudnn": 5e-3, "simt": 1e-5}[precision]
     with ops.weight_grad_precision(precision):
         for dtype in (torch.float32, torch.bfloat16):
             got = ops.segment_conv2d_weight_grad(b.cuda().to(dtype), a.cuda().to(dtype), ids.cuda(), 9, ks, st, pd, dl)
@@ -233,3 +251,19 @@ def test_cuda_bf16_sorted_path_has_no_host_sync():
             ops.segment_linear_weight_grad(b.flatten(1), a.flatten(1), ids, 10)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_fallback_when_grouped_mm_refuses(monkeypatch):
+    # An older torch refusing the dtype: one mm per group, the same result.
+    b, a = torch.randn(30, 4), torch.randn(30, 6)
+    ids = ids_with_gaps(30, 6, seed=1)
+    want = wgrad.grouped_linear_weight_grad(b, a, ids, 6)
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("Expected mat_a to be BFloat16")
+
+    monkeypatch.setattr(torch, "_grouped_mm", refuse)
+    monkeypatch.setattr(wgrad, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="one mm per group"):
+        got = wgrad.grouped_linear_weight_grad(b, a, ids, 6)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

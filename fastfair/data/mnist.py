@@ -3,11 +3,16 @@ class-correlated colour (FairDD paper, Sec. 5; REFERENCE.md "Datasets").
 
 Source files: torchvision's on-disk layout, root/MNIST/raw/*-ubyte and
 root/FashionMNIST/raw/*-ubyte (plain or .gz), read directly as IDX files.
-Train: class c gets colour c for a fraction BR of its images, the rest spread
-evenly over the other nine colours (drawn from ``seed``). Test: every colour
-equally often within each class (a fixed assignment, the same for every seed).
-28x28 padded by 2 to 32x32 (the padding is background), 3 channels,
-mean = std = 0.5.
+The default ``recipe="reference"`` builds the sets as the FairDD reference
+(colour_mnist.py) does: train: class c gets colour c for floor(BR n) of its
+n images, the other nine colours take the rest in ceil-sized chunks in a
+shuffled colour order (drawn from ``seed``); test: the same recipe with
+BR = 0.1 (nearly balanced; a fixed draw, the same for every seed). 28x28 is
+padded to 32x32 with 4 px at the top and left and none at the bottom and
+right (digit centre at (18, 18), as the reference pads). ``recipe="even"``
+is the former fastfair recipe: the minority colours spread evenly (counts
+differ by at most one), every colour exactly equally often in each test
+class, and 2 px padding on every side. 3 channels, mean = std = 0.5.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bias import COLOUR_NAMES, TEST_SEED, balanced_groups, colourise, generator, skewed_groups
+from .bias import COLOUR_NAMES, TEST_SEED, balanced_groups, colourise, generator, reference_groups, skewed_groups
 from .core import Raw, missing_files
 
 FILES = {
@@ -106,16 +111,34 @@ def read_split(root: str, source: str, split: str, download: bool) -> tuple[Tens
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
-def pad32(gray: Tensor) -> Tensor:
-    """28x28 -> 32x32 with a 2-pixel black (background) border."""
-    return F.pad(gray, (2, 2, 2, 2))
+RECIPES = ("reference", "even")
+# The reference's test colours: its train recipe at this bias ratio.
+TEST_BIAS_RATIO = 0.1
+
+
+def pad32(gray: Tensor, recipe: str = "reference") -> Tensor:
+    """28x28 -> 32x32 with black (background) padding: 4 px top and left, 0
+    bottom and right (the reference) or 2 px on every side (``"even"``)."""
+    if recipe == "reference":
+        return F.pad(gray, (4, 0, 4, 0))  # (left, right, top, bottom)
+    if recipe == "even":
+        return F.pad(gray, (2, 2, 2, 2))
+    raise ValueError(f"unknown C-MNIST recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
 
 
 def coloured(train_gray: Tensor, train_labels: Tensor, test_gray: Tensor, test_labels: Tensor,
-             mode: str, bias_ratio: float, seed: int, class_names: list[str]) -> Raw:
-    """The C-MNIST recipe on padded uint8 grayscale images (shared with cdigits)."""
-    train_groups = skewed_groups(train_labels, torch.arange(10), 10, bias_ratio, generator(seed, "colour"))
-    test_groups = balanced_groups(test_labels, 10, 10, generator(TEST_SEED, "test-colour"))
+             mode: str, bias_ratio: float, seed: int, class_names: list[str], recipe: str = "reference") -> Raw:
+    """The C-MNIST colouring on padded uint8 grayscale images (shared with
+    cdigits): colour assignment by ``recipe`` (module docstring)."""
+    if recipe == "reference":
+        train_groups = reference_groups(train_labels, torch.arange(10), 10, bias_ratio, generator(seed, "colour"))
+        test_groups = reference_groups(test_labels, torch.arange(10), 10, TEST_BIAS_RATIO,
+                                       generator(TEST_SEED, "test-colour"))
+    elif recipe == "even":
+        train_groups = skewed_groups(train_labels, torch.arange(10), 10, bias_ratio, generator(seed, "colour"))
+        test_groups = balanced_groups(test_labels, 10, 10, generator(TEST_SEED, "test-colour"))
+    else:
+        raise ValueError(f"unknown C-MNIST recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     return Raw(
         colourise(train_gray, train_groups, mode), train_labels, train_groups,
         colourise(test_gray, test_groups, mode), test_labels, test_groups,
@@ -125,10 +148,11 @@ def coloured(train_gray: Tensor, train_labels: Tensor, test_gray: Tensor, test_l
 
 
 def load_coloured(source: str, background: bool, root: str, bias_ratio: float, seed: int,
-                  download: bool) -> Raw:
+                  download: bool, recipe: str = "reference") -> Raw:
     tr_img, tr_lab = read_split(root, source, "train", download)
     te_img, te_lab = read_split(root, source, "test", download)
     # C-FMNIST FG scales the colour by the intensity (REFERENCE.md); the
     # binary threshold would erase most of a garment's texture.
     mode = "bg" if background else ("fg-scaled" if source == "fmnist" else "fg")
-    return coloured(pad32(tr_img), tr_lab, pad32(te_img), te_lab, mode, bias_ratio, seed, CLASS_NAMES[source])
+    return coloured(pad32(tr_img, recipe), tr_lab, pad32(te_img, recipe), te_lab, mode, bias_ratio, seed,
+                    CLASS_NAMES[source], recipe)

@@ -26,12 +26,13 @@ class Spec:
 
 
 def _cmnist(source: str, background: bool) -> Spec:
-    def build(root: str, bias_ratio: float, seed: int, download: bool) -> Raw:
+    def build(root: str, bias_ratio: float, seed: int, download: bool, recipe: str = "reference") -> Raw:
         from .mnist import load_coloured
 
-        return load_coloured(source, background, root, bias_ratio, seed, download)
+        return load_coloured(source, background, root, bias_ratio, seed, download, recipe)
 
-    return Spec(build)
+    # recipe: "reference" (FairDD's colour_mnist.py) or "even" (fastfair's former one); data/mnist.py
+    return Spec(build, options={"recipe": "reference"})
 
 
 def _cifar10_s(root: str, bias_ratio: float, seed: int, download: bool) -> Raw:

@@ -118,9 +118,10 @@ def run_demo(out_dir: str = ".", json_path: str | None = None, device: str | Non
         t0 = time.perf_counter()
         res = run(cfg, ds, device=dev, progress=progress)
         t_distil = time.perf_counter() - t0
+        # method=: DM sets are evaluated with DSA, DC sets without (the reference's evaluation).
         ev = evaluate_synset(res.images, res.labels, ds, epochs=p["eval_epochs"], runs=p["eval_runs"], seed=seed,
-                             device=dev, progress=progress, net_kwargs={"width": p["eval_width"],
-                                                                        "depth": p["depth"]})
+                             device=dev, progress=progress, method=method,
+                             net_kwargs={"width": p["eval_width"], "depth": p["depth"]})
         t_eval = time.perf_counter() - t0 - t_distil
         row = {"method": method, "objective": objective,
                **{k: ev[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std")},
