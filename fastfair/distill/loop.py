@@ -160,7 +160,10 @@ def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
                 loss_acc = loss_acc + loss
                 n_acc += 1
                 if done % cfg.log_every == 0 or done == cfg.iterations:
-                    # The only host sync of an iteration, every log_every iterations.
+                    # The only host sync of an iteration, every log_every iterations;
+                    # out-of-range ids that a CUDA kernel recorded since the last
+                    # one are raised here.
+                    ops.raise_pending_errors()
                     entry = {"iteration": done, "loss": float(loss_acc / n_acc), "seconds": round(seconds(), 3)}
                     loss_acc, n_acc = torch.zeros((), device=dev), 0
                     log.append(entry)
