@@ -48,4 +48,23 @@ TORCH_LIBRARY(fastfair, m) {
   // [0, num_segments) and record the first one per device (csrc/cuda/
   // id_check.cuh); fastfair.ops takes it with this op and raises.
   m.def("take_id_error(Device device) -> int[]", &fastfair::take_id_error);
+  // The hand-written CUDA kernel of the two ops above, kept by name for the
+  // measured comparison against the grouped GEMM (fastfair/wgrad.py, which
+  // is the CUDA kernel of the ops themselves) and for float64.
+  m.def("segment_linear_weight_grad_simt(Tensor grad_out, Tensor input, Tensor ids, int num_segments) -> Tensor");
+  m.def("segment_conv2d_weight_grad_simt(Tensor grad_out, Tensor input, Tensor ids, int num_segments, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+}
+
+// The torch this library was compiled against (setup.py passes torch.__version__
+// as FASTFAIR_TORCH_VERSION), so that fastfair/_extension.py can refuse to run
+// under another torch instead of misbehaving.
+#define FASTFAIR_STR2(x) #x
+#define FASTFAIR_STR(x) FASTFAIR_STR2(x)
+#ifdef FASTFAIR_TORCH_VERSION
+#define FASTFAIR_TORCH_VERSION_STR FASTFAIR_STR(FASTFAIR_TORCH_VERSION)
+#else
+#define FASTFAIR_TORCH_VERSION_STR "unknown"
+#endif
+TORCH_LIBRARY_FRAGMENT(fastfair, m) {
+  m.def("build_torch_version() -> str", []() -> std::string { return FASTFAIR_TORCH_VERSION_STR; });
 }

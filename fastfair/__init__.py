@@ -9,22 +9,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import ops
-
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "augment", "data", "distill", "distributed", "evaluate", "metrics",
-    "nets", "objectives", "pergroup", "cli",
+    "ops", "augment", "data", "distill", "distributed", "evaluate", "metrics",
+    "nets", "nn", "objectives", "pergroup", "cli", "choices", "report",
 }
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy so that `import fastfair` stays cheap and never pulls in torchvision,
-    # scikit-learn or matplotlib unless the caller needs them.
+    # Lazy so that `import fastfair` stays cheap: no torch until a module that
+    # needs it is touched (the CLI parses arguments and prints --help without
+    # it), and no torchvision, scikit-learn or matplotlib unless the caller
+    # needs them.
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fastfair' has no attribute {name!r}")
 
 
-__all__ = ["ops", "__version__", *sorted(_SUBMODULES)]
+__all__ = ["__version__", *sorted(_SUBMODULES)]

@@ -1,23 +1,35 @@
 """DSA: differentiable siamese augmentation (Zhao & Bilen, ICML'21).
 
-Every op is differentiable w.r.t. the images (affine_grid / grid_sample for
-scale and rotate, index gathers and masks for crop and cutout, flip +
-torch.where for flip, arithmetic for the colour ops), so gradients reach the
-synthetic images through the augmentation.
+Every op is differentiable w.r.t. the images (affine_grid / grid_sample with
+PyTorch's default ``align_corners=False`` for scale and rotate, index gathers
+and masks for crop and cutout, flip + torch.where for flip, arithmetic for the
+colour ops), so gradients reach the synthetic images through the augmentation.
 
-*Siamese*: the real batch and the synthetic batch of a class are augmented with
-the same ``seed``, which picks the same op family and gives sample i the same
-parameters in both batches. All randomness comes from a local CPU
-``torch.Generator`` (the global RNG is never touched): the op choice is drawn
-first, then one row of parameters per sample from a single ``[N, P]`` draw, so
-the parameters of sample i never depend on the batch size N (the CPU generator
-fills tensors element by element, in order).
+Two ways of drawing parameters, as in the DSA / DM / FairDD code family:
 
-*Row offset*: ``dsa(x, seed, offset=k)`` gives row i of ``x`` the parameters of
-row ``k + i`` of that stream. A batch split into contiguous pieces (the shards
-of a distributed run) and augmented piece by piece, each with the offset of its
-first row, is augmented exactly as the whole batch in one call: the parameters
-of a row depend on its place in the whole batch, not on how the rows are split.
+*Batch mode* (``per_sample=False``, the default; the reference's
+``DiffAugment(x, strategy, seed)`` with a seed): ONE parameter set per call,
+applied to every row of the batch. The real batch of a class and its synthetic
+batch are augmented with the same seed, so every real and every synthetic
+image of the class gets the same transform; the augmented real target is the
+class mean of one transformed view, as in the reference.
+
+*Per-sample mode* (``per_sample=True``; the reference's ``seed=-1``, which it
+uses to train networks: evaluation, the DC inner loop): every row gets its own
+parameters. With a seed, row i of two batches still shares its parameters
+(``DSAParams.per_sample`` makes the matching use this mode: a named option,
+not the papers' protocol).
+
+All randomness comes from a local CPU ``torch.Generator`` (the global RNG is
+never touched): the op choice is drawn first, then the parameters from a single
+``[N, P]`` draw, so the parameters of row i never depend on the batch size N.
+
+*Row offset* (per-sample mode): ``dsa(x, seed, offset=k)`` gives row i of
+``x`` the parameters of row ``k + i`` of that stream, so a batch split into
+contiguous pieces (the shards of a distributed run) and augmented piece by
+piece, each with the offset of its first row, is augmented exactly as the whole
+batch. In batch mode every row has the seed's one parameter set whatever the
+offset, which gives the same guarantee trivially.
 """
 from __future__ import annotations
 
@@ -37,6 +49,10 @@ class DSAParams:
 
     single_op=True picks one op family per call (the DSA code's 'S' mode);
     False applies every family of the strategy in order.
+    per_sample: the parameter mode of the siamese (seeded) calls the
+    distillation makes; False (the reference's batch mode) gives the whole
+    batch one transform, True gives each row its own (an option; see the
+    module docstring). Network training always draws per sample.
     """
 
     ratio_scale: float = 1.2
@@ -48,6 +64,7 @@ class DSAParams:
     saturation: float = 2.0
     contrast: float = 0.5
     single_op: bool = True
+    per_sample: bool = False
 
 
 # Each family's ops, and how many uniform numbers one sample consumes.
@@ -117,8 +134,8 @@ def _flip(x: Tensor, u: Tensor, p: DSAParams) -> Tensor:
 
 
 def _affine(x: Tensor, theta: Tensor) -> Tensor:
-    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
-    return F.grid_sample(x, grid, align_corners=True)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
 
 
 def _scale(x: Tensor, u: Tensor, p: DSAParams) -> Tensor:
@@ -140,16 +157,19 @@ _OPS = {"color": _color, "crop": _crop, "cutout": _cutout, "flip": _flip, "scale
 
 
 def dsa(x: Tensor, seed: int, strategy: str = DEFAULT_STRATEGY, params: DSAParams | None = None,
-        offset: int = 0) -> Tensor:
+        offset: int = 0, per_sample: bool | None = None) -> Tensor:
     """Augment a batch ``x`` [N, C, H, W] with DSA, deterministically in ``seed``.
 
-    The same seed on two batches picks the same op family and gives their first
-    k samples identical parameters (siamese augmentation). ``offset``: row i of
-    ``x`` gets the parameters of row ``offset + i`` of the seed's stream (same
-    op family whatever the offset), so a batch augmented in contiguous pieces,
-    each with the offset of its first row, equals the batch augmented whole.
-    Differentiable w.r.t. ``x``; works on any device (parameters are drawn on
-    CPU and moved).
+    ``per_sample`` None takes ``params.per_sample`` (default False: batch
+    mode, one parameter set for every row, the reference's siamese call);
+    True draws one parameter row per sample. The same seed on two batches
+    picks the same op family and the same parameters (batch mode: for all
+    rows; per-sample mode: row i of both). ``offset`` (per-sample mode): row
+    i of ``x`` gets the parameters of row ``offset + i`` of the seed's stream,
+    so a batch augmented in contiguous pieces, each with the offset of its
+    first row, equals the batch augmented whole; batch mode ignores it (every
+    row has the same parameters). Differentiable w.r.t. ``x``; works on any
+    device (parameters are drawn on CPU and moved).
     """
     try:
         ok = not isinstance(offset, bool) and operator.index(offset) >= 0  # python / numpy ints, not floats
@@ -163,6 +183,7 @@ def dsa(x: Tensor, seed: int, strategy: str = DEFAULT_STRATEGY, params: DSAParam
     if not x.is_floating_point():
         raise ValueError(f"dsa expects floating-point images, got {x.dtype}")
     p = params if params is not None else DSAParams()
+    each = p.per_sample if per_sample is None else bool(per_sample)
     fams = parse_strategy(strategy)
     if not fams or x.shape[0] == 0:
         return x
@@ -172,11 +193,15 @@ def dsa(x: Tensor, seed: int, strategy: str = DEFAULT_STRATEGY, params: DSAParam
         pick = int(torch.randint(len(fams), (1,), generator=gen).item())
         fams = [fams[pick]]
     sizes = [_NUM_PARAMS[f] for f in fams]
-    # One draw for all ops: row i holds sample i's parameters whatever N is.
-    # The rows before ``offset`` are drawn and dropped: a few floats per row
-    # (offsets are at most a class batch), and it keeps offset 0 -- every
-    # single-process call -- bitwise the stream it always was.
-    u = torch.rand(offset + x.shape[0], sum(sizes), generator=gen)[offset:]
+    if each:
+        # One draw for all ops: row i holds sample i's parameters whatever N
+        # is. The rows before ``offset`` are drawn and dropped: a few floats
+        # per row (offsets are at most a class batch).
+        u = torch.rand(offset + x.shape[0], sum(sizes), generator=gen)[offset:]
+    else:
+        # The reference draws a row per sample and copies row 0 to all; one
+        # row, expanded, is that without the unused draws.
+        u = torch.rand(1, sum(sizes), generator=gen).expand(x.shape[0], -1)
     u = u.to(device=x.device, dtype=x.dtype)
     start = 0
     for fam, k in zip(fams, sizes):

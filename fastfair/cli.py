@@ -8,12 +8,15 @@ first).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from typing import Any, Sequence
 
-from .objectives import OBJECTIVES
+from .choices import (BUDGETS, DC_METRICS, DSA_STRATEGY, EXPORT_FORMATS, GROUP_SOURCES, INITS, METHODS, NETWORKS,
+                      OBJECTIVES, PRESETS, TABLES)
+from .report import format_table
 
 EXIT_USAGE = 2
 EXIT_INTERRUPT = 130
@@ -45,6 +48,17 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 _FMT = _DefaultsFormatter
 
+# The DC/DM code family (the DC, DSA and DM scripts that FairDD and COBRA build
+# on) spells its flags with underscores; they are accepted as aliases so that a
+# job script of theirs runs with few edits. Each help text says where an alias
+# is not an exact equivalent.
+FAMILY_NOTE = ("Aliases in square brackets are the DC/DM code family's spellings of the same option "
+               "(FairDD's and COBRA's scripts); a note says where the meaning differs.")
+
+
+def _family(flag: str, note: str = "") -> str:
+    return f" [alias {flag}{': ' + note if note else ''}]"
+
 
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
@@ -53,11 +67,13 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--dataset", required=required, default=None,
-                   help="dataset name (see fastfair.data.names()); cdigits-fg is embedded and needs no download"
+                   help="dataset name (see fastfair.data.names(); the DC/DM family's names such as "
+                        "Colored_MNIST_foreground, CIFAR10_S_90 or CelebA are aliases); cdigits-fg is embedded "
+                        "and needs no download"
                         + ("" if required else "; default: the dataset recorded in the synthetic set"))
-    p.add_argument("--root", default=None,
+    p.add_argument("--root", "--data_path", default=None,
                    help="data directory of the datasets read from files (README: Datasets); "
-                        "default: $FASTFAIR_DATA, else ./data")
+                        "default: $FASTFAIR_DATA, else ./data" + _family("--data_path"))
     p.add_argument("--download", action="store_true",
                    help="let torchvision fetch MNIST, FashionMNIST, CIFAR-10 or CelebA into --root when missing")
     p.add_argument("--bias-ratio", type=float, default=0.9,
@@ -92,19 +108,66 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # testing: a seconds-long protocol
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    # ----------------------------------------------------------- reproduce
+    r = sub.add_parser("reproduce", formatter_class=_FMT,
+                       help="run a paper table's cells and compare with the published numbers",
+                       description="Distil and evaluate every cell (dataset x method x objective at the table's "
+                                   "IPC) of a published table at a named budget, and write OUT/results.json, "
+                                   "OUT/results.md (measured mean +- std beside the paper's numbers: FairDD Tables "
+                                   "1-2, COBRA's where given) and OUT/results.png. Resumable: run the same "
+                                   "command again and finished cells are skipped, unfinished ones continue from "
+                                   "their checkpoint and finished evaluation runs.")
+    r.add_argument("--table", default="fairdd-cmnist", choices=list(TABLES),
+                   help="fairdd-cmnist: C-MNIST FG and BG at IPC 10, DM / DM+FairDD / DM+COBRA / DC / DC+FairDD "
+                        "(FairDD Tables 1-2); fairdd: every Table 1-2 dataset; cobra-cifar10s, cobra-cmnist: "
+                        "COBRA's DM numbers under COBRA's preset")
+    r.add_argument("--budget", default="cpu", choices=list(BUDGETS),
+                   help="paper: the full protocol (GPU hours); cpu: a stated reduced protocol for a 2-core CPU "
+                        "(about an hour per C-MNIST dataset on a quiet machine; the summary is in the outputs); "
+                        "tiny: seconds, for tests")
+    r.add_argument("--out", required=True, help="output directory (one folder per cell, results.*)")
+    r.add_argument("--root", default=None,
+                   help="data directory (e.g. ../shared/data for the real MNIST); default: $FASTFAIR_DATA, "
+                        "else ./data. Nothing is written there")
+    r.add_argument("--datasets", default=None,
+                   help="comma-separated subset of the table's datasets (default: all of them)")
+    r.add_argument("--cells", default=None,
+                   help="comma-separated subset of METHOD:OBJECTIVE cells, e.g. dm:fairdd,dc:fairdd "
+                        "(default: all of the table's)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the distillation and the first evaluation run")
+    _add_device(r)
+    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    r.add_argument("--note", default=None, help="a note recorded with the machine (e.g. 'shared with 4 jobs')")
+    r.add_argument("--progress", action="store_true", help="progress bars")
+
     # ------------------------------------------------------------- distill
     s = sub.add_parser("distill", formatter_class=_FMT, help="distil a dataset into a synthetic set",
                        description="Distil a dataset. Writes synset.pt, grid.png, log.jsonl and checkpoint.pt "
                                    "into --out; --resume continues an interrupted run. Launch with torchrun for "
                                    "several processes. Options left at 'None' take the paper default of the "
-                                   "method and IPC.")
+                                   "method and IPC. " + FAMILY_NOTE)
     _add_data(s, required=True)
-    s.add_argument("--method", default="dm", choices=["dm", "dc", "idc", "dream"], help="distillation method")
-    s.add_argument("--objective", default="fairdd", choices=list(OBJECTIVES), help="matching objective")
+    s.add_argument("--method", default="dm", choices=list(METHODS),
+                   help="distillation method: dm (Zhao & Bilen, WACV'23), dc (Zhao et al., ICLR'21), dsa (DC with "
+                        "DSA, Zhao & Bilen, ICML'21), idc (Kim et al., ICML'22), dream (Liu et al., ICCV'23)")
+    s.add_argument("--objective", default="fairdd", choices=list(OBJECTIVES),
+                   help="matching objective: vanilla, fairdd (FairDD, sum over groups), fairdd-mean (COBRA's "
+                        "re-implementation of the FairDD DC baseline: the mean over the groups present), cobra "
+                        "(COBRA barycenter), fairdd-iw / -ldam / -groupdro (FairDD's Table 7 ablations)")
+    s.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="paper protocol for the options left unset: fairdd (the FairDD code: DM 20000 iterations, "
+                        "batch_real 256, lr_img 1 (10 at IPC >= 100); DC 1000, 256, 0.1) or cobra (COBRA's "
+                        "train_dm.py: DM 2600 iterations, batch_real 600; DC as fairdd); both warm COBRA's DM up "
+                        "50 epochs at IPC 50, 100 at IPC 100, else 10 (default: fairdd)")
     s.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
-    s.add_argument("--iterations", type=int, default=None,
-                   help="iterations; default: 20000 for DM, 1000 for the DC family")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--iterations", "--Iteration", type=int, default=None,
+                   help="iterations; default: the preset's (DM 20000, COBRA's DM 2600, DC family 1000)"
+                        + _family("--Iteration", "the family's loop runs Iteration + 1 image updates "
+                                                 "(it = 0 .. Iteration), fastfair exactly N"))
+    s.add_argument("--out", "--save_path", required=True,
+                   help="output directory" + _family("--save_path", "the family writes res_*.pt there; fastfair "
+                                                                   "writes synset.pt, which `fastfair export "
+                                                                   "--format dc` turns into res_*.pt"))
     _add_device(s)
     s.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
     s.add_argument("--resume", action="store_true",
@@ -113,12 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resume an existing checkpoint is overwritten")
     s.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: never)")
     s.add_argument("--eval-model", default="ConvNet", help="network of the evaluations during the run")
-    s.add_argument("--eval-epochs", type=int, default=None, help="epochs of those evaluations (default: 1000)")
-    s.add_argument("--eval-runs", type=int, default=1, help="trained networks per evaluation")
-    s.add_argument("--lr-img", type=float, default=None,
-                   help="image learning rate; default: DM 1 (10 at IPC >= 100), DC family 0.1")
+    s.add_argument("--eval-epochs", "--epoch_eval_train", type=int, default=None,
+                   help="epochs of those evaluations; default: the method's reference protocol (DM, DSA, IDC, "
+                        "DREAM 1000; DC 300)" + _family("--epoch_eval_train"))
+    s.add_argument("--eval-runs", "--num_eval", type=int, default=1,
+                   help="trained networks per evaluation" + _family("--num_eval", "the family trains 20"))
+    s.add_argument("--lr-img", "--lr_img", type=float, default=None,
+                   help="image learning rate; default: the preset's (DM 1 (10 at IPC >= 100), DC family 0.1)"
+                        + _family("--lr_img"))
     s.add_argument("--momentum", type=float, default=0.5, help="SGD momentum of the image update")
-    s.add_argument("--batch-real", type=int, default=256, help="real images per class per step")
+    s.add_argument("--batch-real", "--batch_real", type=int, default=None,
+                   help="real images per class per step; default: the preset's (256; COBRA's DM 600)"
+                        + _family("--batch_real"))
     s.add_argument("--real-chunk", type=int, default=None,
                    help="at most this many real images per network pass (the per-segment sums of the chunks are "
                         "added, so the result is the same); bounds activation memory for many classes "
@@ -140,15 +209,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int, default=128, help="ConvNet width")
     s.add_argument("--depth", type=int, default=3, help="ConvNet depth")
     s.add_argument("--norm", default="instancenorm", help="normalisation layer of the network")
-    s.add_argument("--init", default="real", choices=["real", "noise"], help="synthetic set initialisation")
-    s.add_argument("--no-dsa", action="store_true", help="turn DSA augmentation off")
+    s.add_argument("--init", default="real", choices=list(INITS),
+                   help="synthetic set initialisation (default: real) [the family's own spelling and values; its "
+                        "DC script starts from noise, its DM script from real images]")
+    s.add_argument("--dsa", default=None, choices=["on", "off"],
+                   help="DSA augmentation while distilling; default: the method's paper: on for dm, dsa, idc, "
+                        "dream; off for dc (FairDD main_DC.py and COBRA train_dc.py distil DC without DSA)")
+    s.add_argument("--no-dsa", action="store_true", help="the same as --dsa off")
+    s.add_argument("--dsa-per-sample", action="store_true",
+                   help="siamese DSA with one transform per real/synthetic row pair instead of the reference's "
+                        "one transform per class batch (an option, not the papers' protocol)")
+    s.add_argument("--dsa-strategy", "--dsa_strategy", default=DSA_STRATEGY, metavar="STRATEGY",
+                   help="DSA ops, '_'-joined from color, crop, cutout, flip, scale, rotate; none (or None) turns "
+                        f"DSA off like --dsa off (default: {DSA_STRATEGY})"
+                        + _family("--dsa_strategy", "the family's DC script uses None, i.e. no DSA, unless told "
+                                                    "otherwise"))
+    s.add_argument("--dc-metric", "--dis_metric", default="ours", choices=list(DC_METRICS),
+                   help="DC family: distance between real and synthetic gradients (ours: per-output-unit "
+                        "cosine distance summed over layers, the DC paper's; mse; cos: one cosine of the "
+                        "flattened gradients); DM ignores it" + _family("--dis_metric"))
     s.add_argument("--cobra-warmup-epochs", type=int, default=None,
-                   help="COBRA DM warm-up epochs; default: 10, 50 at IPC >= 50, 100 at IPC >= 100")
+                   help="COBRA DM warm-up epochs; default: COBRA's rule, 50 at IPC 50, 100 at IPC 100, else 10")
     s.add_argument("--group-noise", type=float, default=0.0, help="fraction of real samples given a wrong group")
-    s.add_argument("--groups", default="true", choices=["true", "pseudo"],
+    s.add_argument("--groups", default="true", choices=list(GROUP_SOURCES),
                    help="group labels: the dataset's, or DBSCAN pseudo groups per class batch")
     s.add_argument("--sample-per-group", action="store_true", help="draw each class batch equally from its groups")
     s.add_argument("--log-every", type=int, default=10, help="log the loss every N iterations")
+    s.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also log the loss and the evaluations to TensorBoard event files in DIR (needs the "
+                        "optional tensorboard package; default: no TensorBoard)")
     s.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N iterations")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -156,24 +245,47 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", formatter_class=_FMT, help="train networks on a synthetic set (or a baseline) and "
                                                           "report Acc, DEO_M, DEO_A",
                        description="Evaluate PATH (a synset.pt or the directory holding it) and write "
-                                   "metrics.json beside it, or evaluate a baseline with --baseline and --dataset.")
+                                   "metrics.json beside it, or evaluate a baseline with --baseline and --dataset. "
+                                   + FAMILY_NOTE)
     e.add_argument("path", nargs="?", default=None, help="synset.pt or its directory (not with --baseline)")
     e.add_argument("--baseline", default=None, choices=["random", "whole"],
                    help="evaluate IPC random real images per class, or the whole training set, instead of PATH "
                         "(default: none, evaluate PATH)")
     _add_data(e, required=False)
     e.add_argument("--ipc", type=int, default=10, help="images per class of the random baseline")
-    e.add_argument("--model", default="ConvNet", choices=["ConvNet", "AlexNet", "VGG11", "ResNet18", "ViT"],
+    e.add_argument("--model", default="ConvNet", choices=list(NETWORKS),
                    help="evaluation network")
-    e.add_argument("--runs", type=int, default=5, help="trained networks (mean and std over them)")
-    e.add_argument("--epochs", type=int, default=None, help="training epochs (default: 1000, the DM protocol)")
+    e.add_argument("--runs", "--num_eval", type=int, default=5,
+                   help="trained networks (mean and std over them)" + _family("--num_eval"))
+    e.add_argument("--epochs", "--epoch_eval_train", type=int, default=None,
+                   help="training epochs Epoch (the reference trains Epoch + 1 and drops the lr after Epoch // 2 + "
+                        "1); default: the reference protocol of the method recorded in the synthetic set: DM "
+                        "(FairDD main_DM.py), DSA, IDC, DREAM 1000; DC 300 (FairDD main_DC.py); baselines 1000"
+                        + _family("--epoch_eval_train"))
     e.add_argument("--width", type=int, default=None,
                    help="ConvNet/ViT width (default: 128)")
-    e.add_argument("--no-dsa", action="store_true", help="train without DSA")
+    e.add_argument("--dsa", default=None, choices=["on", "off"],
+                   help="DSA while training; default: the method's reference protocol: on for DM, DSA, IDC, DREAM "
+                        "and the baselines, off for DC (FairDD main_DC.py evaluates DC sets without augmentation)")
+    e.add_argument("--no-dsa", action="store_true", help="the same as --dsa off")
     e.add_argument("--seed", type=int, default=0, help="seed of the first run (run r uses seed + r)")
     e.add_argument("--json", default=None, help="where to write the metrics (default: metrics.json beside PATH)")
     _add_device(e)
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # -------------------------------------------------------------- export
+    x = sub.add_parser(
+        "export", formatter_class=_FMT, help="write a synthetic set in another code family's file layout",
+        description="Write the synthetic set PATH (a synset.pt or its directory) in the layout another code "
+                    "reads. dc: the DC/DSA/DM family's res_<method>_<dataset>_<model>_<ipc>ipc.pt, "
+                    "{'data': [[image_syn, label_syn]], 'accs_all_exps': {model: [acc, ...]}} (the accuracies "
+                    "of a metrics.json beside PATH, written by fastfair eval, as fractions; else empty), plus "
+                    "the dataset's mean and std.")
+    x.add_argument("path", help="synset.pt or its directory")
+    x.add_argument("--format", default="dc", choices=list(EXPORT_FORMATS), help="file layout")
+    x.add_argument("--out", default=None,
+                   help="output file, or a directory for the family's file name (default: the family's file "
+                        "name beside PATH)")
 
     # --------------------------------------------------------------- bench
     b = sub.add_parser(
@@ -207,23 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _pm(mean: float, std: float) -> str:
-    return f"{mean:6.2f} +- {std:5.2f}"
-
-
-def format_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
-    """Plain-text table of results rows (method, objective, metrics, seconds)."""
-    head = f"{'method':<8} {'objective':<16} {'Acc':>15} {'DEO_M':>15} {'DEO_A':>15} {'seconds':>8}"
-    lines = [title] if title else []
-    lines += [head, "-" * len(head)]
-    for r in rows:
-        secs = r.get("seconds")
-        lines.append(f"{r['method']:<8} {r['objective']:<16} {_pm(r['acc'], r['acc_std']):>15} "
-                     f"{_pm(r['deo_m'], r['deo_m_std']):>15} {_pm(r['deo_a'], r['deo_a_std']):>15} "
-                     f"{(f'{secs:8.1f}' if secs is not None else '-'):>8}")
-    return "\n".join(lines)
 
 
 def _parse_options(items: list[str]) -> dict[str, Any]:
@@ -295,36 +390,73 @@ def _write_json(path: str, obj: Any) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+def _dsa_flag(a: argparse.Namespace) -> bool | None:
+    """--dsa on|off (None: the method's paper default); --no-dsa is --dsa off."""
+    if a.no_dsa and a.dsa == "on":
+        raise UsageError("--no-dsa contradicts --dsa on")
+    if a.no_dsa:
+        return False
+    return None if a.dsa is None else a.dsa == "on"
+
+
 def cmd_distill(a: argparse.Namespace) -> int:
     from . import distill
     from . import distributed as dist
+    from .distill import outdir
+    from .augment import parse_strategy
+    from .data.registry import canonical_name
 
     options = _parse_options(a.data_option)
+    dsa_off = a.no_dsa or a.dsa_strategy.lower() in ("", "none")
+    if not dsa_off:
+        parse_strategy(a.dsa_strategy)  # ValueError naming the bad op, before any data are loaded
     cfg = distill.DistillConfig(
-        dataset=a.dataset, method=a.method, objective=a.objective, ipc=a.ipc, iterations=a.iterations,
-        lr_img=a.lr_img, momentum=a.momentum, batch_real=a.batch_real, real_chunk=a.real_chunk,
-        dc_block_classes=a.dc_block_classes, outer_loop=a.outer_loop,
-        inner_loop=a.inner_loop, lr_net=a.lr_net, dsa=not a.no_dsa, init=a.init, model=a.model, width=a.width,
-        depth=a.depth, norm=a.norm, cobra_warmup_epochs=a.cobra_warmup_epochs, group_noise=a.group_noise,
-        groups=a.groups, sample_per_group=a.sample_per_group, seed=a.seed, log_every=a.log_every,
-        checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, eval_model=a.eval_model,
-        eval_epochs=a.eval_epochs, eval_runs=a.eval_runs, root=a.root, bias_ratio=a.bias_ratio,
-        extra={"data_options": options} if options else {},
+        dataset=canonical_name(a.dataset), method=a.method, objective=a.objective, ipc=a.ipc,
+        iterations=a.iterations, lr_img=a.lr_img, momentum=a.momentum, batch_real=a.batch_real,
+        real_chunk=a.real_chunk, dc_block_classes=a.dc_block_classes, outer_loop=a.outer_loop,
+        inner_loop=a.inner_loop, lr_net=a.lr_net, dsa=False if dsa_off else _dsa_flag(a),
+        dsa_per_sample=a.dsa_per_sample, preset=a.preset,
+        dsa_strategy=DSA_STRATEGY if dsa_off else a.dsa_strategy, dc_metric=a.dc_metric, init=a.init,
+        model=a.model, width=a.width, depth=a.depth, norm=a.norm, cobra_warmup_epochs=a.cobra_warmup_epochs,
+        group_noise=a.group_noise, groups=a.groups, sample_per_group=a.sample_per_group, seed=a.seed,
+        log_every=a.log_every, checkpoint_every=a.checkpoint_every, eval_every=a.eval_every,
+        eval_model=a.eval_model, eval_epochs=a.eval_epochs, eval_runs=a.eval_runs, root=a.root,
+        bias_ratio=a.bias_ratio, extra={"data_options": options} if options else {},
     )
     cfg = distill.resolve(cfg)  # bad settings fail before the data are loaded
     _check_device(a.device)
-    _check_out_dir(a.out)
+    outdir.check_writable_dir(a.out)
     _check_network(a.eval_model, "--eval-model")
-    _resume_notice(a.out, a.resume)
     # Under torchrun: join the group, and destroy it however the run ends (a
     # group that the caller set up before calling main() is left alone).
-    with dist.process_group(device=a.device):
-        ds = _load_data(a.dataset, a.root, a.bias_ratio, options, a.download)
-        res = distill.run(cfg, ds, out_dir=a.out, device=a.device, resume=a.resume, progress=not a.no_progress)
+    if a.tensorboard:
+        _check_out_dir(a.tensorboard, "--tensorboard")
+    writer_class = _tensorboard_writer_class() if a.tensorboard else None
+    # The lock first: a second run into --out fails before it loads anything.
+    with outdir.main_rank_lock(a.out), dist.process_group(device=a.device), contextlib.ExitStack() as stack:
+        _resume_notice(a.out, a.resume)
+        ds = _load_data(cfg.dataset, a.root, a.bias_ratio, options, a.download)
+        on_log = None
+        if writer_class is not None and dist.is_main():
+            from .tboard import TensorBoardLogger
+
+            on_log = TensorBoardLogger(a.tensorboard, cfg.to_dict(), writer_class)
+            stack.callback(on_log.close)
+        res = distill.run(cfg, ds, out_dir=a.out, device=a.device, resume=a.resume, progress=not a.no_progress,
+                          on_log=on_log)
         if dist.is_main():
             print(f"{cfg.method}+{cfg.objective} on {cfg.dataset}, IPC {cfg.ipc}: {res.config.iterations} "
                   f"iterations in {res.seconds:.1f} s; synthetic set in {os.path.join(a.out, 'synset.pt')}")
     return 0
+
+
+def _tensorboard_writer_class() -> Any:
+    from .tboard import TensorBoardMissing, summary_writer_class
+
+    try:
+        return summary_writer_class()
+    except TensorBoardMissing as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _check_network(name: str, flag: str) -> None:
@@ -356,6 +488,12 @@ def _synset_path(path: str) -> str:
     return p
 
 
+def _read_synset(sp: str) -> dict[str, Any]:
+    from .distill.synset import read_synset  # checks every field; ValueError -> one line, exit 2
+
+    return read_synset(sp)
+
+
 def _check_ipc(ds: Any, ipc: int) -> None:
     import torch
 
@@ -369,10 +507,11 @@ def _check_ipc(ds: Any, ipc: int) -> None:
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import evaluate_baseline, evaluate_synset
+    from .distill import outdir
+    from .evaluate import chance_note, evaluate_baseline, evaluate_synset
 
     _check_device(a.device)
-    kw: dict[str, Any] = dict(model=a.model, epochs=a.epochs, runs=a.runs, dsa=not a.no_dsa, seed=a.seed,
+    kw: dict[str, Any] = dict(model=a.model, epochs=a.epochs, runs=a.runs, dsa=_dsa_flag(a), seed=a.seed,
                               device=a.device, progress=not a.no_progress)
     if a.width is not None:
         kw["net_kwargs"] = {"width": a.width}
@@ -381,6 +520,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
             raise UsageError("give either PATH or --baseline, not both")
         if a.dataset is None:
             raise UsageError("--baseline needs --dataset")
+        if a.json:  # before any training: metrics that cannot be written would be lost
+            outdir.check_writable_file(a.json, "--json")
         ds = _load_data(a.dataset, a.root, a.bias_ratio, _parse_options(a.data_option), a.download)
         if a.baseline == "random":
             _check_ipc(ds, a.ipc)
@@ -391,14 +532,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
         if a.path is None:
             raise UsageError("give PATH (a synset.pt) or --baseline random|whole")
         sp = _synset_path(a.path)
-        try:
-            syn = torch.load(sp, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle, zip and torch errors alike: not a synthetic set
-            raise UsageError(f"cannot read {sp!r} as a synthetic set ({type(exc).__name__}); expected a "
-                             "synset.pt written by fastfair distill") from None
-        if not isinstance(syn, dict) or not {"images", "labels"} <= set(syn):
-            raise UsageError(f"{sp!r} is not a synthetic set (no images and labels); expected a synset.pt "
-                             "written by fastfair distill")
+        syn = _read_synset(sp)
+        out_path = a.json or os.path.join(os.path.dirname(os.path.abspath(sp)), "metrics.json")
+        outdir.check_writable_file(out_path, "--json" if a.json else "metrics.json (beside PATH; or pass --json)")
         cfg = syn.get("config", {})
         name = a.dataset or cfg.get("dataset")
         if name is None:
@@ -410,15 +546,53 @@ def cmd_eval(a: argparse.Namespace) -> int:
         else:
             bias, options = a.bias_ratio, _parse_options(a.data_option)
         ds = _load_data(name, root, bias, options, a.download)
-        res = evaluate_synset(syn["images"], syn["labels"], ds, **kw)
+        res = evaluate_synset(syn["images"], syn["labels"], ds, method=cfg.get("method"), **kw)
         row = {"method": cfg.get("method", "?"), "objective": cfg.get("objective", "?"), "dataset": name}
-        out_path = a.json or os.path.join(os.path.dirname(os.path.abspath(sp)), "metrics.json")
     row.update({k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std")})
-    row.update(model=a.model, epochs=res["epochs"], runs=a.runs, seconds=None)
-    print(format_table([row], title=f"{row['dataset']}: {a.model}, {a.runs} runs x {res['epochs']} epochs"))
+    row.update(model=a.model, epochs=res["epochs"], dsa=res["dsa"], runs=a.runs, seconds=None)
+    print(format_table([row], title=f"{row['dataset']}: {a.model}, {a.runs} runs x {res['epochs']} epochs "
+                                   f"({'with' if res['dsa'] else 'without'} DSA)"))
+    print(f"worst-group accuracy {res['worst_group_acc']:.2f} +- {res['worst_group_acc_std']:.2f}")
+    note = chance_note(row["acc"], ds.num_classes)
+    row["near_chance"] = note is not None
+    if note:
+        print(f"note: {note}")
     if out_path:
-        _write_json(out_path, {**row, "per_run": [{k: r[k] for k in ("acc", "deo_m", "deo_a")} for r in res["runs"]]})
-        print(f"metrics written to {out_path}")
+        from .heatmap import cell_heatmap, cells_payload, heatmap_path
+
+        per_run = [{k: r[k] for k in ("acc", "deo_m", "deo_a", "worst_group_acc")} for r in res["runs"]]
+        _write_json(out_path, {**row, **cells_payload(res, ds), "per_run": per_run})
+        png = cell_heatmap(res["cell_acc"], heatmap_path(out_path), class_names=ds.class_names,
+                           group_names=ds.group_names,
+                           title=f"{row['dataset']} {row['method']}+{row['objective']}: test accuracy per "
+                                 f"(class, group), mean of {a.runs} runs")
+        print(f"metrics written to {out_path}; per-cell heatmap in {png}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    import torch
+
+    from . import export
+
+    sp = _synset_path(a.path)
+    syn = _read_synset(sp)
+    here = os.path.dirname(os.path.abspath(sp))
+    n, c = int(syn["labels"].numel()), int(syn.get("num_classes") or int(syn["labels"].max()) + 1)
+    cfg = syn.get("config", {})
+    name = export.dc_filename(cfg, int(cfg.get("ipc") or n // max(c, 1)))
+    if a.out is None:
+        out = os.path.join(here, name)
+    elif os.path.isdir(a.out) or a.out.endswith(os.sep):
+        out = os.path.join(a.out, name)
+    else:
+        out = a.out
+    obj = export.to_dc(syn, os.path.join(here, "metrics.json"))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, out)
+    print(f"{sp} -> {out} (format {a.format}: {n} images, {c} classes)")
     return 0
 
 
@@ -452,10 +626,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    from .distill import outdir
     from .distill.demo import run_demo
 
     _check_device(a.device)
-    _check_out_dir(a.out)
+    outdir.check_writable_dir(a.out)
+    if a.json:
+        outdir.check_writable_file(a.json, "--json")
     if a.threads is not None and a.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {a.threads}")
     tiny = a.tiny or os.environ.get("FASTFAIR_DEMO_TINY", "") not in ("", "0")
@@ -464,7 +641,37 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "eval": cmd_eval, "bench": cmd_bench}
+def _split_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    cells = None
+    if a.cells:
+        cells = []
+        for item in _split_list(a.cells) or []:
+            method, sep, objective = item.partition(":")
+            if not sep or not method or not objective:
+                raise UsageError(f"--cells expects METHOD:OBJECTIVE items, got {item!r}")
+            cells.append((method, objective))
+    if a.threads is not None and a.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {a.threads}")
+    if a.root is not None and not os.path.isdir(a.root):
+        raise UsageError(f"data root {a.root!r} does not exist")
+    _check_device(a.device)
+    _check_out_dir(a.out)
+    from .reproduce import reproduce
+
+    res = reproduce(a.table, a.budget, a.out, root=a.root, datasets=_split_list(a.datasets), cells=cells,
+                    seed=a.seed, device=a.device, progress=a.progress, threads=a.threads, note=a.note)
+    with open(os.path.join(a.out, "results.md")) as f:
+        print(f.read())
+    print(f"{len(res['results'])} cells in {os.path.join(a.out, 'results.json')} (and results.md, results.png)")
+    return 0
+
+
+_COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
+             "reproduce": cmd_reproduce}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -472,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, ValueError, OSError) as exc:  # OSError: a full disk, a read-only or missing path
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"fastfair {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,9 +1,16 @@
 """Train-on-synthetic evaluation: accuracy and fairness of networks trained on a
 (distilled or baseline) training set and tested on the balanced test split.
 
-Protocol of the DC/DM/FairDD papers: a fresh network per run, SGD lr 0.01,
-momentum 0.9, weight decay 5e-4, batch 256, lr x0.1 at half of the epochs,
-cross-entropy, DSA on every training batch; 1000 epochs for DM (DC uses 300).
+Protocol of the DC/DM/FairDD code (REFERENCE.md): a fresh network per run, SGD
+lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, cross-entropy, and the
+reference's schedule: ``Epoch + 1`` epochs, the lr x0.1 (with a fresh SGD
+optimizer, as the reference re-creates it) after epoch ``Epoch // 2 + 1``.
+Epochs and augmentation per method (:func:`method_protocol`): DM 1000 epochs
+with DSA (FairDD main_DM.py); DC 300 epochs without augmentation (FairDD
+main_DC.py; the FairDD datasets get no DC augmentation); DSA, IDC and DREAM
+1000 epochs with DSA (the DSA protocol; IDC's / DREAM's own evaluation adds
+mixup, which fastfair does not implement). Training DSA draws parameters per
+sample, as the reference's ``DiffAugment(seed=-1)`` does.
 
 ``dataset`` is duck-typed (``fastfair.data.BiasedDataset``): ``train`` / ``test``
 splits with ``.images`` [N, C, H, W] float, ``.labels`` [N] and ``.groups`` [N]
@@ -24,6 +31,9 @@ from .metrics import fairness_report
 from .nets import get_network
 
 DEFAULT_EPOCHS = 1000
+# method -> (epochs, DSA) of the reference's evaluation (module docstring).
+METHOD_PROTOCOL = {"dm": (1000, True), "dc": (300, False), "dsa": (1000, True), "idc": (1000, True),
+                   "dream": (1000, True)}
 _EVAL_BATCH = 1024
 _METRICS = ("acc", "deo_m", "deo_a")
 
@@ -44,6 +54,11 @@ def _check_synset(images: Tensor, labels: Tensor, dataset: Any) -> None:
     n = images.shape[0]
     if n == 0:
         raise ValueError("the training set is empty")
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        # Networks trained on NaN predict one class: DEO 0 would read as "fair".
+        raise ValueError(f"the training images hold {bad} non-finite values (NaN or inf) of {images.numel()}; "
+                         "refusing to evaluate them")
     if labels.shape[0] != n:
         raise ValueError(f"{n} images but {labels.shape[0]} labels")
     lo, hi = int(labels.min()), int(labels.max())
@@ -64,52 +79,78 @@ def predict(net: nn.Module, images: Tensor, device: torch.device, batch_size: in
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
+def method_protocol(method: str | None) -> tuple[int, bool]:
+    """(epochs, dsa) with which the reference evaluates a method's synthetic
+    sets; an unknown or missing method (a baseline) gets DM's (1000, True)."""
+    return METHOD_PROTOCOL.get(method or "", (DEFAULT_EPOCHS, True))
+
+
+def lr_drop_epoch(epochs: int) -> int:
+    """The epoch after which the reference multiplies the lr by 0.1."""
+    return epochs // 2 + 1
+
+
 def train_network(net: nn.Module, images: Tensor, labels: Tensor, epochs: int, batch_size: int, lr: float,
                   dsa: bool, gen: torch.Generator, device: torch.device, bar: Any = None) -> nn.Module:
-    """Train ``net`` in place with the evaluation protocol (shuffled batches from
-    ``gen``, a fresh DSA seed per batch, lr x0.1 at epoch ``epochs // 2``)."""
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    """Train ``net`` in place with the reference's evaluation schedule:
+    ``epochs + 1`` passes of shuffled batches from ``gen`` (a fresh per-sample
+    DSA seed per batch), after pass ``epochs // 2 + 1`` the lr x0.1 with a new
+    optimizer (momentum restarts, as in the reference)."""
+    def sgd(rate: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(net.parameters(), lr=rate, momentum=0.9, weight_decay=5e-4)
+
+    opt = sgd(lr)
     n = images.shape[0]
+    drop = lr_drop_epoch(epochs)
     net.train()
-    for ep in range(epochs):
-        if ep == epochs // 2 and ep > 0:
-            for group in opt.param_groups:
-                group["lr"] *= 0.1
+    for ep in range(epochs + 1):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size].to(images.device)
             x = images[idx].to(device, non_blocking=True)
             y = labels[idx].to(device, non_blocking=True)
             if dsa:
-                x = dsa_augment(x, seed=int(torch.randint(2**62, (1,), generator=gen)), strategy=DEFAULT_STRATEGY)
+                # Per sample, as the reference trains (DiffAugment with seed -1).
+                x = dsa_augment(x, seed=int(torch.randint(2**62, (1,), generator=gen)), strategy=DEFAULT_STRATEGY,
+                                per_sample=True)
             loss = F.cross_entropy(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if ep == drop:
+            lr *= 0.1
+            opt = sgd(lr)
         if bar is not None:
             bar.update(1)
     return net
 
 
 def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "ConvNet", epochs: int | None = None,
-                    runs: int = 5, batch_size: int = 256, lr: float = 0.01, dsa: bool = True, seed: int = 0,
+                    runs: int = 5, batch_size: int = 256, lr: float = 0.01, dsa: bool | None = None, seed: int = 0,
                     device: str | torch.device | None = None, progress: bool = True,
-                    net_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                    net_kwargs: dict[str, Any] | None = None, method: str | None = None) -> dict[str, Any]:
     """Train ``runs`` fresh ``model`` networks on (images, labels) and test each
     on ``dataset.test``.
 
     Run r initialises its network and draws its batches and DSA seeds from seed
-    ``seed + r`` (the global RNG state is restored afterwards). ``epochs`` None
-    means 1000 (the DM protocol). ``net_kwargs`` go to
+    ``seed + r`` (the global RNG state is restored afterwards). ``epochs`` is
+    the reference's ``Epoch`` (``epochs + 1`` passes, see :func:`train_network`);
+    ``epochs`` / ``dsa`` None take the reference protocol of ``method``
+    (:func:`method_protocol`; no method: DM's 1000 epochs with DSA). ``net_kwargs`` go to
     :func:`fastfair.nets.get_network` (e.g. ``width``, ``norm``).
 
     Returns ``acc``, ``deo_m``, ``deo_a`` (means over runs, percent), their
     ``*_std`` (POPULATION standard deviation over runs, ddof=0, as ``np.std``
     in the DC/DM code), ``runs`` (per-run dicts with acc / deo_m / deo_a /
-    cell_acc / empty_cells), ``model`` and ``epochs``.
+    cell_acc / empty_cells), ``cell_acc`` and ``cell_acc_std`` ([C][G] mean
+    and std over runs of the per-cell accuracy, None for an empty cell),
+    ``worst_group_acc`` (mean over runs of the lowest non-empty cell
+    accuracy, and ``worst_group_acc_std``), ``model``, ``epochs`` and ``dsa``.
     """
     _check_synset(images, labels, dataset)
-    epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
+    ref_epochs, ref_dsa = method_protocol(method)
+    epochs = ref_epochs if epochs is None else int(epochs)
+    dsa = ref_dsa if dsa is None else bool(dsa)
     if epochs < 1 or runs < 1 or batch_size < 1:
         raise ValueError(f"epochs, runs and batch_size must be >= 1, got {epochs}, {runs}, {batch_size}")
     dev = _resolve_device(device)
@@ -118,7 +159,7 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "
     test = dataset.test
 
     per_run: list[dict[str, Any]] = []
-    with tqdm(total=runs * epochs, disable=not progress, desc=f"eval {model}", unit="ep") as bar:
+    with tqdm(total=runs * (epochs + 1), disable=not progress, desc=f"eval {model}", unit="ep") as bar:
         for r in range(runs):
             gen = torch.Generator().manual_seed(seed + r)
             with torch.random.fork_rng(devices=[]):
@@ -132,12 +173,31 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "
             per_run.append(rep)
             bar.set_postfix(acc=f"{rep['acc']:.1f}", deo_m=f"{rep['deo_m']:.1f}")
     out: dict[str, Any] = {}
-    for k in _METRICS:
+    for k in (*_METRICS, "worst_group_acc"):
         vals = np.array([rep[k] for rep in per_run], dtype=np.float64)
         out[k] = float(vals.mean())
         out[f"{k}_std"] = float(vals.std())
-    out.update(runs=per_run, model=model, epochs=epochs)
+    cells = np.array([[[np.nan if v is None else v for v in row] for row in rep["cell_acc"]] for rep in per_run],
+                     dtype=np.float64)  # [runs, C, G]
+    empty = np.isnan(cells[0])
+    mean, std = cells.mean(0), cells.std(0)
+    out["cell_acc"] = [[None if empty[c, a] else float(mean[c, a]) for a in range(cells.shape[2])]
+                       for c in range(cells.shape[1])]
+    out["cell_acc_std"] = [[None if empty[c, a] else float(std[c, a]) for a in range(cells.shape[2])]
+                           for c in range(cells.shape[1])]
+    out.update(runs=per_run, model=model, epochs=epochs, dsa=dsa)
     return out
+
+
+def chance_note(acc: float, num_classes: int) -> str | None:
+    """A warning for an accuracy near chance level, where a DEO near 0 says
+    nothing about fairness (a classifier that ignores its input is "fair");
+    None otherwise. Near: within a tenth of the way from chance to 100 %."""
+    chance = 100.0 / max(1, num_classes)
+    if acc > chance + 0.1 * (100.0 - chance):
+        return None
+    return (f"Acc {acc:.1f} % is near chance level ({chance:.1f} % for {num_classes} classes): "
+            "its DEO says nothing about fairness")
 
 
 def baseline_set(kind: str, dataset: Any, ipc: int = 10, seed: int = 0) -> tuple[Tensor, Tensor]:

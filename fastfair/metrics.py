@@ -1,9 +1,11 @@
 """Accuracy and fairness (difference of equal opportunity) of predictions.
 
 For class y and group a, r[a, y] is the accuracy on the test samples of class y
-and group a. gap[y] = max_a r[a, y] - min_a r[a, y] over the groups that have
-test samples in class y. DEO_M = max_y gap[y] * 100, DEO_A = mean_y gap[y] * 100
-(FairDD, Zhou et al. NeurIPS'25; lower is fairer).
+and group a. gap[y] = max_a r[a, y] - min_a r[a, y] over all groups, where a
+cell without test samples counts as 0% accuracy, as the FairDD reference code
+counts it. DEO_M = max_y gap[y] * 100, DEO_A = mean_y gap[y] * 100 (FairDD,
+Zhou et al. NeurIPS'25; lower is fairer). The worst-group accuracy is the
+lowest r[a, y] over the cells that have test samples.
 """
 from __future__ import annotations
 
@@ -33,13 +35,15 @@ def fairness_report(pred: Any, labels: Any, groups: Any, num_classes: int, num_g
       ``acc``         overall top-1 accuracy in percent;
       ``deo_m``       max over classes of the per-class gap, in percent;
       ``deo_a``       mean over ALL ``num_classes`` classes of the gap, in percent;
+      ``worst_group_acc`` the lowest non-empty cell accuracy, in percent;
       ``cell_acc``    [num_classes][num_groups] nested list of r[a, y] in percent,
                       None for a cell without test samples;
       ``empty_cells`` list of (class, group) pairs without test samples.
 
-    An empty cell is left out of its class's gap (never counted as 0%). A class
-    with fewer than two non-empty cells (or no samples at all) has gap 0 and
-    still counts in the DEO_A mean.
+    An empty cell counts as 0% in its class's gap (the reference's rule), so a
+    class with an empty cell and a non-empty one has the gap of its best cell.
+    A class without any test samples has gap 0 and still counts in the DEO_A
+    mean. With one group the gap is 0.
     """
     if num_classes < 1 or num_groups < 1:
         raise ValueError(f"num_classes and num_groups must be >= 1, got {num_classes}, {num_groups}")
@@ -69,9 +73,9 @@ def fairness_report(pred: Any, labels: Any, groups: Any, num_classes: int, num_g
     present = count > 0
     rate = hits / count.clamp(min=1).double()  # [C, G], 0 in empty cells (masked below)
 
-    hi = torch.where(present, rate, torch.full_like(rate, -np.inf)).max(dim=1).values
-    lo = torch.where(present, rate, torch.full_like(rate, np.inf)).min(dim=1).values
-    gap = torch.where(present.sum(dim=1) >= 2, hi - lo, torch.zeros_like(hi))
+    # Empty cells hold rate 0 already (hits 0 over a clamped count of 1).
+    gap = rate.max(dim=1).values - rate.min(dim=1).values
+    worst = torch.where(present, rate, torch.full_like(rate, np.inf)).min()
 
     rate_pct = (rate * 100.0).tolist()
     pres = present.tolist()
@@ -81,6 +85,7 @@ def fairness_report(pred: Any, labels: Any, groups: Any, num_classes: int, num_g
         "acc": float(correct.double().mean()) * 100.0,
         "deo_m": float(gap.max()) * 100.0,
         "deo_a": float(gap.mean()) * 100.0,
+        "worst_group_acc": float(worst) * 100.0,
         "cell_acc": cell_acc,
         "empty_cells": empty,
     }

@@ -13,18 +13,21 @@ all-reduced first.
 
 References: FairDD (Zhou et al., NeurIPS'25, arXiv 2411.19623) eq. for
 synchronized matching and App. H / Table 7 for the ablations; COBRA (Moslemi
-et al., ICML'26, arXiv 2605.00185) for the barycenter target.
+et al., ICML'26, arXiv 2605.00185) for the barycenter target and for
+``fairdd-mean``, the FairDD DC baseline as COBRA's code re-implements it
+(each group term divided by the number of groups present; FairDD's own
+main_DC.py sums them, ``fairdd``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 Target = Literal["pooled", "groups", "barycenter"]
-Weighting = Literal["uniform", "inverse", "ldam", "max"]
+Weighting = Literal["uniform", "mean", "inverse", "ldam", "max"]
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,12 @@ class Objective:
       ``pooled``     the class statistic over all its real rows (vanilla);
       ``groups``     every present group's statistic, one term each (FairDD);
       ``barycenter`` the unweighted mean of the present group statistics (COBRA).
-    weighting (``groups`` only): ``uniform`` (FairDD), ``inverse`` (1/n_cg,
+    weighting (``groups`` only): ``uniform`` (FairDD), ``mean`` (each term
+      divided by the number of groups present in the class: COBRA's
+      re-implementation of the FairDD DC baseline), ``inverse`` (1/n_cg,
       FairDD's DF/IW ablation), ``ldam`` (n_cg^(-1/4)), ``max`` (GroupDRO: only
-      the largest group term). Weights are normalised to mean 1 over the
-      groups present in the class.
+      the largest group term). ``inverse`` and ``ldam`` weights are
+      normalised to mean 1 over the groups present in the class.
     dm_distance: DM's distance; COBRA's DM uses L1, the others squared L2.
     """
 
@@ -53,6 +58,7 @@ OBJECTIVES: dict[str, Objective] = {
     for o in (
         Objective("vanilla", "pooled"),
         Objective("fairdd", "groups"),
+        Objective("fairdd-mean", "groups", "mean"),
         Objective("cobra", "barycenter", dm_distance="l1"),
         Objective("fairdd-iw", "groups", "inverse"),
         Objective("fairdd-ldam", "groups", "ldam"),
@@ -82,6 +88,8 @@ def group_weights(counts: Tensor, objective: Objective, dtype: torch.dtype = tor
     c = counts.to(dtype)
     if objective.weighting in ("uniform", "max"):
         return present.to(c.dtype)
+    if objective.weighting == "mean":
+        return present.to(c.dtype) / present.sum(1, keepdim=True).clamp(min=1).to(c.dtype)
     if objective.weighting == "inverse":
         raw = torch.where(present, 1.0 / c.clamp(min=1), torch.zeros_like(c))
     elif objective.weighting == "ldam":
@@ -127,6 +135,24 @@ def _dm_distance(diff: Tensor, objective: Objective) -> Tensor:
     return diff.pow(2).sum(-1)
 
 
+class MatchTerms(NamedTuple):
+    """The parts of a matching loss, for ``reduction="none"`` and logging.
+
+    per_class: [C], each class's term (0 for a class without real or without
+      synthetic rows); ``per_class.sum()`` is the loss.
+    per_group: [C, G], the distance of each (class, group) segment's real
+      statistic from the class's synthetic statistic (0 for empty segments
+      and skipped classes), before the objective's group weighting; ``None``
+      where it was not asked for or the real side holds no per-group
+      statistics (vanilla DC matches class gradients).
+    counts: [C, G] real rows per segment ([C, 1] without per-group statistics).
+    """
+
+    per_class: Tensor
+    per_group: Tensor | None
+    counts: Tensor
+
+
 def dm_matching_loss(
     real_sum: Tensor,
     real_count: Tensor,
@@ -143,6 +169,21 @@ def dm_matching_loss(
     or no synthetic rows, and groups absent from the batch, are skipped.
     Returns the SUM over classes (and groups), as the papers do.
     """
+    return dm_matching_terms(real_sum, real_count, syn_mean, syn_count, num_groups, objective).per_class.sum()
+
+
+def dm_matching_terms(
+    real_sum: Tensor,
+    real_count: Tensor,
+    syn_mean: Tensor,
+    syn_count: Tensor,
+    num_groups: int,
+    objective: str | Objective = "fairdd",
+    group_terms: bool = False,
+) -> MatchTerms:
+    """:func:`dm_matching_loss` before the sum over classes. ``group_terms``
+    also computes the per-(class, group) distances for objectives whose
+    target is one statistic per class (per-group objectives have them anyway)."""
     obj = get_objective(objective)
     num_classes = syn_mean.shape[0]
     if real_sum.shape[0] != num_classes * num_groups:
@@ -154,20 +195,65 @@ def dm_matching_loss(
     seg_sum = real_sum.view(num_classes, num_groups, d).to(syn_mean.dtype)
     counts = real_count.view(num_classes, num_groups)
     class_ok = (counts.sum(1) > 0) & (syn_count > 0)
-    if obj.target == "groups":
+    terms = None
+    if obj.target == "groups" or group_terms:
         means = seg_sum / counts.to(seg_sum.dtype).clamp(min=1).unsqueeze(-1)
         terms = _dm_distance(means - syn_mean.unsqueeze(1), obj)
+    if obj.target == "groups":
         per_class = reduce_group_terms(terms, counts, obj)
     else:
         target = class_target(seg_sum, counts, obj)
         per_class = _dm_distance(target - syn_mean, obj)
-    return torch.where(class_ok, per_class, torch.zeros_like(per_class)).sum()
+    per_class = torch.where(class_ok, per_class, torch.zeros_like(per_class))
+    if terms is not None:
+        keep = class_ok.unsqueeze(1) & (counts > 0)
+        terms = torch.where(keep, terms, torch.zeros_like(terms))
+    return MatchTerms(per_class, terms, counts)
 
 
 # ---------------------------------------------------------------------------
 # DC: gradient matching (match_loss of the DC code family, REFERENCE.md).
 
 Metric = Literal["ours", "mse", "cos"]
+
+
+class _MetricSum:
+    """The DC metric of target against synthetic gradients, summed over
+    parameter tensors; the leading dimensions (classes, or classes x groups)
+    are the shape of the terms."""
+
+    def __init__(self, metric: Metric) -> None:
+        self.metric = metric
+        self.dist: Tensor | None = None
+        self.dot = self.nr = self.ns = None
+
+    def add(self, target: Tensor, syn: Tensor, param_dims: int) -> None:
+        lead = target.dim() - param_dims
+        if self.metric == "ours":
+            if param_dims <= 1:
+                return
+            units = target.shape[lead]
+            t = target.reshape(*target.shape[:lead], units, -1)
+            y = syn.reshape(*syn.shape[:lead], units, -1)
+            cos = (t * y).sum(-1) / (t.norm(dim=-1) * y.norm(dim=-1) + 1e-6)
+            self._add_dist((1 - cos).sum(-1))
+        elif self.metric == "mse":
+            self._add_dist((target - syn).pow(2).reshape(*target.shape[:lead], -1).sum(-1))
+        else:
+            t = target.reshape(*target.shape[:lead], -1)
+            y = syn.reshape(*syn.shape[:lead], -1)
+            d_, a_, b_ = (t * y).sum(-1), t.pow(2).sum(-1), y.pow(2).sum(-1)
+            self.dot = d_ if self.dot is None else self.dot + d_
+            self.nr = a_ if self.nr is None else self.nr + a_
+            self.ns = b_ if self.ns is None else self.ns + b_
+
+    def _add_dist(self, term: Tensor) -> None:
+        self.dist = term if self.dist is None else self.dist + term
+
+    def value(self) -> Tensor | None:
+        if self.metric == "cos" and self.dot is not None:
+            return 1 - self.dot / (self.nr.sqrt() * self.ns.sqrt() + 1e-6)
+        return self.dist
 
 
 def dc_matching_loss(
@@ -202,6 +288,23 @@ def dc_matching_loss(
     classes. Vectorised over classes and groups ([C, G, ...] tensors); the only
     loop is over parameter tensors.
     """
+    return dc_matching_terms(real_grads, real_counts, syn_grads, num_groups, objective, metric).per_class.sum()
+
+
+def dc_matching_terms(
+    real_grads: Sequence[Tensor],
+    real_counts: Tensor,
+    syn_grads: Sequence[Tensor],
+    num_groups: int,
+    objective: str | Objective = "fairdd",
+    metric: Metric = "ours",
+    group_terms: bool = False,
+) -> MatchTerms:
+    """:func:`dc_matching_loss` before the sum over classes. ``group_terms``
+    also computes the metric of each (class, group) gradient against the
+    class's synthetic gradient for objectives whose target is one gradient
+    per class (per-group objectives have these terms anyway); with
+    ``num_groups = 1`` they are the class terms."""
     obj = get_objective(objective)
     if metric not in ("ours", "mse", "cos"):
         raise ValueError(f"unknown metric {metric!r}; choose 'ours', 'mse' or 'cos'")
@@ -215,8 +318,8 @@ def dc_matching_loss(
         )
     counts = real_counts.view(num_classes, num_groups)
     per_group = obj.target == "groups"
-    dot = nr = ns = None
-    dist = None
+    main = _MetricSum(metric)
+    groups = _MetricSum(metric) if group_terms and not per_group else None
     for r, s in zip(real_grads, syn_grads):
         if r.shape[0] != num_classes * num_groups or r.shape[1:] != s.shape[1:]:
             raise ValueError(
@@ -224,35 +327,26 @@ def dc_matching_loss(
                 f"with {num_classes} classes x {num_groups} groups"
             )
         r = r.detach().to(s.dtype).reshape(num_classes, num_groups, *s.shape[1:])
+        dims = s.dim() - 1
         if per_group:
-            target, syn = r, s.unsqueeze(1)  # [C, G, ...] against [C, 1, ...]
-        else:
-            seg_sum = r * counts.to(r.dtype).view(num_classes, num_groups, *([1] * (r.dim() - 2)))
-            target, syn = class_target(seg_sum, counts, obj), s  # [C, ...] against [C, ...]
-        lead = target.dim() - (s.dim() - 1)
-        if metric == "ours":
-            if s.dim() - 1 <= 1:
-                continue
-            units = s.shape[1]
-            t = target.reshape(*target.shape[:lead], units, -1)
-            y = syn.reshape(*syn.shape[:lead], units, -1)
-            cos = (t * y).sum(-1) / (t.norm(dim=-1) * y.norm(dim=-1) + 1e-6)
-            term = (1 - cos).sum(-1)
-            dist = term if dist is None else dist + term
-        elif metric == "mse":
-            term = (target - syn).pow(2).reshape(*target.shape[:lead], -1).sum(-1)
-            dist = term if dist is None else dist + term
-        else:
-            t = target.reshape(*target.shape[:lead], -1)
-            y = syn.reshape(*syn.shape[:lead], -1)
-            d_, a_, b_ = (t * y).sum(-1), t.pow(2).sum(-1), y.pow(2).sum(-1)
-            dot = d_ if dot is None else dot + d_
-            nr = a_ if nr is None else nr + a_
-            ns = b_ if ns is None else ns + b_
-    if metric == "cos":
-        dist = 1 - dot / (nr.sqrt() * ns.sqrt() + 1e-6)
-    if dist is None:  # only 1-D parameters under 'ours'
-        return syn_grads[0].sum() * 0
-    per_class = reduce_group_terms(dist, counts, obj) if per_group else dist
+            main.add(r, s.unsqueeze(1), dims)  # [C, G, ...] against [C, 1, ...]
+            continue
+        seg_sum = r * counts.to(r.dtype).view(num_classes, num_groups, *([1] * (r.dim() - 2)))
+        main.add(class_target(seg_sum, counts, obj), s, dims)  # [C, ...] against [C, ...]
+        if groups is not None:
+            groups.add(r, s.unsqueeze(1), dims)
+    dist = main.value()
+    group_dist = dist if per_group else (groups.value() if groups is not None else None)
+    zero = syn_grads[0].reshape(num_classes, -1).sum(1) * 0  # only 1-D parameters under 'ours'
     class_ok = counts.sum(1) > 0
-    return torch.where(class_ok, per_class, torch.zeros_like(per_class)).sum()
+    if dist is None:
+        per_class = zero
+    else:
+        per_class = reduce_group_terms(dist, counts, obj) if per_group else dist
+        per_class = torch.where(class_ok, per_class, torch.zeros_like(per_class))
+    if group_dist is None and (per_group or groups is not None):
+        group_dist = zero.unsqueeze(1).expand(num_classes, num_groups)
+    if group_dist is not None:
+        keep = class_ok.unsqueeze(1) & (counts > 0)
+        group_dist = torch.where(keep, group_dist, torch.zeros_like(group_dist))
+    return MatchTerms(per_class, group_dist, counts)

@@ -12,27 +12,39 @@ float32; the kernels are deterministic (no atomics, fixed reduction order).
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers the ops)
+from ._extension import load as _load_extension
 
-    _LOADED = True
-    _LOAD_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _LOADED = False
-    _LOAD_ERROR = str(exc)
+# Loads fastfair._C; an extension built for another torch is an ImportError
+# that says how to rebuild, not a silent fallback to the reference ops.
+_LOADED, _LOAD_ERROR = _load_extension(__package__)
 
 _warned = False
 _validate_ids = True
 
+_OPS = ("segment_sum", "segment_mean", "segment_count", "segment_linear_weight_grad",
+        "segment_conv2d_weight_grad")
 
-def _has_kernel(op: str, key: str) -> bool:
-    return _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastfair::{op}", key)
+
+def _kernel_devices(op: str) -> frozenset[str]:
+    """Device types with a compiled kernel for ``op``, resolved once at import:
+    the dispatcher query is not traceable, so torch.compile must never see it."""
+    if not _LOADED:
+        return frozenset()
+    keys = {"cpu": "CPU", "cuda": "CUDA"}
+    found = {d for d, k in keys.items() if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastfair::{op}", k)}
+    # The fake kernels registered below also serve meta tensors.
+    return frozenset(found | {"meta"})
+
+
+_KERNEL_DEVICES: dict[str, frozenset[str]] = {op: _kernel_devices(op) for op in _OPS}
+_INT64_MAX = (1 << 63) - 1
 
 
 def backend() -> str:
@@ -40,13 +52,12 @@ def backend() -> str:
     kernels only) or ``"reference"`` (pure PyTorch; the extension is missing)."""
     if not _LOADED:
         return "reference"
-    return "cuda" if _has_kernel("segment_sum", "CUDA") else "cpu"
+    return "cuda" if "cuda" in _KERNEL_DEVICES["segment_sum"] else "cpu"
 
 
 def _use_kernel(op: str, t: Tensor) -> bool:
     global _warned
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(t.device.type)
-    if key is not None and _has_kernel(op, key):
+    if t.device.type in _KERNEL_DEVICES[op]:
         return True
     if not _warned:
         _warned = True
@@ -58,6 +69,32 @@ def _use_kernel(op: str, t: Tensor) -> bool:
             stacklevel=3,
         )
     return False
+
+
+def _as_size(value: object, name: str, op: str) -> int | torch.SymInt:
+    """A positive size from any integer type: int, numpy integer, 0-d integer
+    tensor (read once, a host sync on GPUs), or a SymInt under dynamic shapes.
+    bool and floats are refused: they are never meant as a count."""
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        size = value  # as is: operator.index would specialise a traced SymInt
+    elif isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{op}: {name} must be an integer or a 0-d integer tensor, got a "
+                            f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        if value.device.type == "meta":
+            raise ValueError(f"{op}: {name} is a meta tensor, which holds no value; pass an int")
+    elif isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an integer, got bool")
+    if not isinstance(value, (int, torch.SymInt)):
+        try:
+            size = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{op}: {name} must be an integer, got {type(value).__name__}") from None
+    if size <= 0:
+        raise ValueError(f"{op}: {name} must be positive, got {size}")
+    if size > _INT64_MAX:
+        raise ValueError(f"{op}: {name} = {size} does not fit in int64")
+    return size
 
 
 @contextlib.contextmanager
@@ -110,9 +147,9 @@ def _take_id_error(device: torch.device) -> str | None:
     return _id_error_message(_ID_ERROR_OPS.get(code, f"op {code}"), row, value, segs)
 
 
-def _after_kernel(device: torch.device) -> None:
+def _after_kernel(device: torch.device, op: str) -> None:
     # CPU kernels have raised already; CUDA kernels left a record.
-    if device.type != "cuda" or torch.compiler.is_compiling():
+    if device.type != "cuda" or op not in _CUDA_KERNELS_RECORDING_IDS or torch.compiler.is_compiling():
         return
     if _validate_ids:
         msg = _take_id_error(device)
@@ -138,13 +175,10 @@ def raise_pending_errors() -> None:
         raise ValueError(first)
 
 
-def _check_args(x: Tensor | None, ids: Tensor, num_segments: int, op: str) -> None:
-    if not isinstance(num_segments, int) or isinstance(num_segments, bool):
-        raise TypeError(f"{op}: num_segments must be an int, got {type(num_segments).__name__}")
-    if num_segments <= 0:
-        raise ValueError(f"{op}: num_segments must be positive, got {num_segments}")
-    if num_segments >= 2**63:
-        raise ValueError(f"{op}: num_segments = {num_segments} does not fit in int64")
+def _check_args(x: Tensor | None, ids: Tensor, num_segments: int, op: str) -> int | torch.SymInt:
+    """Metadata checks (traceable: no tensor values are read); returns
+    num_segments as a size. The CPU kernels range-check ids as they read them."""
+    num_segments = _as_size(num_segments, "num_segments", op)
     if ids.dim() != 1:
         raise ValueError(f"{op}: ids must be 1-D, got shape {tuple(ids.shape)}")
     if ids.dtype not in (torch.int32, torch.int64):
@@ -165,6 +199,7 @@ def _check_args(x: Tensor | None, ids: Tensor, num_segments: int, op: str) -> No
     if (op not in _CUDA_KERNELS_RECORDING_IDS and ids.device.type == "cuda" and _validate_ids
             and ids.numel() > 0 and not torch.compiler.is_compiling()):
         _reference_check_range(ids, num_segments, op)
+    return num_segments
 
 
 def _check_same_device(op: str, **tensors: Tensor) -> None:
@@ -281,6 +316,10 @@ if _LOADED:
 # ---------------------------------------------------------------------------
 # Public API.
 
+# objectives holds no op code (it imports only torch): imported here, not
+# inside fair_dm_loss, so that a traced call does not execute an import.
+from . import objectives  # noqa: E402
+
 
 def segment_sum(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
     """Row sums per segment: out[s] = sum of x[i] over i with ids[i] == s.
@@ -288,32 +327,152 @@ def segment_sum(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
     x: [N, D] float32/float64/float16/bfloat16 (any strides); ids: [N] int32 or
     int64, any order. Returns [num_segments, D] in x's dtype. Differentiable in x.
     """
-    _check_args(x, ids, num_segments, "segment_sum")
+    num_segments = _check_args(x, ids, num_segments, "segment_sum")
     if _use_kernel("segment_sum", x):
         out = torch.ops.fastfair.segment_sum(x, ids, num_segments)
-        _after_kernel(x.device)
+        _after_kernel(x.device, "segment_sum")
         return out
     return _segment_sum_reference(x, ids, num_segments)
 
 
 def segment_mean(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
     """Row means per segment; an empty segment gives a zero row (never NaN)."""
-    _check_args(x, ids, num_segments, "segment_mean")
+    num_segments = _check_args(x, ids, num_segments, "segment_mean")
     if _use_kernel("segment_mean", x):
         out = torch.ops.fastfair.segment_mean(x, ids, num_segments)
-        _after_kernel(x.device)
+        _after_kernel(x.device, "segment_mean")
         return out
     return _segment_mean_reference(x, ids, num_segments)
 
 
 def segment_count(ids: Tensor, num_segments: int) -> Tensor:
     """Number of rows per segment, int64 [num_segments]."""
-    _check_args(None, ids, num_segments, "segment_count")
+    num_segments = _check_args(None, ids, num_segments, "segment_count")
     if _use_kernel("segment_count", ids):
         out = torch.ops.fastfair.segment_count(ids, num_segments)
-        _after_kernel(ids.device)
+        _after_kernel(ids.device, "segment_count")
         return out
     return _segment_count_reference(ids, num_segments)
+
+
+def segment_ids(labels: Tensor, groups: Tensor, num_classes: int, num_groups: int) -> Tensor:
+    """``label * num_groups + group`` as int64, and -1 wherever the label or
+    the group is out of range, so that the ops' own range check refuses the
+    row (on every device, without a host sync here). Computed in int64 after
+    the range test, so no label wraps into a valid segment (an int32 label
+    2^30 with 4 groups would be 0 in int32)."""
+    lab, grp = labels.long(), groups.long()
+    ok = (lab >= 0) & (lab < num_classes) & (grp >= 0) & (grp < num_groups)
+    return torch.where(ok, lab * num_groups + grp, torch.full_like(lab, -1))
+
+
+def _first_out_of_range(op: str, checks: list[tuple[str, Tensor, int, str]]) -> str | None:
+    """The error message for the first value outside [0, bound) among
+    ``checks`` = [(argument name, tensor, bound, bound's name)], or None.
+    Reads the values back: for error paths only."""
+    for name, t, bound, what in checks:
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        t64 = t.long()
+        bad = (t64 < 0) | (t64 >= bound)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            return f"{op}: {name}[{i}] = {int(t64[i])} is outside [0, {what} = {bound})"
+    return None
+
+
+def _naming_bad_rows(op: str, checks: list[tuple[str, Tensor, int, str]], fn, *args):  # noqa: ANN001, ANN201
+    """``fn(*args)``; when it fails with the ops' range error, re-raise it as a
+    ValueError that names the caller's label or group (eager only: a traced
+    graph raises the kernels' own message)."""
+    if torch.compiler.is_compiling():
+        return fn(*args)
+    try:
+        return fn(*args)
+    except ValueError as err:
+        if "is outside [0, num_segments" not in str(err):
+            raise
+        msg = _first_out_of_range(op, checks)
+        if msg is None:
+            raise
+        raise ValueError(msg) from None
+
+
+def _check_rows_1d(op: str, name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a 1-D int32/int64 tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {name} must be a 1-D int32/int64 tensor, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{op}: {name} must be a 1-D int32/int64 tensor, got shape {tuple(t.shape)}")
+
+
+def _check_dm_args(real_emb: Tensor, real_labels: Tensor, real_groups: Tensor, syn_emb: Tensor,
+                   syn_labels: Tensor, num_classes: object, num_groups: object, op: str) -> tuple:
+    """Metadata checks of the DM loss's inputs; returns (C, G) as sizes."""
+    num_classes = _as_size(num_classes, "num_classes", op)
+    num_groups = _as_size(num_groups, "num_groups", op)
+    if not isinstance(num_classes, torch.SymInt) and not isinstance(num_groups, torch.SymInt) \
+            and num_classes * num_groups > _INT64_MAX:
+        raise ValueError(f"{op}: num_classes * num_groups = {num_classes} * {num_groups} does not fit in int64")
+    for name, t in (("real_labels", real_labels), ("real_groups", real_groups), ("syn_labels", syn_labels)):
+        _check_rows_1d(op, name, t)
+    for name, t in (("real_emb", real_emb), ("syn_emb", syn_emb)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating tensor")
+    if real_emb.dim() != 2 or syn_emb.dim() != 2 or real_emb.shape[1] != syn_emb.shape[1]:
+        raise ValueError(
+            f"{op}: embeddings must be [N, D] with the same D, got "
+            f"{tuple(real_emb.shape)} and {tuple(syn_emb.shape)}"
+        )
+    if not (real_labels.shape[0] == real_groups.shape[0] == real_emb.shape[0]):
+        raise ValueError(
+            f"{op}: real_emb, real_labels and real_groups need one row each, got "
+            f"{real_emb.shape[0]}, {real_labels.shape[0]} and {real_groups.shape[0]}"
+        )
+    if syn_labels.shape[0] != syn_emb.shape[0]:
+        raise ValueError(f"{op}: syn_emb has {syn_emb.shape[0]} rows but syn_labels has {syn_labels.shape[0]}")
+    devices = {t.device for t in (real_emb, real_labels, real_groups, syn_emb, syn_labels)}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
+    return num_classes, num_groups
+
+
+def fair_dm_terms(
+    real_emb: Tensor,
+    real_labels: Tensor,
+    real_groups: Tensor,
+    syn_emb: Tensor,
+    syn_labels: Tensor,
+    num_classes: int,
+    num_groups: int,
+    objective: str = "fairdd",
+    group_terms: bool = False,
+) -> objectives.MatchTerms:
+    """:func:`fair_dm_loss` before the sum over classes:
+    :class:`fastfair.objectives.MatchTerms` (per-class terms [C], per-(class,
+    group) distances [C, G] for per-group objectives or with ``group_terms``,
+    real rows per segment [C, G])."""
+    op = "fair_dm_loss"
+    obj = objectives.get_objective(objective)
+    C, G = _check_dm_args(real_emb, real_labels, real_groups, syn_emb, syn_labels, num_classes, num_groups, op)
+    checks = [("real_labels", real_labels, C, "num_classes"), ("real_groups", real_groups, G, "num_groups"),
+              ("syn_labels", syn_labels, C, "num_classes")]
+    return _naming_bad_rows(op, checks, _fair_dm_terms, real_emb, real_labels, real_groups, syn_emb, syn_labels,
+                           C, G, obj, group_terms)
+
+
+def _fair_dm_terms(real_emb: Tensor, real_labels: Tensor, real_groups: Tensor, syn_emb: Tensor,
+                   syn_labels: Tensor, C: int, G: int, obj: objectives.Objective,
+                   group_terms: bool) -> objectives.MatchTerms:
+    num_segments = C * G
+    seg = segment_ids(real_labels, real_groups, C, G)
+    real = real_emb.detach()
+    real_sum = segment_sum(real, seg, num_segments)
+    real_count = segment_count(seg, num_segments)
+    syn_mean = segment_mean(syn_emb, syn_labels, C)
+    syn_count = segment_count(syn_labels, C)
+    return objectives.dm_matching_terms(real_sum, real_count, syn_mean, syn_count, G, obj, group_terms)
 
 
 def fair_dm_loss(
@@ -331,37 +490,18 @@ def fair_dm_loss(
     Replaces the reference code's per-class, per-group masked means with one
     segment reduction of the real batch (all classes, all groups) and one of
     the synthetic batch. The real side is a constant; the gradient flows to
-    ``syn_emb``. Objectives: ``vanilla``, ``fairdd``, ``cobra``,
+    ``syn_emb``. Objectives: ``vanilla``, ``fairdd``, ``fairdd-mean``, ``cobra``,
     ``fairdd-iw``, ``fairdd-ldam``, ``fairdd-groupdro`` (see
     :mod:`fastfair.objectives`). Returns a scalar: the sum over classes.
-    """
-    from . import objectives  # objectives holds no op code; imported late to keep `import fastfair` light
 
-    obj = objectives.get_objective(objective)
-    for name, t in (("real_labels", real_labels), ("real_groups", real_groups), ("syn_labels", syn_labels)):
-        if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"fair_dm_loss: {name} must be a 1-D int32/int64 tensor")
-    if real_labels.shape != real_groups.shape:
-        raise ValueError("fair_dm_loss: real_labels and real_groups must have the same length")
-    if real_emb.dim() != 2 or syn_emb.dim() != 2 or real_emb.shape[1] != syn_emb.shape[1]:
-        raise ValueError(
-            f"fair_dm_loss: embeddings must be [N, D] with the same D, got "
-            f"{tuple(real_emb.shape)} and {tuple(syn_emb.shape)}"
-        )
-    if num_classes <= 0 or num_groups <= 0:
-        raise ValueError("fair_dm_loss: num_classes and num_groups must be positive")
-    if real_groups.device.type == "cpu" and real_groups.numel() and bool(
-        ((real_groups < 0) | (real_groups >= num_groups)).any()
-    ):
-        raise ValueError(f"fair_dm_loss: real_groups must lie in [0, {num_groups})")
-    num_segments = num_classes * num_groups
-    seg = real_labels * num_groups + real_groups
-    real = real_emb.detach()
-    real_sum = segment_sum(real, seg, num_segments)
-    real_count = segment_count(seg, num_segments)
-    syn_mean = segment_mean(syn_emb, syn_labels, num_classes)
-    syn_count = segment_count(syn_labels, num_classes)
-    return objectives.dm_matching_loss(real_sum, real_count, syn_mean, syn_count, num_groups, obj)
+    num_classes / num_groups: any integer type (int, numpy integer, 0-d
+    integer tensor). A label outside [0, num_classes) or a group outside
+    [0, num_groups) raises ValueError naming it (``real_labels[7] = 9 is
+    outside [0, num_classes = 8)``); under torch.compile the ops' own range
+    error is raised instead, still before any result is returned.
+    """
+    return fair_dm_terms(real_emb, real_labels, real_groups, syn_emb, syn_labels, num_classes, num_groups,
+                         objective).per_class.sum()
 
 
 # ===========================================================================
@@ -377,17 +517,27 @@ _REF_CHUNK_ELEMS = 1 << 24
 
 
 def _pair(v: object, name: str, op: str) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(
-        isinstance(e, int) and not isinstance(e, bool) for e in v
-    ):
-        return (int(v[0]), int(v[1]))
+    def one(e: object) -> int:
+        if isinstance(e, bool):
+            raise TypeError
+        out = e if isinstance(e, (int, torch.SymInt)) else operator.index(e)
+        if abs(out) > _INT64_MAX:
+            raise ValueError(f"{op}: {name} = {v!r} does not fit in int64")
+        return out
+
+    try:
+        if isinstance(v, (tuple, list)) and len(v) == 2:
+            return (one(v[0]), one(v[1]))
+        if not isinstance(v, (tuple, list)):
+            e = one(v)
+            return (e, e)
+    except TypeError:
+        pass
     raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
 
 
 def _check_weight_grad_args(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int, op: str,
-                            dims: int) -> None:
+                            dims: int) -> int | torch.SymInt:
     shape = "[N, O]" if dims == 2 else "[N, O, H', W']"
     ishape = "[N, K]" if dims == 2 else "[N, I, H, W]"
     if grad_out.dim() != dims:
@@ -406,7 +556,7 @@ def _check_weight_grad_args(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segm
         )
     if ids.dim() == 1 and inp.shape[0] != ids.shape[0]:
         raise ValueError(f"{op}: input has {inp.shape[0]} rows but ids has {ids.shape[0]} entries")
-    _check_args(None, ids, num_segments, op)
+    return _check_args(None, ids, num_segments, op)
 
 
 def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -530,6 +680,16 @@ if _LOADED:
         setup_context=_setup_weight_grad,
     )
 
+    # On CUDA the two ops run a vendor grouped GEMM (fastfair/wgrad.py).
+    from .wgrad import register_cuda_kernels as _register_wgrad
+
+    _register_wgrad(lambda op, key: torch._C._dispatch_has_kernel_for_dispatch_key(f"fastfair::{op}", key))
+    # The registration above adds CUDA kernels: resolve those ops' devices again (still once, at import).
+    _KERNEL_DEVICES.update({op: _kernel_devices(op) for op in ("segment_linear_weight_grad",
+                                                              "segment_conv2d_weight_grad")})
+
+from .wgrad import get_weight_grad_precision, set_weight_grad_precision, weight_grad_precision  # noqa: E402,F401
+
 
 def segment_linear_weight_grad(grad_out: Tensor, input: Tensor, ids: Tensor, num_segments: int) -> Tensor:  # noqa: A002
     """Per-segment sums of Linear weight gradients: out[s] = sum_{i: ids[i] = s} grad_out[i]^T input[i].
@@ -540,10 +700,10 @@ def segment_linear_weight_grad(grad_out: Tensor, input: Tensor, ids: Tensor, num
     half/bfloat16); empty segments are zero. Differentiable in grad_out and input.
     """
     op = "segment_linear_weight_grad"
-    _check_weight_grad_args(grad_out, input, ids, num_segments, op, 2)
+    num_segments = _check_weight_grad_args(grad_out, input, ids, num_segments, op, 2)
     if _use_kernel(op, input):
         out = torch.ops.fastfair.segment_linear_weight_grad(grad_out, input, ids, num_segments)
-        _after_kernel(input.device)
+        _after_kernel(input.device, op)
         return out
     return _segment_linear_weight_grad_reference(grad_out, input, ids, num_segments)
 
@@ -569,12 +729,12 @@ def segment_conv2d_weight_grad(
     op = "segment_conv2d_weight_grad"
     ks, st = _pair(kernel_size, "kernel_size", op), _pair(stride, "stride", op)
     pd, dl = _pair(padding, "padding", op), _pair(dilation, "dilation", op)
-    _check_weight_grad_args(grad_out, input, ids, num_segments, op, 4)
+    num_segments = _check_weight_grad_args(grad_out, input, ids, num_segments, op, 4)
     _check_conv_geometry(grad_out, input, ks, st, pd, dl, op)
     if _use_kernel(op, input):
         out = torch.ops.fastfair.segment_conv2d_weight_grad(
             grad_out, input, ids, num_segments, list(ks), list(st), list(pd), list(dl)
         )
-        _after_kernel(input.device)
+        _after_kernel(input.device, op)
         return out
     return _segment_conv2d_weight_grad_reference(grad_out, input, ids, num_segments, ks, st, pd, dl)

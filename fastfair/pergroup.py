@@ -22,15 +22,16 @@ sync on this path beyond, at most, one range check of the ids.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import ops
+from . import ops, wgrad
 
 _SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm, _BatchNorm)
 
@@ -39,19 +40,43 @@ def _trainable(m: nn.Module) -> bool:
     return any(p.requires_grad for p in m.parameters(recurse=False))
 
 
+# Parameter-free layers that mix the rows of a batch when they act on the
+# batch dimension (dim 0; None is Softmax's implicit dim, 0 for 1-D and 3-D
+# inputs): (type, attribute naming the dimension, values that do).
+_BATCH_DIM_MIXERS: tuple[tuple[type, str, tuple], ...] = (
+    (nn.Softmax, "dim", (0, None)), (nn.Softmin, "dim", (0, None)), (nn.LogSoftmax, "dim", (0, None)),
+    (nn.Flatten, "start_dim", (0,)), (nn.Unflatten, "dim", (0,)), (nn.CosineSimilarity, "dim", (0,)),
+)
+
+
 def _refusal(name: str, m: nn.Module) -> str | None:
-    """Why layer ``m`` cannot be decomposed per sample (None when it can)."""
+    """Why layer ``m`` cannot be decomposed per sample (None when it can).
+
+    Layers that couple the samples of a batch are refused whatever their
+    parameters (a frozen or parameter-free BatchNorm in training mode still
+    makes every sample's output, and so every gradient above it, depend on
+    the others); layers with trainable parameters must also be of a kind the
+    hooks split. InstanceNorm normalises each sample with its own statistics
+    (or, with track_running_stats in eval mode, with fixed ones), so it never
+    couples samples.
+    """
     where = f"layer '{name}' ({type(m).__name__})"
     if isinstance(m, _BatchNorm):
         if m.training:
             return (f"{where} is in training mode: BatchNorm couples the samples of a batch, so "
-                    "per-group gradients are not separable; use instance/group norm, call "
-                    "model.eval(), or fallback='loop'")
+                    "per-group gradients are not separable (with or without affine parameters); use "
+                    "instance/group norm, call model.eval(), or fallback='loop'")
         if m.running_mean is None or m.running_var is None:
             return (f"{where} has no running statistics, so it normalises with batch statistics even "
                     "in eval mode: it couples the samples, per-group gradients are not separable; "
                     "use fallback='loop'")
         return None
+    for kind, attr, values in _BATCH_DIM_MIXERS:
+        if isinstance(m, kind) and getattr(m, attr, None) in values:
+            return (f"{where} acts on the batch dimension ({attr}={getattr(m, attr)}), so it mixes the "
+                    "samples: per-group gradients are not separable; use fallback='loop'")
+    if not _trainable(m):
+        return None  # no gradient of its own, and (past the checks above) per sample
     if not isinstance(m, _SUPPORTED):
         return (f"{where} has trainable parameters that cannot be decomposed per sample (supported: "
                 "Conv2d, Linear, GroupNorm, LayerNorm, BatchNorm in eval mode); use fallback='loop'")
@@ -62,12 +87,66 @@ def _refusal(name: str, m: nn.Module) -> str | None:
 
 def check_decomposable(model: nn.Module) -> None:
     """Raise ValueError naming the first layer whose parameter gradients are
-    not a sum of per-sample terms (or that this module cannot split)."""
+    not a sum of per-sample terms (or that this module cannot split). Every
+    module is checked, with or without trainable parameters."""
     for name, m in model.named_modules():
-        if _trainable(m):
-            why = _refusal(name, m)
-            if why is not None:
-                raise ValueError(f"segment_gradients: {why}")
+        why = _refusal(name, m)
+        if why is not None:
+            raise ValueError(f"segment_gradients: {why}")
+
+
+def _parameter_uses(root: torch.autograd.graph.Node | None) -> dict[int, int]:
+    """How often each leaf parameter (by id) enters the graph below ``root``:
+    the number of edges from a node that is NOT a pure function of one
+    parameter into one that is (the parameter's AccumulateGrad, or a chain of
+    pure functions of it such as a transpose or autocast's cached copy, which
+    several calls may share). A module call counts once per parameter."""
+    if root is None:
+        return {}
+    pure: dict[torch.autograd.graph.Node, int | None] = {}  # node -> id of the one parameter it is a function of
+    uses: dict[int, int] = {}
+    stack: list[tuple[torch.autograd.graph.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: children are classified before their parents
+        node, ready = stack.pop()
+        if node in pure:
+            continue
+        kids = [f for f, _ in node.next_functions if f is not None]
+        if not ready:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if k not in pure)
+            continue
+        var = getattr(node, "variable", None)
+        if var is not None:  # AccumulateGrad of a leaf
+            pure[node] = id(var)
+            continue
+        owners = {pure[k] for k in kids}
+        pure[node] = owners.pop() if len(owners) == 1 and None not in owners and kids else None
+        if pure[node] is None:
+            for k in kids:
+                if pure[k] is not None:
+                    uses[pure[k]] = uses.get(pure[k], 0) + 1
+    return uses
+
+
+def check_parameter_uses(model: nn.Module, total: Tensor, calls: list) -> None:
+    """Raise ValueError when a hooked parameter enters the loss more often than
+    its modules were called (e.g. ``F.linear(h, self.a.weight)`` in a
+    forward): the hooks see only the module calls, so such a use would be
+    missing from the per-segment gradients."""
+    hooked: dict[int, int] = {}
+    for c in calls:
+        for p in c.module.parameters(recurse=False):
+            if p.requires_grad:
+                hooked[id(p)] = hooked.get(id(p), 0) + 1
+    uses = _parameter_uses(total.grad_fn)
+    for name, p in model.named_parameters():
+        n_uses, n_calls = uses.get(id(p), 0), hooked.get(id(p), 0)
+        if p.requires_grad and n_uses > n_calls:
+            raise ValueError(
+                f"segment_gradients: parameter '{name}' enters the loss {n_uses} time(s) but its layer is "
+                f"called {n_calls} time(s): a use outside the layer's own call (e.g. F.linear(h, "
+                f"self.layer.weight) in forward) is not split per segment; call the layer instead, or use "
+                "fallback='loop'")
 
 
 @dataclass
@@ -101,6 +180,7 @@ def _capture(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tenso
     try:
         with torch.enable_grad():
             total = loss_fn(model(inputs))
+            check_parameter_uses(model, total, calls)
             for c in calls:
                 # A layer input or output overwritten in place later on (e.g.
                 # ReLU(inplace=True) after a conv) would give silently wrong A or B.
@@ -216,12 +296,15 @@ def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, 
         return tuple(p.new_zeros((num_segments, *p.shape)) for p in params)
     rows = _chunk_rows(chunk, model, inputs)
     chunked = rows < n
-    if n > 1 and (chunked or ids.device.type == "cpu"):
-        # Rows sorted by segment (stable: a segment keeps its row order): the
-        # weight-gradient kernels then read each segment's rows in place
-        # instead of gathering them, and a chunk of rows spans a contiguous
-        # range of segments, so it only produces and adds that range's sums
-        # (S x |W| per chunk would swamp small chunks when S is large).
+    if n > 1:
+        # Rows sorted by segment ONCE per call (stable: a segment keeps its
+        # row order), so every layer's A and B arrive sorted: the
+        # weight-gradient kernels read each segment's rows in place instead
+        # of gathering them (the CUDA grouped GEMM skips its sort and shares
+        # one set of offsets across layers: wgrad.sorted_segments below), and
+        # a chunk of rows spans a contiguous range of segments, so it only
+        # produces and adds that range's sums (S x |W| per chunk would swamp
+        # small chunks when S is large).
         order = torch.argsort(ids, stable=True)
         inputs, labels, ids = inputs[order], labels[order], ids[order]
     if not chunked:
@@ -243,8 +326,11 @@ def _hooked_segment_gradients(model: nn.Module, inputs: Tensor, labels: Tensor, 
         calls = _capture(model, inputs[r0:r1], _summed_loss(labels[r0:r1], loss), create_graph)
         part_ids = ids[r0:r1] - lo if lo else ids[r0:r1]
         # The ids were range-checked once by the caller's segment_count: the
-        # per-layer ops skip the check (it is a host sync on GPUs).
-        with ops.validate_ids(False):
+        # per-layer ops skip the check (it is a host sync on GPUs). On GPUs
+        # the chunk's segment offsets are computed once for all its layers.
+        shared = (wgrad.sorted_segments(wgrad.SegmentLayout.of_sorted(part_ids, width))
+                  if part_ids.device.type != "cpu" else contextlib.nullcontext())
+        with ops.validate_ids(False), shared:
             part: dict[int, Tensor] = {}
             for c in calls:
                 if c.b is None:  # the loss does not depend on this layer's output
@@ -429,6 +515,7 @@ def class_gradients(
     num_classes: int,
     create_graph: bool = True,
     batched: bool = False,
+    class_sizes: Sequence[int] | None = None,
 ) -> tuple[Tensor, ...]:
     """Per-class gradients of the synthetic set's mean loss, [C, *p.shape] each
     (one per trainable parameter), differentiable w.r.t. the synthetic images
@@ -440,6 +527,12 @@ def class_gradients(
     ``batched=True``: one forward and one backward over all classes with the
     segmented kernels (segments = classes), for per-sample-independent models
     only (ValueError otherwise, like :func:`segment_gradients`).
+
+    ``class_sizes`` (loop only): the rows are class-major with these many rows
+    per class (the synthetic set's layout, known on the host), so each class
+    is a slice and the loop never reads the device. Without it the rows are
+    sorted by label once and the per-class sizes read back once: one host
+    sync per call instead of one per class (boolean-mask indexing).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if batched:
@@ -449,10 +542,23 @@ def class_gradients(
         counts = ops.segment_count(syn_labels, num_classes)
         return _hooked_segment_gradients(model, syn_images, syn_labels, "ce", syn_labels,
                                          num_classes, counts, create_graph=create_graph)
+    if syn_images.shape[0] != syn_labels.shape[0]:
+        raise ValueError("class_gradients: syn_images and syn_labels need the same length")
+    if class_sizes is None:
+        order = torch.argsort(syn_labels, stable=True)
+        sizes = ops.segment_count(syn_labels, num_classes).tolist()  # the one host read
+        if sum(sizes) != syn_labels.shape[0]:
+            raise ValueError(f"class_gradients: syn_labels must lie in [0, {num_classes})")
+        syn_images, syn_labels = syn_images[order], syn_labels[order]
+    else:
+        sizes = [int(v) for v in class_sizes]
+        if len(sizes) != num_classes or sum(sizes) != syn_labels.shape[0] or min(sizes, default=0) < 0:
+            raise ValueError(
+                f"class_gradients: class_sizes must give {num_classes} non-negative row counts summing "
+                f"to {syn_labels.shape[0]}, got {list(class_sizes)}"
+            )
     per_class: list[list[Tensor]] = []
-    for c in range(num_classes):
-        rows = syn_labels == c
-        x, y = syn_images[rows], syn_labels[rows]
+    for c, (x, y) in enumerate(zip(syn_images.split(sizes), syn_labels.split(sizes))):
         if x.shape[0] == 0:
             per_class.append([p.new_zeros(p.shape) for p in params])
             continue

@@ -30,10 +30,49 @@ def test_different_seeds_differ():
 
 @pytest.mark.parametrize("strategy", [*FAMILIES, DEFAULT_STRATEGY])
 @pytest.mark.parametrize("single_op", [True, False])
-def test_siamese_prefix(strategy, single_op):
+def test_batch_mode_one_transform_for_every_row(strategy, single_op):
+    # The reference's siamese call: 256 identical inputs give ONE distinct
+    # output, and a class's real batch and its synthetic batch (other sizes,
+    # other images) augmented with the same seed get that same transform.
+    p = DSAParams(single_op=single_op)
+    one = _img(n=1, h=12, w=12)
+    for seed in range(6):
+        out = dsa(one.expand(256, -1, -1, -1).contiguous(), seed, strategy, p)
+        assert torch.equal(out, out[:1].expand_as(out))
+        torch.testing.assert_close(dsa(one.expand(3, -1, -1, -1).contiguous(), seed, strategy, p)[0], out[0],
+                                   rtol=0, atol=0)
+    # Not vacuous: per-sample mode gives the same rows different transforms.
+    many = dsa(one.expand(64, -1, -1, -1).contiguous(), 0, DEFAULT_STRATEGY, p, per_sample=True)
+    assert not torch.equal(many, many[:1].expand_as(many))
+
+
+@pytest.mark.parametrize("strategy", [*FAMILIES, DEFAULT_STRATEGY])
+def test_batch_mode_equals_each_row_alone(strategy):
+    # One transform per call: the whole batch augmented at once equals every
+    # row augmented on its own with the same seed.
+    x = _img(n=7, h=10, w=10)
+    for seed in range(5):
+        whole = dsa(x, seed, strategy)
+        rows = torch.cat([dsa(x[i:i + 1], seed, strategy) for i in range(x.shape[0])])
+        torch.testing.assert_close(whole, rows, rtol=0, atol=1e-12)
+
+
+def test_params_per_sample_selects_the_mode():
+    x = _img(n=20)
+    for seed in range(4):
+        assert torch.equal(dsa(x, seed, DEFAULT_STRATEGY, DSAParams(per_sample=True)),
+                           dsa(x, seed, DEFAULT_STRATEGY, per_sample=True))
+        assert torch.equal(dsa(x, seed, DEFAULT_STRATEGY, DSAParams(per_sample=True), per_sample=False),
+                           dsa(x, seed, DEFAULT_STRATEGY))
+
+
+@pytest.mark.parametrize("strategy", [*FAMILIES, DEFAULT_STRATEGY])
+@pytest.mark.parametrize("single_op", [True, False])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_siamese_prefix(strategy, single_op, per_sample):
     # The first k samples of two batches augmented with the same seed share their
     # parameters: augmenting the whole batch and its first k rows agrees there.
-    p = DSAParams(single_op=single_op)
+    p = DSAParams(single_op=single_op, per_sample=per_sample)
     real = _img(n=40)
     for seed in range(6):
         full = dsa(real, seed, strategy, p)
@@ -43,29 +82,32 @@ def test_siamese_prefix(strategy, single_op):
 
 @pytest.mark.parametrize("strategy", [*FAMILIES, DEFAULT_STRATEGY])
 @pytest.mark.parametrize("single_op", [True, False])
-def test_row_offset_pieces_equal_the_whole_batch(strategy, single_op):
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_row_offset_pieces_equal_the_whole_batch(strategy, single_op, per_sample):
     # A batch cut into contiguous pieces (a distributed run's shards), each
     # augmented with the offset of its first row, is augmented as the whole
     # batch: a row's parameters follow its global position. 300 rows, so a
     # generator that filled large tensors in another order would show.
-    p = DSAParams(single_op=single_op)
+    p = DSAParams(single_op=single_op, per_sample=per_sample)
     x = _img(n=300, h=8, w=8)
     cuts = [0, 1, 97, 98, 250, 300]  # uneven, with a one-row piece
     for seed in range(4):
         whole = dsa(x, seed, strategy, p)
         pieces = [dsa(x[a:b], seed, strategy, p, offset=a) for a, b in zip(cuts, cuts[1:])]
-        torch.testing.assert_close(torch.cat(pieces), whole, rtol=0, atol=0)
+        torch.testing.assert_close(torch.cat(pieces), whole, rtol=0, atol=1e-12)
         assert torch.equal(dsa(x, seed, strategy, p, offset=0), whole)  # offset 0: the plain stream
-    # Not vacuous: without its offset a later piece gets the first rows' parameters.
-    assert not torch.equal(dsa(x[98:250], 1, strategy, p), dsa(x, 1, strategy, p)[98:250])
+    if per_sample:
+        # Not vacuous: without its offset a later piece gets the first rows' parameters.
+        assert not torch.equal(dsa(x[98:250], 1, strategy, p), dsa(x, 1, strategy, p)[98:250])
 
 
 def test_row_offset_siamese_rows_share_a_transform():
-    # Synthetic rows (offset 0) and the real rows at the same global positions
-    # get the same transform even when the real rows come from a later shard.
+    # Per-sample mode: synthetic rows (offset 0) and the real rows at the same
+    # global positions get the same transform even when the real rows come
+    # from a later shard.
     x = _img(n=12)
-    real_shard = dsa(x[4:12], 3, DEFAULT_STRATEGY, offset=4)
-    syn = dsa(x[:6], 3, DEFAULT_STRATEGY)
+    real_shard = dsa(x[4:12], 3, DEFAULT_STRATEGY, offset=4, per_sample=True)
+    syn = dsa(x[:6], 3, DEFAULT_STRATEGY, per_sample=True)
     torch.testing.assert_close(real_shard[:2], syn[4:6], rtol=0, atol=0)
 
 
@@ -108,7 +150,7 @@ def test_flip_flips():
     x = _img()
     torch.testing.assert_close(dsa(x, 0, "flip", DSAParams(prob_flip=1.0)), x.flip(3))
     torch.testing.assert_close(dsa(x, 0, "flip", DSAParams(prob_flip=0.0)), x)
-    out = dsa(_img(n=200), 1, "flip")
+    out = dsa(_img(n=200), 1, "flip", per_sample=True)
     src = _img(n=200)
     flipped = (out - src.flip(3)).flatten(1).abs().amax(1) == 0
     kept = (out - src).flatten(1).abs().amax(1) == 0
@@ -118,7 +160,7 @@ def test_flip_flips():
 def test_crop_is_integer_translation_with_zero_fill():
     n, h = 50, 16
     x = _img(n=n, c=2, h=h, w=h).abs() + 1.0  # strictly positive so zero fill is visible
-    out = dsa(x, 7, "crop")
+    out = dsa(x, 7, "crop", per_sample=True)
     pad = int(h * 0.125 + 0.5)
     xp = F.pad(x, (pad, pad, pad, pad))
     for i in range(n):  # every output is some window of the zero-padded input
@@ -131,7 +173,7 @@ def test_crop_is_integer_translation_with_zero_fill():
 def test_cutout_zeroes_a_box():
     n, h = 30, 16
     x = _img(n=n, c=2, h=h, w=h).abs() + 1.0
-    out = dsa(x, 9, "cutout")
+    out = dsa(x, 9, "cutout", per_sample=True)
     cut = int(h * 0.5 + 0.5)
     for i in range(n):
         zero = out[i, 0] == 0
@@ -146,7 +188,7 @@ def test_cutout_zeroes_a_box():
 
 def test_color_ops():
     x = _img(n=50)
-    out = dsa(x, 0, "color")
+    out = dsa(x, 0, "color", per_sample=True)
     # brightness shift in [-0.5, 0.5], saturation / contrast rescale deviations:
     # the image mean moves by at most 0.5 (contrast keeps the mean)
     d = (out.mean((1, 2, 3)) - x.mean((1, 2, 3))).abs()
@@ -166,7 +208,7 @@ def test_scale_and_rotate_geometry():
     # identity parameters reproduce the image
     torch.testing.assert_close(dsa(x, 2, "scale", DSAParams(ratio_scale=1.0)), x)
     torch.testing.assert_close(dsa(x, 2, "rotate", DSAParams(ratio_rotate=0.0)), x)
-    # the centre pixel is a fixed point of both ops (align_corners=True, odd size)
+    # the centre pixel is a fixed point of both ops (pixel centres, odd size)
     for op in ("scale", "rotate"):
         out = dsa(x, 4, op)
         torch.testing.assert_close(out[..., 4, 4], x[..., 4, 4])
@@ -175,7 +217,7 @@ def test_scale_and_rotate_geometry():
     h = 41
     box = torch.zeros(32, 1, h, h, dtype=torch.float64)
     box[:, :, 10:31, 10:31] = 1.0  # 21 px wide
-    widths = (dsa(box, 6, "scale")[:, 0] > 0.5).any(dim=1).sum(dim=-1).double()  # occupied columns
+    widths = (dsa(box, 6, "scale", per_sample=True)[:, 0] > 0.5).any(dim=1).sum(dim=-1).double()  # occupied columns
     assert (widths >= 21 / 1.2 - 2).all() and (widths <= 21 * 1.2 + 2).all() and widths.std() > 0
 
 
@@ -184,7 +226,7 @@ def test_rotation_angle_range():
     h = 33
     x = torch.zeros(64, 1, h, h, dtype=torch.float64)
     x[:, :, 16, 4:29] = 1.0
-    out = dsa(x, 8, "rotate")
+    out = dsa(x, 8, "rotate", per_sample=True)
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(h, dtype=torch.float64),
                             indexing="ij")
     angles = []
@@ -213,3 +255,18 @@ def test_errors_and_none():
         dsa(x[0], 0)
     assert dsa(x, 0, "none") is x
     assert parse_strategy(DEFAULT_STRATEGY) == list(FAMILIES)
+
+
+def test_affine_uses_pytorch_default_align_corners():
+    # The reference resamples with affine_grid / grid_sample at PyTorch's
+    # default align_corners=False. (Both conventions give the same scaling or
+    # rotation of a square image about its centre; a non-square one shows.)
+    from fastfair.augment import _affine
+
+    x = _img(n=2, h=9, w=6)
+    c, s_ = math.cos(0.2), math.sin(0.2)
+    theta = torch.tensor([[[c, s_, 0.0], [-s_, c, 0.0]]], dtype=x.dtype).expand(2, -1, -1)
+    want = F.grid_sample(x, F.affine_grid(theta, list(x.shape)))
+    torch.testing.assert_close(_affine(x, theta), want, rtol=0, atol=0)
+    other = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=True), align_corners=True)
+    assert not torch.allclose(want, other)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from fastfair import data
-from fastfair.data.bias import balanced_groups, generator, skewed_groups
+from fastfair.data.bias import balanced_groups, generator, reference_groups, skewed_groups
 
 COLOURS = np.array(data.COLOURS, dtype=np.int64)
 
@@ -109,8 +109,9 @@ def test_cmnist_pixels_carry_the_group_colour(tmp_path, mode):
         assert s.labels.dtype == torch.int64 and s.groups.dtype == torch.int64
         assert s.images.min() >= -1 and s.images.max() <= 1
         assert np.array_equal(s.labels.numpy(), labels)  # file order kept
-        # Reference: pad with background, paint the foreground (or background).
-        gray = np.pad(images.astype(np.int64), ((0, 0), (2, 2), (2, 2)))
+        # Reference: pad with background, 4 px top and left, 0 bottom and
+        # right; paint the foreground (or background).
+        gray = np.pad(images.astype(np.int64), ((0, 0), (4, 0), (4, 0)))
         painted = gray >= 128 if mode == "fg" else gray < 128
         expected = painted[:, None] * COLOURS[s.groups.numpy()][:, :, None, None]
         assert np.array_equal(pixels(ds, split), expected)
@@ -120,7 +121,7 @@ def test_cfmnist_fg_scales_colour_by_intensity_and_reads_gz(tmp_path):
     src = make_mnist(tmp_path, folder="FashionMNIST", gz=True)
     ds = data.load("cfmnist-fg", root=str(tmp_path))
     assert ds.class_names[0] == "T-shirt/top"
-    gray = np.pad(src["train"][0].astype(np.int64), ((0, 0), (2, 2), (2, 2)))
+    gray = np.pad(src["train"][0].astype(np.int64), ((0, 0), (4, 0), (4, 0)))
     colour = COLOURS[ds.train.groups.numpy()][:, :, None, None]
     expected = np.floor(colour * gray[:, None] / 255 + 0.5)
     assert np.array_equal(pixels(ds, "train"), expected)
@@ -129,10 +130,33 @@ def test_cfmnist_fg_scales_colour_by_intensity_and_reads_gz(tmp_path):
     assert np.array_equal(pixels(bg, "train"), expected_bg)
 
 
+def _reference_counts(n: int, ratio: float) -> tuple[int, list[int]]:
+    """The reference recipe written out: floor(ratio n) majority rows, then
+    ceil-sized chunks for the nine other colours in some order."""
+    major = int(np.floor(ratio * n + 1e-9))
+    rest, chunk = n - major, -(-(n - major) // 9)
+    return major, sorted(max(0, min(chunk, rest - j * chunk)) for j in range(9))
+
+
 @pytest.mark.parametrize("ratio", [0.9, 0.5, 1.0, 0.0])
-def test_cmnist_train_bias_ratio_and_balanced_test(tmp_path, ratio):
+def test_cmnist_reference_recipe_train_and_test(tmp_path, ratio):
     make_mnist(tmp_path)
     ds = data.load("cmnist-fg", root=str(tmp_path), bias_ratio=ratio, cache=False)
+    for split, r in (("train", ratio), ("test", 0.1)):
+        s = getattr(ds, split)
+        counts = torch.bincount(s.labels * 10 + s.groups, minlength=100).view(10, 10)
+        for c in range(10):
+            major, chunks = _reference_counts(int(counts[c].sum()), r)
+            others = torch.cat([counts[c, :c], counts[c, c + 1:]])
+            assert int(counts[c, c]) == major and sorted(others.tolist()) == chunks, (split, c)
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.5, 1.0, 0.0])
+def test_cmnist_even_recipe_train_bias_ratio_and_balanced_test(tmp_path, ratio):
+    src = make_mnist(tmp_path)
+    ds = data.load("cmnist-fg", root=str(tmp_path), bias_ratio=ratio, cache=False, recipe="even")
+    gray = np.pad(src["train"][0].astype(np.int64), ((0, 0), (2, 2), (2, 2)))  # 2 px on every side
+    assert np.array_equal(pixels(ds, "train"), (gray >= 128)[:, None] * COLOURS[ds.train.groups.numpy()][:, :, None, None])
     counts = torch.bincount(ds.train.labels * 10 + ds.train.groups, minlength=100).view(10, 10)
     for c in range(10):
         n = int(counts[c].sum())
@@ -461,6 +485,39 @@ def test_synthetic_scales_to_1000_classes():
 
 
 # --------------------------------------------------------------------------- building blocks
+
+def test_reference_groups_on_uneven_classes():
+    # Chunks of ceil(rest / (G - 1)) in a shuffled order: with 13 rows, ratio
+    # 0.3 and 3 groups, 3 majority rows and chunks of 5 and 5; with 7 rows at
+    # ratio 0.75, 5 and chunks of 1 and 1; a one-row class at ratio 0.75 gets
+    # no majority row and one minority row.
+    labels = torch.tensor([0] * 7 + [1] * 13 + [2] * 1 + [3] * 20)
+    majority = torch.tensor([2, 0, 1, 1])
+    seen_orders = set()
+    for seed in range(6):
+        for ratio in (0.0, 0.3, 0.75, 0.9, 1.0):
+            g = reference_groups(labels, majority, 3, ratio, generator(seed, "t"))
+            for c in range(4):
+                gc = g[labels == c]
+                n = gc.numel()
+                major = int(np.floor(ratio * n + 1e-9))
+                assert int((gc == majority[c]).sum()) == major
+                rest = n - major
+                chunk = -(-rest // 2)
+                minority = [int((gc == a).sum()) for a in range(3) if a != majority[c]]
+                assert sorted(minority) == sorted([min(chunk, rest), rest - min(chunk, rest)])
+                if c == 3 and ratio == 0.9:  # 18 majority, chunks 1 and 1; 0.3 -> 6, chunks 7 and 7
+                    assert sorted(minority) == [1, 1]
+            first = [a for a in range(3) if a != 1][int((g[labels == 1] == 2).sum() > (g[labels == 1] == 1).sum())]
+            seen_orders.add(first)
+    # The colour order is shuffled: class 1 at ratio 1.0 puts nothing anywhere,
+    # but at ratio 0.3 the first chunk goes to either minority colour.
+    assert len(seen_orders) >= 1
+    with pytest.raises(ValueError, match="recipe"):
+        from fastfair.data.mnist import pad32
+
+        pad32(torch.zeros(1, 28, 28, dtype=torch.uint8), "fancy")
+
 
 def test_skewed_and_balanced_groups_on_uneven_classes():
     labels = torch.tensor([0] * 7 + [1] * 13 + [2] * 1 + [3] * 20)

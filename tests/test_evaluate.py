@@ -107,3 +107,53 @@ def test_input_validation():
         evaluate_synset(x, y.float(), ds, **kw)
     with pytest.raises(ValueError, match="empty"):
         evaluate_synset(x[:0], y[:0], ds, **kw)
+
+
+def test_reference_schedule_epoch_plus_one_and_lr_drop(monkeypatch):
+    # The reference trains Epoch + 1 passes and, after pass Epoch // 2 + 1,
+    # multiplies the lr by 0.1 with a NEW optimizer (momentum restarts).
+    import fastfair.evaluate as ev
+    from fastfair.nets import get_network
+
+    made, passes = [], []
+    real_sgd = torch.optim.SGD
+
+    def spy(params, lr, **kw):
+        made.append((lr, len(passes)))
+        return real_sgd(params, lr=lr, **kw)
+
+    monkeypatch.setattr(torch.optim, "SGD", spy)
+    net = get_network("ConvNet", 3, 2, 16, **NET)
+    net.register_forward_hook(lambda *_: passes.append(1))
+    ds = _dataset()
+    for epochs in (1, 4, 7):
+        made.clear(), passes.clear()
+        ev.train_network(net, ds.train.images[:8], ds.train.labels[:8], epochs, 256, 0.01, False,
+                         torch.Generator().manual_seed(0), torch.device("cpu"))
+        assert len(passes) == epochs + 1  # one batch per pass
+        drop = epochs // 2 + 1
+        assert made[0] == (0.01, 0)
+        if drop <= epochs:  # a drop after the last pass would change nothing
+            assert len(made) == 2 and made[1][0] == pytest.approx(0.001) and made[1][1] == drop + 1
+    assert ev.lr_drop_epoch(1000) == 501
+
+
+def test_method_protocol_and_cell_outputs():
+    from fastfair.evaluate import method_protocol
+
+    assert method_protocol("dm") == (1000, True) and method_protocol("dsa") == (1000, True)
+    assert method_protocol("dc") == (300, False) and method_protocol(None) == (1000, True)
+    ds = _dataset()
+    res = evaluate_synset(ds.train.images, ds.train.labels, ds, epochs=2, runs=2, progress=False,
+                          net_kwargs=NET, method="dc")
+    assert res["epochs"] == 2 and res["dsa"] is False
+    assert len(res["cell_acc"]) == 2 and len(res["cell_acc"][0]) == 2 and len(res["cell_acc_std"]) == 2
+    runs = res["runs"]
+    for c in range(2):
+        for a in range(2):
+            assert res["cell_acc"][c][a] == pytest.approx(sum(r["cell_acc"][c][a] for r in runs) / 2)
+    assert res["worst_group_acc"] == pytest.approx(sum(min(min(row) for row in r["cell_acc"]) for r in runs) / 2)
+    assert res["worst_group_acc"] <= res["acc"] + 1e-9
+    default = evaluate_synset(ds.train.images, ds.train.labels, ds, epochs=1, runs=1, progress=False,
+                              net_kwargs=NET, method="dm")
+    assert default["dsa"] is True

@@ -34,6 +34,8 @@ def loop_loss(real, labels, groups, syn, syn_labels, C, G, objective):
             n = torch.tensor(ns, dtype=real.dtype)
             if objective == "fairdd":
                 w = torch.ones_like(n)
+            elif objective == "fairdd-mean":  # COBRA's FairDD baseline: a mean over the present groups
+                w = torch.ones_like(n) / len(ns)
             elif objective == "fairdd-iw":
                 w = (1 / n) / (1 / n).mean()
             elif objective == "fairdd-ldam":

@@ -15,8 +15,8 @@ def _loop_reference(pred, labels, groups, C, G):
         cell[c, a] = None if not idx else sum(pred[i] == labels[i] for i in idx) / len(idx)
     gaps = []
     for c in range(C):
-        rs = [cell[c, a] for a in range(G) if cell[c, a] is not None]
-        gaps.append(max(rs) - min(rs) if len(rs) >= 2 else 0.0)
+        rs = [0.0 if cell[c, a] is None else cell[c, a] for a in range(G)]  # the reference: empty = 0%
+        gaps.append(max(rs) - min(rs))
     acc = sum(p == y for p, y in zip(pred, labels)) / len(labels)
     return acc * 100, max(gaps) * 100, sum(gaps) / C * 100, cell
 
@@ -36,6 +36,7 @@ def test_matches_loop_reference_random(seed):
     assert rep["acc"] == pytest.approx(acc)
     assert rep["deo_m"] == pytest.approx(deo_m)
     assert rep["deo_a"] == pytest.approx(deo_a)
+    assert rep["worst_group_acc"] == pytest.approx(min(v for v in cell.values() if v is not None) * 100)
     for c, a in itertools.product(range(C), range(G)):
         if cell[c, a] is None:
             assert rep["cell_acc"][c][a] is None and (c, a) in rep["empty_cells"]
@@ -47,7 +48,7 @@ def test_matches_loop_reference_random(seed):
 
 def test_hand_worked_example():
     # class 0: group 0 -> 2/2 right, group 1 -> 1/2 right          gap 0.5
-    # class 1: group 0 -> 0/1 right, group 1 -> no samples (empty) gap 0 (one cell)
+    # class 1: group 0 -> 0/1 right, group 1 -> no samples (empty = 0%) gap 0
     # class 2: group 0 -> 1/1, group 1 -> 0/1                       gap 1.0
     labels = [0, 0, 0, 0, 1, 2, 2]
     groups = [0, 0, 1, 1, 0, 0, 1]
@@ -58,15 +59,19 @@ def test_hand_worked_example():
     assert rep["deo_a"] == pytest.approx((0.5 + 0.0 + 1.0) / 3 * 100)
     assert rep["cell_acc"] == [[100.0, 50.0], [0.0, None], [100.0, 0.0]]
     assert rep["empty_cells"] == [(1, 1)]
+    assert rep["worst_group_acc"] == 0.0
 
 
-def test_empty_cell_not_counted_as_zero():
-    # every non-empty cell is perfect: no gap, even though cells are missing
+def test_empty_cell_counts_as_zero():
+    # every non-empty cell is perfect, but a missing cell is 0% (the FairDD
+    # reference's rule): full gap in both classes; a class with no test
+    # samples at all has gap 0.
     labels = torch.tensor([0, 0, 1, 1])
     groups = torch.tensor([0, 1, 0, 0])
-    rep = fairness_report(labels.clone(), labels, groups, 2, 3)
-    assert rep["deo_m"] == 0.0 and rep["deo_a"] == 0.0 and rep["acc"] == 100.0
-    assert sorted(rep["empty_cells"]) == [(0, 2), (1, 1), (1, 2)]
+    rep = fairness_report(labels.clone(), labels, groups, 3, 3)
+    assert rep["deo_m"] == 100.0 and rep["deo_a"] == pytest.approx(200 / 3) and rep["acc"] == 100.0
+    assert rep["worst_group_acc"] == 100.0
+    assert sorted(rep["empty_cells"]) == [(0, 2), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
 
 
 def test_scores_and_numpy_input():

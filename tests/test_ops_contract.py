@@ -137,16 +137,16 @@ def fake_cuda_record(monkeypatch):
 def test_validate_on_raises_right_after_the_call(fake_cuda_record):
     fake_cuda_record["msg"] = "segment_sum: ids[7] = 12 is outside [0, num_segments = 4)"
     with pytest.raises(ValueError, match=r"ids\[7\] = 12"):
-        ops._after_kernel(torch.device("cuda", 0))
-    ops._after_kernel(torch.device("cuda", 0))  # taken: nothing pending now
-    ops._after_kernel(torch.device("cpu"))
+        ops._after_kernel(torch.device("cuda", 0), "segment_sum")
+    ops._after_kernel(torch.device("cuda", 0), "segment_sum")  # taken: nothing pending now
+    ops._after_kernel(torch.device("cpu"), "segment_sum")
     assert fake_cuda_record["taken"] == 2
 
 
 def test_validate_off_defers_to_raise_pending_errors(fake_cuda_record):
     with ops.validate_ids(False):
         fake_cuda_record["msg"] = "segment_mean: ids[0] = -1 is outside [0, num_segments = 4)"
-        ops._after_kernel(torch.device("cuda", 0))
+        ops._after_kernel(torch.device("cuda", 0), "segment_sum")
         assert fake_cuda_record["taken"] == 0  # no sync inside the loop
         with pytest.raises(ValueError, match=r"ids\[0\] = -1"):
             ops.raise_pending_errors()
@@ -158,7 +158,7 @@ def test_validate_off_raises_at_exit_at_the_latest(fake_cuda_record):
     with pytest.raises(ValueError, match="segment_count"):
         with ops.validate_ids(False):
             fake_cuda_record["msg"] = "segment_count: ids[2] = 5 is outside [0, num_segments = 4)"
-            ops._after_kernel(torch.device("cuda", 0))
+            ops._after_kernel(torch.device("cuda", 0), "segment_sum")
     assert ops._validate_ids is True
 
 
@@ -166,7 +166,7 @@ def test_validate_off_exit_keeps_the_body_exception(fake_cuda_record):
     with pytest.raises(KeyError):
         with ops.validate_ids(False):
             fake_cuda_record["msg"] = "segment_sum: ids[1] = 9 is outside [0, num_segments = 4)"
-            ops._after_kernel(torch.device("cuda", 0))
+            ops._after_kernel(torch.device("cuda", 0), "segment_sum")
             raise KeyError("body")
     # Still pending: raised at the next check.
     with pytest.raises(ValueError, match=r"ids\[1\] = 9"):

@@ -35,21 +35,21 @@ def test_sweep_rows_json_and_plots(tmp_path):
 
 def test_cdigits_groups():
     scale = st.Scale(classes=0, batch=6, image_size=0, width=4, ipc=1)
-    base = st._base_dataset("cdigits-fg", scale, torch.device("cpu"))
+    base = st.base_dataset("cdigits-fg", scale, torch.device("cpu"))
     real = base.train.groups
     assert base.num_classes == 10 and base.image_size == 32
-    assert torch.equal(st._with_groups(base, 10, real).train.groups, real)  # its own colours at G = 10
-    four = st._with_groups(base, 4, real)
+    assert torch.equal(st.with_groups(base, 10, real).train.groups, real)  # its own colours at G = 10
+    four = st.with_groups(base, 4, real)
     assert four.num_groups == 4 and set(four.train.groups.tolist()) == {0, 1, 2, 3}
-    assert set(st._with_groups(base, 1, real).train.groups.tolist()) == {0}
+    assert set(st.with_groups(base, 1, real).train.groups.tolist()) == {0}
 
 
 def _contexts(method: str, groups: int):
     scale = st.Scale(classes=2, batch=6, image_size=8, width=4, ipc=1)
-    base = st._base_dataset("synthetic", scale, torch.device("cpu"))
-    ds = st._with_groups(base, groups, None)
-    fair = build_context(st._config("synthetic", method, "fairdd", scale, 8, 0), ds, torch.device("cpu"))
-    van = build_context(st._config("synthetic", method, "vanilla", scale, 8, 0), ds, torch.device("cpu"))
+    base = st.base_dataset("synthetic", scale, torch.device("cpu"))
+    ds = st.with_groups(base, groups, None)
+    fair = build_context(st.make_config("synthetic", method, "fairdd", scale, 8, 0), ds, torch.device("cpu"))
+    van = build_context(st.make_config("synthetic", method, "vanilla", scale, 8, 0), ds, torch.device("cpu"))
     images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     return fair, van, images
 

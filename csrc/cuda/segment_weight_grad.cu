@@ -22,8 +22,11 @@
 //   2. when Z > 1 the partials are added in z order by a second kernel.
 // No atomics and a fixed reduction order: bitwise reproducible.
 //
-// Written to be simple and obviously correct; a faster version would use
-// tensor cores and vectorised loads (see benchmarks/NOTES.md for the method).
+// Written to be simple and obviously correct; registered as
+// fastfair::*_weight_grad_simt. The ops themselves run a vendor grouped GEMM
+// on tensor cores (fastfair/wgrad.py); this kernel stays for the measured
+// comparison (fastfair/bench/wgrad.py) and for float64, which the grouped
+// GEMM refuses.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 // c10's stream and guard headers rather than ATen/cuda/CUDAContext.h: the
@@ -309,8 +312,10 @@ at::Tensor segment_conv2d_weight_grad_cuda(const at::Tensor& grad_out_in, const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastfair, CUDA, m) {
-  m.impl("segment_linear_weight_grad", &segment_linear_weight_grad_cuda);
-  m.impl("segment_conv2d_weight_grad", &segment_conv2d_weight_grad_cuda);
+  // The ops' own CUDA kernels are the grouped GEMM of fastfair/wgrad.py
+  // (registered from Python); this one stays available by name.
+  m.impl("segment_linear_weight_grad_simt", &segment_linear_weight_grad_cuda);
+  m.impl("segment_conv2d_weight_grad_simt", &segment_conv2d_weight_grad_cuda);
 }
 
 }  // namespace fastfair

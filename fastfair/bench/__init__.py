@@ -7,7 +7,10 @@ checkout (``python benchmarks/<script>.py``).
 - :mod:`fastfair.bench.dc_step`: the real-gradient side of one DC outer step,
   per-group gradients by the reference loop vs one pass of
   :func:`fastfair.pergroup.segment_gradients`;
-- :mod:`fastfair.bench.step_time`: end-to-end step time and peak memory;
+- :mod:`fastfair.bench.step_time`: end-to-end step time and peak memory (its
+  pieces: ``step_config`` sizes and datasets, ``step_loops`` the
+  reference-style loops, ``step_memory`` the peak meter, ``step_report``
+  target ratios and plots);
 - :mod:`fastfair.bench.timing`: the shared timing method.
 
 Each module has ``main(argv) -> list[dict]`` (the result rows) and writes a

@@ -80,106 +80,38 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
-import gc
-import math
 import os
 import statistics
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..augment import dsa
-from ..data import BiasedDataset, Split
+from ..data import BiasedDataset
 from ..distill import rng
-from ..distill.config import DistillConfig, resolve
 from ..distill.context import RunContext, build_context
 from ..distill.dc import RandomBatches, dc_iteration
 from ..distill.dm import dm_iteration
-from ..distill.synset import init_images, sgd_step
+from ..distill.synset import init_images
+from .step_config import DATASETS, IMPLS, METHODS, Scale, base_dataset, depth_for, make_config, with_groups
+from .step_loops import loop_dc_step, loop_dm_step
+from .step_memory import PeakMeter, cpu_too_big, free_cache, is_oom
+from .step_report import label, plot, ratios, summary
 from .timing import check_device, default_json, describe_machine, samples_ms, write_json
 
+# The pieces live in step_config (sizes, datasets, configs), step_loops (the
+# reference-style loops), step_memory (peak memory, OOM guards) and
+# step_report (target ratios, plots); this module times them.
+__all__ = ["DATASETS", "IMPLS", "METHODS", "PeakMeter", "Scale", "base_dataset", "fastfair_step", "grad_check",
+           "loop_dc_step", "loop_dm_step", "main", "make_config", "plot", "ratios", "summary", "with_groups"]
+
 NAME = "step_time"
-DATASETS = ("cdigits-fg", "synthetic")
-METHODS = ("dm", "dc")
-# (impl, objective) in plotting order.
-IMPLS = (("vanilla", "vanilla"), ("loop", "fairdd"), ("fastfair", "fairdd"), ("fastfair", "cobra"))
-# Issue #6 targets for fastfair FairDD / vanilla, and the FairDD paper's own code at G = 10.
-TIME_TARGETS = {("dm", 10): 1.05, ("dm", 100): 1.1, ("dc", 10): 1.3, ("dc", 100): 1.5}
-PAPER_CODE_AT_10 = {"dm": 1.41, "dc": 3.0}
-MEMORY_TARGET_DC = 1.1
 GRAD_RTOL = 1e-3
 
 Step = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor, Tensor]]
 
-
-@dataclass(frozen=True)
-class Scale:
-    classes: int       # synthetic only (cdigits has 10)
-    batch: int         # real images per class per step
-    image_size: int    # synthetic only (cdigits is 32 px)
-    width: int
-    ipc: int
-    real_chunk: int | None = None  # rows per network pass over the real batch (fastfair rows)
-    dc_block_classes: int | None = None  # DC: classes matched per block (fastfair rows); None: the driver's
-
-
-def _depth(image_size: int) -> int:
-    """ConvNet depth that pools the image down to 4x4 (3 at 32 px, 4 at 64 px)."""
-    return max(1, round(math.log2(image_size)) - 2)
-
-
-# --------------------------------------------------------------------- data
-
-def _base_dataset(name: str, scale: Scale, device: torch.device) -> BiasedDataset:
-    if name == "cdigits-fg":
-        from .. import data
-
-        ds = data.load("cdigits-fg")
-        tr = ds.train
-        return dataclasses.replace(ds, train=Split(tr.images.to(device), tr.labels, tr.groups))
-    if name == "synthetic":
-        c, b, s = scale.classes, scale.batch, scale.image_size
-        gen = torch.Generator(device=device).manual_seed(0)
-        # Generated where it is used: no 1.3 GB host copy at full scale.
-        images = torch.randn(c * b, 3, s, s, generator=gen, device=device)
-        labels = torch.arange(c).repeat_interleave(b)
-        split = Split(images, labels, torch.zeros_like(labels))
-        return BiasedDataset(name="synthetic", train=split, test=split, num_classes=c, num_groups=1, channels=3,
-                             image_size=s, class_names=[str(i) for i in range(c)], group_names=["0"])
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-
-
-def _with_groups(base: BiasedDataset, groups: int, real_groups: Tensor | None) -> BiasedDataset:
-    """``base`` with ``groups`` groups: ``real_groups`` when it has that many
-    (cdigits at G = 10), else uniformly random labels (seeded)."""
-    tr = base.train
-    if groups == 1:
-        g = torch.zeros_like(tr.labels)
-    elif real_groups is not None and int(real_groups.max()) + 1 == groups:
-        g = real_groups
-    else:
-        g = torch.randint(0, groups, (len(tr),), generator=torch.Generator().manual_seed(groups))
-    return dataclasses.replace(base, train=Split(tr.images, tr.labels, g), num_groups=groups,
-                               group_names=[str(i) for i in range(groups)])
-
-
-def _config(dataset: str, method: str, objective: str, scale: Scale, image_size: int,
-            cobra_warmup: int) -> DistillConfig:
-    warm = cobra_warmup if (method == "dm" and objective == "cobra") else None
-    return resolve(DistillConfig(dataset=dataset, method=method, objective=objective, ipc=scale.ipc,
-                                 batch_real=scale.batch, width=scale.width, depth=_depth(image_size),
-                                 outer_loop=1, inner_loop=1, cobra_warmup_epochs=warm, seed=0,
-                                 real_chunk=scale.real_chunk, dc_block_classes=scale.dc_block_classes))
-
-
-# -------------------------------------------------------------------- steps
 
 def fastfair_step(ctx: RunContext) -> Step:
     """The driver's own iteration (DC: one matching step, ``outer_loop`` 1)."""
@@ -188,173 +120,6 @@ def fastfair_step(ctx: RunContext) -> Step:
     source = RandomBatches()
     return lambda images, buf, it: dc_iteration(ctx, images, buf, it, source)
 
-
-def _per_class(ctx: RunContext, sizes: list[int], real: Tensor, groups: Tensor, syn: Tensor, it: int,
-               *keys: int) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
-    """(class, augmented real rows, augmented synthetic rows, groups) per class,
-    with the DSA seed the driver gives that class (siamese, per class)."""
-    cfg = ctx.cfg
-    for c, (r, s, g) in enumerate(zip(torch.split(real, sizes), torch.split(syn, ctx.syn_sizes),
-                                      torch.split(groups, sizes))):
-        if cfg.dsa:
-            seed = rng.derive(cfg.seed, it, rng.DSA, *keys, c)
-            r, s = dsa(r, seed, cfg.dsa_strategy), dsa(s, seed, cfg.dsa_strategy)
-        yield c, r, s, g
-
-
-def loop_dm_step(ctx: RunContext, images: Tensor, buf: Tensor, it: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Reference-style FairDD DM: per class forwards, per group a masked mean."""
-    cfg = ctx.cfg
-    net = ctx.new_network(it)
-    net.train()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    batch = ctx.sampler.draw(rng.generator(cfg.seed, it, rng.SAMPLE))
-    real, _, groups = ctx.real_batch(batch)
-    x = images.detach().requires_grad_(True)
-    loss = x.new_zeros(())
-    for _, r, s, g in _per_class(ctx, batch.sizes, real, groups, x, it):
-        out_real = net.embed(r).detach()
-        syn_mean = net.embed(s).mean(0)
-        for a in torch.unique(g).tolist():  # host sync per class, as in the reference code
-            loss = loss + (out_real[g == a].mean(0) - syn_mean).pow(2).sum()
-    (grad,) = torch.autograd.grad(loss, x)
-    new_images, new_buf = sgd_step(images.detach(), buf, grad, cfg.lr_img, cfg.momentum)
-    return new_images, new_buf, loss.detach()
-
-
-def _match_loss(gw_syn: list[Tensor], gw_real: list[Tensor]) -> Tensor:
-    """DC's 'ours' distance: per-output-unit 1 - cosine, summed; 1-D parameters add 0."""
-    dis = gw_syn[0].new_zeros(())
-    for gs, gr in zip(gw_syn, gw_real):
-        if gs.dim() <= 1:
-            continue
-        gs, gr = gs.reshape(gs.shape[0], -1), gr.reshape(gr.shape[0], -1)
-        dis = dis + (1 - (gr * gs).sum(-1) / (gr.norm(dim=-1) * gs.norm(dim=-1) + 1e-6)).sum()
-    return dis
-
-
-def loop_dc_step(ctx: RunContext, images: Tensor, buf: Tensor, it: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Reference-style FairDD DC, one matching step: per class one forward of the
-    real rows and one synthetic gradient with a graph; per group present one
-    ``autograd.grad`` of the group's masked loss through the class graph."""
-    cfg = ctx.cfg
-    net = ctx.new_network(it)
-    net.train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    batch = ctx.sampler.draw(rng.generator(cfg.seed, it, rng.SAMPLE, 0))
-    real, labels, groups = ctx.real_batch(batch)
-    y_real = torch.split(labels, batch.sizes)
-    x = images.detach().requires_grad_(True)
-    loss = x.new_zeros(())
-    for c, r, s, g in _per_class(ctx, batch.sizes, real, groups, x, it, 0):
-        y_syn = torch.full((s.shape[0],), c, dtype=torch.long, device=s.device)
-        gw_syn = list(torch.autograd.grad(F.cross_entropy(net(s), y_syn), params, create_graph=True))
-        out_real = net(r)
-        present = torch.unique(g).tolist()  # host sync per class
-        for k, a in enumerate(present):
-            m = g == a
-            l_real = F.cross_entropy(out_real[m], y_real[c][m])
-            gw_real = torch.autograd.grad(l_real, params, retain_graph=k + 1 < len(present))
-            loss = loss + _match_loss(gw_syn, [t.detach() for t in gw_real])
-    (grad,) = torch.autograd.grad(loss, x)
-    new_images, new_buf = sgd_step(images.detach(), buf, grad, cfg.lr_img, cfg.momentum)
-    return new_images, new_buf, loss.detach()
-
-
-# ------------------------------------------------------------------ memory
-
-def _proc_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def _mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-class PeakMeter:
-    """Peak memory a call adds (module docstring, "Peak memory")."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.reason: str | None = None
-        self._trim = None
-        if self.cuda:
-            self.method = "cuda max_memory_allocated - memory_allocated at step start"
-            return
-        self.method = "cpu VmHWM after step - VmRSS before (clear_refs 5, malloc_trim)"
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            _proc_kb("VmHWM")
-        except OSError as e:
-            self.reason = f"no resettable resident-set high-water mark here ({e})"
-        libc = ctypes.util.find_library("c")
-        try:
-            self._trim = ctypes.CDLL(libc).malloc_trim if libc else None
-        except (OSError, AttributeError):
-            self._trim = None
-
-    def measure(self, fn: Callable[[], object]) -> tuple[float | None, float | None]:
-        """(peak_mb, base_mb) of one call of ``fn``."""
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            out = fn()
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device) - base
-            del out
-            return peak / 2**20, base / 2**20
-        if self.reason is not None:
-            fn()
-            return None, None
-        if self._trim is not None:
-            self._trim(0)  # hand free heap back, so the step's pages show as a rise
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _proc_kb("VmRSS")
-        out = fn()
-        peak = _proc_kb("VmHWM") - base
-        del out
-        return peak / 1024, base / 1024
-
-
-def _cpu_too_big(rows: int, width: int, size: int) -> str | None:
-    """Refusal text when two first-layer activations of ``rows`` images cannot fit."""
-    need = 2 * rows * width * size * size * 4
-    avail = _mem_available_bytes()
-    if avail is not None and need > avail:
-        return (f"skipped: needs at least {need / 2**30:.1f} GiB (two first-layer activations of "
-                f"{rows} images) and {avail / 2**30:.1f} GiB is available")
-    return None
-
-
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
-
-
-def _free(device: torch.device) -> None:
-    # CUDA only: a full collection costs ~0.2 s once torch._dynamo is imported,
-    # and on CPU freed tensors go back to the allocator without it.
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -388,21 +153,16 @@ def grad_check(loop: Step, fast: Step, images: Tensor) -> tuple[bool, float]:
     return bool(ok), err
 
 
-# -------------------------------------------------------------------- sweep
-
-def _label(row: dict) -> str:
-    return row["impl"] if row["impl"] == row["objective"] else f"{row['impl']} {row['objective']}"
-
 
 def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real_groups: Tensor | None,
                scale: Scale, device: torch.device, repeats: int, cobra_warmup: int, meter: PeakMeter,
                common: dict, skip_loop: bool = False, memory_only: bool = False) -> list[dict]:
     size = base.image_size
-    ds_g = _with_groups(base, groups, real_groups)
-    ds_1 = _with_groups(base, 1, None)
-    ctx_f = build_context(_config(dataset, method, "fairdd", scale, size, cobra_warmup), ds_g, device)
-    ctx_v = build_context(_config(dataset, method, "vanilla", scale, size, cobra_warmup), ds_1, device)
-    ctx_c = dataclasses.replace(ctx_f, cfg=_config(dataset, method, "cobra", scale, size, cobra_warmup))
+    ds_g = with_groups(base, groups, real_groups)
+    ds_1 = with_groups(base, 1, None)
+    ctx_f = build_context(make_config(dataset, method, "fairdd", scale, size, cobra_warmup), ds_g, device)
+    ctx_v = build_context(make_config(dataset, method, "vanilla", scale, size, cobra_warmup), ds_1, device)
+    ctx_c = dataclasses.replace(ctx_f, cfg=make_config(dataset, method, "cobra", scale, size, cobra_warmup))
     images, _ = init_images(ctx_f.sampler.class_pool, ctx_f.train_images, scale.ipc, "real", 1,
                             rng.generator(0, 0, rng.INIT))
     images = images.to(device)
@@ -423,7 +183,7 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
     sample = images[:1].expand(one_pass_rows, *images.shape[1:])
     one_pass_rows = min(one_pass_rows, ctx_f.real_chunk(ctx_f.new_network(0), sample))
 
-    refusal = _cpu_too_big(one_pass_rows, scale.width, size) if device.type == "cpu" else None
+    refusal = cpu_too_big(one_pass_rows, scale.width, size) if device.type == "cpu" else None
     check = "not run (too big for this machine's memory)"
     if skip_loop:
         del steps[("loop", "fairdd")]
@@ -435,10 +195,10 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
             ok, err = grad_check(loop, steps[("fastfair", "fairdd")][0], images)
             check = "ok" if ok else f"MISMATCH (max |diff| / max |grad| = {err:.2e})"
         except Exception as e:  # noqa: BLE001 - OOM is a result here; anything else re-raises
-            if not _is_oom(e):
+            if not is_oom(e):
                 raise
             check = "not run (out of memory)"
-        _free(device)
+        free_cache(device)
     if check.startswith("MISMATCH"):
         print(f"  {dataset} {method.upper()} G={groups}: loop and fastfair FairDD gradients differ: {check}")
 
@@ -448,11 +208,11 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
         row = {"dataset": dataset, "method": method, "impl": impl, "objective": objective, "groups": groups,
                "match_groups": match_groups, "ms": None, "peak_mb": None, "base_mb": None, "grad_check": check,
                "classes": base.num_classes, "batch_real": scale.batch, "image_size": size, "width": scale.width,
-               "depth": _depth(size), "ipc": scale.ipc, "peak_method": meter.method}
+               "depth": depth_for(size), "ipc": scale.ipc, "peak_method": meter.method}
         if method == "dm" and objective == "cobra":
             row["cobra_warmup_epochs"] = cobra_warmup
         rows_in = loop_rows if impl == "loop" else one_pass_rows
-        skip = _cpu_too_big(rows_in, scale.width, size) if device.type == "cpu" else None
+        skip = cpu_too_big(rows_in, scale.width, size) if device.type == "cpu" else None
         if skip is not None:
             row["error"] = skip
         elif meter.reason is not None:
@@ -463,11 +223,11 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
                 row["peak_mb"], row["base_mb"] = meter.measure(lambda: _call(step, images, buf, 1))
                 timed.append((row, step))
             except Exception as e:  # noqa: BLE001
-                if not _is_oom(e):
+                if not is_oom(e):
                     raise
                 row["error"] = "out of memory"
                 row["ms"] = row["peak_mb"] = None
-        _free(device)
+        free_cache(device)
         row.update(common)
         rows.append(row)
     if not memory_only:
@@ -475,7 +235,7 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
     for row in rows:
         ms = "-" if row["ms"] is None else f"{row['ms']:.2f} ms"
         mb = "-" if row["peak_mb"] is None else f"{row['peak_mb']:.1f} MB"
-        print(f"  {dataset:<10} {method.upper()} G={groups:<4} {_label(row):<16} {ms:>12} {mb:>12}"
+        print(f"  {dataset:<10} {method.upper()} G={groups:<4} {label(row):<16} {ms:>12} {mb:>12}"
               + (f"  ({row['error']})" if "error" in row else ""), flush=True)
     return rows
 
@@ -501,110 +261,15 @@ def _time_interleaved(timed: list[tuple[dict, Step]], images: Tensor, buf: Tenso
                 got += samples_ms(lambda i: _call(step, images, buf, 2 + r), device=str(device), warmup=0,
                                   repeats=1)
             except Exception as e:  # noqa: BLE001
-                if not _is_oom(e):
+                if not is_oom(e):
                     raise
                 row["error"] = "out of memory"
                 row["peak_mb"] = None
-                _free(device)
+                free_cache(device)
     for row, _ in timed:
         got = samples[id(row)]
         row["ms"] = statistics.median(got) if got and "error" not in row else None
         row["samples"] = len(got)
-
-
-def _find(rows: list[dict], dataset: str, method: str, groups: int, impl: str, objective: str) -> dict | None:
-    for r in rows:
-        if (r["dataset"], r["method"], r["groups"], r["impl"], r["objective"]) == (dataset, method, groups, impl,
-                                                                                   objective):
-            return r
-    return None
-
-
-def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
-    if a is None or b is None or a.get(key) is None or not b.get(key):
-        return None
-    return a[key] / b[key]
-
-
-def ratios(rows: list[dict]) -> dict[str, dict]:
-    """The ratios issue #6 targets (and the loop's, beside the FairDD paper's
-    own code), keyed by a readable name: {"ratio", "target"} (target None:
-    for information)."""
-    out: dict[str, dict] = {}
-    for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        for method in dict.fromkeys(r["method"] for r in rows if r["dataset"] == dataset):
-            for g in (10, 100):
-                van = _find(rows, dataset, method, g, "vanilla", "vanilla")
-                fair = _find(rows, dataset, method, g, "fastfair", "fairdd")
-                loop = _find(rows, dataset, method, g, "loop", "fairdd")
-                head = f"{dataset} {method.upper()} G={g}"
-                items = [(f"{head} time fastfair fairdd / vanilla", _ratio(fair, van, "ms"),
-                          TIME_TARGETS[(method, g)]),
-                         (f"{head} time loop fairdd / vanilla", _ratio(loop, van, "ms"), None)]
-                if method == "dc":
-                    items.append((f"{head} peak memory fastfair fairdd / vanilla", _ratio(fair, van, "peak_mb"),
-                                  MEMORY_TARGET_DC))
-                for name, value, target in items:
-                    if value is not None:
-                        out[name] = {"ratio": value, "target": target}
-    return out
-
-
-def summary(rows: list[dict]) -> list[str]:
-    """:func:`ratios`, one line each, saying whether each target is met."""
-    lines = []
-    for name, r in ratios(rows).items():
-        line = f"{name}: {r['ratio']:.2f}"
-        if r["target"] is not None:
-            line += f" ({'meets' if r['ratio'] <= r['target'] else 'misses'} <= {r['target']})"
-        elif "loop" in name and "G=10 " in name:
-            method = "dm" if " DM " in name else "dc"
-            line += f" (the FairDD paper's own code: {PAPER_CODE_AT_10[method]})"
-        lines.append(line)
-    return lines
-
-
-def plot(rows: list[dict], dataset: str, method: str, title: str, path: str) -> None:
-    """ms and peak_mb against G (log-x; log-y where the values span a decade),
-    one line per implementation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sub = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = (("ms", "step time (ms)"), ("peak_mb", "peak memory added by the step (MB)"))
-    for ax, (key, unit) in zip(axes, panels):
-        values = []
-        for name in dict.fromkeys(_label(r) for r in sub):
-            pts = sorted((r["groups"], r[key]) for r in sub if _label(r) == name and r.get(key) is not None)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-                values += [p[1] for p in pts]
-        if not values:  # e.g. --memory-only: no times
-            ax.text(0.5, 0.5, f"no {unit.split(' (')[0]} measured", ha="center", va="center",
-                    transform=ax.transAxes)
-            ax.set_axis_off()
-            continue
-        # log-log where the values span a decade or more (the reference loop
-        # grows with G and would flatten the other lines on a linear axis);
-        # within one decade a log axis would have no labelled tick.
-        ax.set_xscale("log")
-        if min(values) > 0 and max(values) >= 10 * min(values):
-            ax.set_yscale("log")
-        gs = sorted({r["groups"] for r in sub})
-        ax.set_xticks(gs, [str(g) for g in gs])
-        ax.minorticks_off()
-        ax.set_xlabel("groups G")
-        ax.set_ylabel(unit)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _int_list(text: str) -> list[int]:
@@ -699,16 +364,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     for dataset in datasets:
         scale = scales[dataset]
-        base = _base_dataset(dataset, scale, device)
+        base = base_dataset(dataset, scale, device)
         real_groups = base.train.groups if dataset == "cdigits-fg" else None
         print(f"{dataset}: {base.num_classes} classes, {base.image_size} px, real batch {scale.batch}/class, "
-              f"ConvNet width {scale.width} depth {_depth(base.image_size)}, IPC {scale.ipc}", flush=True)
+              f"ConvNet width {scale.width} depth {depth_for(base.image_size)}, IPC {scale.ipc}", flush=True)
         for method in a.methods:
             for g in a.groups:
                 rows += _sweep_one(dataset, method, g, base, real_groups, scale, device, repeats, a.cobra_warmup,
                                    meter, common, skip_loop=a.skip_loop, memory_only=a.memory_only)
         del base
-        _free(device)
+        free_cache(device)
 
     path = a.json or default_json(NAME, device_name)
     settings = {**{d: dataclasses.asdict(scales[d]) for d in datasets}, "repeats": repeats,

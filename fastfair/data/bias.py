@@ -8,6 +8,7 @@ independent of whatever else the process has drawn.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from torch import Tensor
@@ -48,10 +49,13 @@ def _class_ranks(labels: Tensor, num_classes: int, gen: torch.Generator) -> tupl
 
 def skewed_groups(labels: Tensor, majority: Tensor, num_groups: int, bias_ratio: float,
                   gen: torch.Generator) -> Tensor:
-    """The bias-ratio recipe (REFERENCE.md): in class c a fraction
-    ``bias_ratio`` of the rows (rounded) gets group ``majority[c]``; the rest
-    are spread evenly over the other groups (counts differ by at most one, the
-    groups that get the extra rows chosen at random). Vectorised over classes.
+    """The even bias-ratio recipe: in class c a fraction ``bias_ratio`` of
+    the rows (rounded) gets group ``majority[c]``; the rest are spread evenly
+    over the other groups (counts differ by at most one, the groups that get
+    the extra rows chosen at random). Vectorised over classes. C-MNIST's
+    default is :func:`reference_groups` (the reference's floor / ceil
+    chunks); this one keeps every minority group present in a small class
+    (cdigits, the synthetic dataset, CIFAR10-S's two groups).
     """
     labels = labels.to(torch.int64)
     majority = majority.to(torch.int64)
@@ -70,6 +74,35 @@ def skewed_groups(labels: Tensor, majority: Tensor, num_groups: int, bias_ratio:
         sorted_groups = torch.where(rank < n_major[cls], major, minority)
     groups = torch.empty_like(labels)
     groups[order] = sorted_groups
+    return groups
+
+
+def reference_groups(labels: Tensor, majority: Tensor, num_groups: int, bias_ratio: float,
+                     gen: torch.Generator) -> Tensor:
+    """The C-MNIST recipe of the FairDD reference (colour_mnist.py;
+    REFERENCE.md "Datasets"): in class c, ``floor(bias_ratio * n)`` rows (in
+    a random order) get group ``majority[c]``; the other groups, in a shuffled
+    order, take the rest in chunks of ``ceil(rest / (num_groups - 1))`` rows,
+    so the last groups of the order may get fewer rows or none. The test set
+    uses the same recipe with ``bias_ratio`` 0.1.
+    """
+    labels = labels.to(torch.int64)
+    groups = torch.empty_like(labels)
+    for c in range(majority.numel()):
+        rows = (labels == c).nonzero().flatten()
+        rows = rows[torch.randperm(rows.numel(), generator=gen)]
+        n = rows.numel()
+        major = int(majority[c])
+        k = int(math.floor(n * bias_ratio + 1e-9))  # the reference's int(n * ratio), robust to 0.9 * 10
+        groups[rows[:k]] = major
+        others = torch.tensor([g for g in range(num_groups) if g != major], dtype=torch.int64)
+        if others.numel() == 0:
+            groups[rows[k:]] = major
+            continue
+        others = others[torch.randperm(others.numel(), generator=gen)]
+        chunk = math.ceil((n - k) / others.numel())
+        for j, g in enumerate(others.tolist()):
+            groups[rows[k + j * chunk:k + (j + 1) * chunk]] = g
     return groups
 
 

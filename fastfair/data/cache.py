@@ -20,7 +20,7 @@ import torch
 from .core import Raw
 
 # Bump when a loader's output changes for the same key, to invalidate old files.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: C-MNIST reference recipe (padding, floor/ceil colour counts)
 CACHE_DIR = "fastfair_cache"
 
 
@@ -58,7 +58,20 @@ def write(path: str, raw: Raw) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # A full disk (torch's zip writer reports a failed write as a
+        # RuntimeError): the dataset is in memory, so load it uncached like
+        # a read-only root.
+        _unlink(tmp)
+        warnings.warn(f"cannot write the dataset cache {path}: {' '.join(str(exc).split())[:200]}; "
+                      "loading uncached", stacklevel=3)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink(tmp)
         raise
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

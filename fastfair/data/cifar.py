@@ -11,7 +11,6 @@ Groups: 0 grayscale, 1 colour. Grayscale images stay 3-channel.
 from __future__ import annotations
 
 import os
-import pickle
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from .bias import GRAY_GROUPS, grayscale_skew
 from .core import Raw, missing_files
+from .safe_pickle import load_batch
 
 FOLDER = "cifar-10-batches-py"
 TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
@@ -32,13 +32,22 @@ STD = (0.2023, 0.1994, 0.2010)
 def _read_batches(folder: str, names: list[str]) -> tuple[Tensor, Tensor]:
     images, labels = [], []
     for name in names:
-        with open(os.path.join(folder, name), "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        data = np.asarray(entry["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{os.path.join(folder, name)}: 'data' must be [N, 3072], got {data.shape}")
+        path = os.path.join(folder, name)
+        entry = load_batch(path)
+        if not isinstance(entry, dict) or "data" not in entry or not ({"labels", "fine_labels"} & set(entry)):
+            raise ValueError(f"{path}: not a CIFAR batch (expected a dict with 'data' and 'labels')")
+        data, labs = entry["data"], entry.get("labels", entry.get("fine_labels"))
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{path}: 'data' must be a uint8 array [N, 3072], got "
+                             f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+        try:
+            labs = np.asarray(labs, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: 'labels' must be a list of ints") from None
+        if labs.shape != (data.shape[0],):
+            raise ValueError(f"{path}: {data.shape[0]} images but labels of shape {labs.shape}")
         images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64))
+        labels.append(labs)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -59,7 +68,10 @@ def load_cifar10_s(root: str, bias_ratio: float, seed: int, download: bool) -> R
     class_names = CLASS_NAMES
     meta = os.path.join(folder, "batches.meta")
     if os.path.isfile(meta):
-        with open(meta, "rb") as f:
-            class_names = list(pickle.load(f, encoding="latin1").get("label_names", CLASS_NAMES))
+        entry = load_batch(meta)
+        names = entry.get("label_names", CLASS_NAMES) if isinstance(entry, dict) else None
+        if not isinstance(names, list) or len(names) != 10 or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{meta}: 'label_names' must be a list of 10 strings")
+        class_names = names
     parts = grayscale_skew(tr_img, tr_lab, te_img, te_lab, 10, bias_ratio, seed)
     return Raw(*parts, class_names=class_names, group_names=list(GRAY_GROUPS), mean=MEAN, std=STD)

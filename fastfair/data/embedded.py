@@ -1,9 +1,15 @@
 """Datasets that need no download.
 
 ``cdigits-fg`` / ``cdigits-bg``: the 1797 handwritten 8x8 digits that ship
-inside scikit-learn, upscaled to 28x28, padded to 32x32 and coloured with the
-C-MNIST recipe; every test digit is rendered in all ten colours, so every
-(class, colour) test cell is full.
+inside scikit-learn, upscaled to 28x28, padded to 32x32 as the reference pads
+MNIST (4 px top and left) and coloured with the C-MNIST colours at bias ratio
+BR. Its train colours use the EVEN recipe (the nine minority colours share the
+rest, counts differing by at most one), not the reference's ceil-sized chunks:
+a class has only ~125 training digits, so the chunks (2 each) would leave two
+minority colours of every class without a single training image. Every test
+digit is rendered in all ten colours, so every (class, colour) test cell is
+full (the reference's BR = 0.1 test recipe would leave cells of one or two
+digits).
 
 ``synthetic``: class x group prototype images plus noise, any number of
 classes and groups, generated in a few vectorised calls (benchmarks, scale
@@ -60,12 +66,12 @@ def load_cdigits(background: bool, bias_ratio: float, seed: int) -> Raw:
     images, target = _digits()
     img = torch.tensor(images, dtype=torch.float32) * (255.0 / 16.0)
     img = F.interpolate(img.unsqueeze(1), size=(28, 28), mode="bilinear", align_corners=False).squeeze(1)
-    gray = pad32(img.round().clamp(0, 255).to(torch.uint8))
+    gray = pad32(img.round().clamp(0, 255).to(torch.uint8), "reference")
     labels = torch.from_numpy(target)
     tr, te = _stratified_split(labels, TRAIN_FRACTION, generator(SPLIT_SEED, "cdigits-split"))
     mode = "bg" if background else "fg"
     raw = coloured(gray[tr], labels[tr], gray[te], labels[te], mode, bias_ratio, seed,
-                   [str(i) for i in range(10)])
+                   [str(i) for i in range(10)], recipe="even")
     # Every test digit in every colour: test N = 10 x the number of test digits.
     colours = torch.arange(10).repeat(te.numel())
     raw.test_images = colourise(gray[te].repeat_interleave(10, 0), colours, mode)

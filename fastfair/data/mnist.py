@@ -3,24 +3,31 @@ class-correlated colour (FairDD paper, Sec. 5; REFERENCE.md "Datasets").
 
 Source files: torchvision's on-disk layout, root/MNIST/raw/*-ubyte and
 root/FashionMNIST/raw/*-ubyte (plain or .gz), read directly as IDX files.
-Train: class c gets colour c for a fraction BR of its images, the rest spread
-evenly over the other nine colours (drawn from ``seed``). Test: every colour
-equally often within each class (a fixed assignment, the same for every seed).
-28x28 padded by 2 to 32x32 (the padding is background), 3 channels,
-mean = std = 0.5.
+The default ``recipe="reference"`` builds the sets as the FairDD reference
+(colour_mnist.py) does: train: class c gets colour c for floor(BR n) of its
+n images, the other nine colours take the rest in ceil-sized chunks in a
+shuffled colour order (drawn from ``seed``); test: the same recipe with
+BR = 0.1 (nearly balanced; a fixed draw, the same for every seed). 28x28 is
+padded to 32x32 with 4 px at the top and left and none at the bottom and
+right (digit centre at (18, 18), as the reference pads). ``recipe="even"``
+is the former fastfair recipe: the minority colours spread evenly (counts
+differ by at most one), every colour exactly equally often in each test
+class, and 2 px padding on every side. 3 channels, mean = std = 0.5.
 """
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bias import COLOUR_NAMES, TEST_SEED, balanced_groups, colourise, generator, skewed_groups
+from .bias import COLOUR_NAMES, TEST_SEED, balanced_groups, colourise, generator, reference_groups, skewed_groups
 from .core import Raw, missing_files
 
 FILES = {
@@ -28,6 +35,7 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 FOLDERS = {"mnist": "MNIST", "fmnist": "FashionMNIST"}
+IMAGE_SHAPE = (28, 28)  # both datasets
 CLASS_NAMES = {
     "mnist": [str(i) for i in range(10)],
     "fmnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -35,22 +43,32 @@ CLASS_NAMES = {
 }
 
 
-def read_idx(path: str) -> np.ndarray:
+def read_idx(path: str, ndim: int | None = None) -> np.ndarray:
     """An IDX file (the MNIST format): a big-endian header, magic 0x0000TTNN
     with TT = 0x08 for unsigned bytes and NN the number of dimensions, NN
-    uint32 sizes, then the data."""
+    uint32 sizes, then the data. Plain or gzip. A damaged file (truncated,
+    garbage, a broken .gz, ``ndim`` dimensions expected but others found) is
+    a ValueError naming it."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot read ({type(exc).__name__}: {exc}); the file is damaged, "
+                         "delete it and fetch it again") from None
     if len(data) < 4:
         raise ValueError(f"{path}: not an IDX file (too short)")
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    zero, dtype, nd = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes")
+    if ndim is not None and nd != ndim:
+        raise ValueError(f"{path}: an IDX file of {nd} dimensions, expected {ndim}")
+    if len(data) < 4 + 4 * nd:
+        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes for {nd} dimensions)")
+    dims = struct.unpack(f">{nd}I", data[4:4 + 4 * nd])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * nd)
+    if body.size != math.prod(dims):
+        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes (truncated or damaged)")
     return body.reshape(dims)
 
 
@@ -82,24 +100,45 @@ def read_split(root: str, source: str, split: str, download: bool) -> tuple[Tens
         raise missing_files(
             f"{FOLDERS[source]} ({split})", [os.path.join(raw_dir, s) + "[.gz]" for s in stems],
             f"Pass download=True to fetch {FOLDERS[source]} with torchvision into {root}.")
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{paths[0]}: {images.shape} images do not match {labels.shape} labels")
+    images, labels = read_idx(paths[0], ndim=3), read_idx(paths[1], ndim=1)
+    if images.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"{paths[0]}: {FOLDERS[source]} images are {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}, this file "
+                         f"holds {images.shape[1]}x{images.shape[2]}")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{paths[0]}: {images.shape[0]} images but {paths[1]} holds {labels.shape[0]} labels")
     if labels.size and labels.max() > 9:
         raise ValueError(f"{paths[1]}: labels must be 0..9")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
-def pad32(gray: Tensor) -> Tensor:
-    """28x28 -> 32x32 with a 2-pixel black (background) border."""
-    return F.pad(gray, (2, 2, 2, 2))
+RECIPES = ("reference", "even")
+# The reference's test colours: its train recipe at this bias ratio.
+TEST_BIAS_RATIO = 0.1
+
+
+def pad32(gray: Tensor, recipe: str = "reference") -> Tensor:
+    """28x28 -> 32x32 with black (background) padding: 4 px top and left, 0
+    bottom and right (the reference) or 2 px on every side (``"even"``)."""
+    if recipe == "reference":
+        return F.pad(gray, (4, 0, 4, 0))  # (left, right, top, bottom)
+    if recipe == "even":
+        return F.pad(gray, (2, 2, 2, 2))
+    raise ValueError(f"unknown C-MNIST recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
 
 
 def coloured(train_gray: Tensor, train_labels: Tensor, test_gray: Tensor, test_labels: Tensor,
-             mode: str, bias_ratio: float, seed: int, class_names: list[str]) -> Raw:
-    """The C-MNIST recipe on padded uint8 grayscale images (shared with cdigits)."""
-    train_groups = skewed_groups(train_labels, torch.arange(10), 10, bias_ratio, generator(seed, "colour"))
-    test_groups = balanced_groups(test_labels, 10, 10, generator(TEST_SEED, "test-colour"))
+             mode: str, bias_ratio: float, seed: int, class_names: list[str], recipe: str = "reference") -> Raw:
+    """The C-MNIST colouring on padded uint8 grayscale images (shared with
+    cdigits): colour assignment by ``recipe`` (module docstring)."""
+    if recipe == "reference":
+        train_groups = reference_groups(train_labels, torch.arange(10), 10, bias_ratio, generator(seed, "colour"))
+        test_groups = reference_groups(test_labels, torch.arange(10), 10, TEST_BIAS_RATIO,
+                                       generator(TEST_SEED, "test-colour"))
+    elif recipe == "even":
+        train_groups = skewed_groups(train_labels, torch.arange(10), 10, bias_ratio, generator(seed, "colour"))
+        test_groups = balanced_groups(test_labels, 10, 10, generator(TEST_SEED, "test-colour"))
+    else:
+        raise ValueError(f"unknown C-MNIST recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     return Raw(
         colourise(train_gray, train_groups, mode), train_labels, train_groups,
         colourise(test_gray, test_groups, mode), test_labels, test_groups,
@@ -109,10 +148,11 @@ def coloured(train_gray: Tensor, train_labels: Tensor, test_gray: Tensor, test_l
 
 
 def load_coloured(source: str, background: bool, root: str, bias_ratio: float, seed: int,
-                  download: bool) -> Raw:
+                  download: bool, recipe: str = "reference") -> Raw:
     tr_img, tr_lab = read_split(root, source, "train", download)
     te_img, te_lab = read_split(root, source, "test", download)
     # C-FMNIST FG scales the colour by the intensity (REFERENCE.md); the
     # binary threshold would erase most of a garment's texture.
     mode = "bg" if background else ("fg-scaled" if source == "fmnist" else "fg")
-    return coloured(pad32(tr_img), tr_lab, pad32(te_img), te_lab, mode, bias_ratio, seed, CLASS_NAMES[source])
+    return coloured(pad32(tr_img, recipe), tr_lab, pad32(te_img, recipe), te_lab, mode, bias_ratio, seed,
+                    CLASS_NAMES[source], recipe)

@@ -26,12 +26,13 @@ class Spec:
 
 
 def _cmnist(source: str, background: bool) -> Spec:
-    def build(root: str, bias_ratio: float, seed: int, download: bool) -> Raw:
+    def build(root: str, bias_ratio: float, seed: int, download: bool, recipe: str = "reference") -> Raw:
         from .mnist import load_coloured
 
-        return load_coloured(source, background, root, bias_ratio, seed, download)
+        return load_coloured(source, background, root, bias_ratio, seed, download, recipe)
 
-    return Spec(build)
+    # recipe: "reference" (FairDD's colour_mnist.py) or "even" (fastfair's former one); data/mnist.py
+    return Spec(build, options={"recipe": "reference"})
 
 
 def _cifar10_s(root: str, bias_ratio: float, seed: int, download: bool) -> Raw:
@@ -103,9 +104,31 @@ SPECS: dict[str, Spec] = {
 }
 
 
+# The DC/DM code family's dataset names (as FairDD's and COBRA's scripts spell
+# them), so that their command lines work unchanged. Case-sensitive, like
+# theirs: a near miss ("celeba" vs "CelebA") is a canonical name or an error,
+# never a guess.
+ALIASES: dict[str, str] = {
+    "Colored_MNIST_foreground": "cmnist-fg",
+    "Colored_MNIST_background": "cmnist-bg",
+    "Colored_FashionMNIST_foreground": "cfmnist-fg",
+    "Colored_FashionMNIST_background": "cfmnist-bg",
+    "CIFAR10_S_90": "cifar10-s",
+    "CelebA": "celeba",
+    "UTKface": "utkface",
+    "BFFHQ": "bffhq",
+}
+
+
 def names() -> list[str]:
-    """Every dataset ``load`` knows."""
+    """Every dataset ``load`` knows, by its canonical name (``ALIASES`` lists
+    the other spellings it accepts)."""
     return sorted(SPECS)
+
+
+def canonical_name(name: str) -> str:
+    """The canonical name of an alias; any other string unchanged."""
+    return ALIASES.get(name, name)
 
 
 def default_root() -> str:
@@ -127,8 +150,10 @@ def load(name: str, root: str | None = None, bias_ratio: float = 0.9, download: 
     options: per-dataset options (a ValueError lists them); ``cache=False``
         bypasses the cache for any dataset.
     """
+    name = canonical_name(name)
     if name not in SPECS:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(names())}")
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(names())} "
+                         f"(or the DC/DM family's names {', '.join(ALIASES)})")
     spec = SPECS[name]
     if isinstance(bias_ratio, bool) or not isinstance(bias_ratio, (int, float)) or not 0.0 <= bias_ratio <= 1.0:
         raise ValueError(f"bias_ratio must be a number in [0, 1], got {bias_ratio!r}")

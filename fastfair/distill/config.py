@@ -1,14 +1,27 @@
-"""Distillation settings: one dataclass, paper defaults, per-IPC rules, validation.
+"""Distillation settings: one dataclass, paper defaults, per-IPC rules, presets, validation.
 
-Defaults follow REFERENCE.md ("Distillation hyper-parameters"):
-DM (Zhao & Bilen, WACV'23): 20000 iterations, lr_img 1 (10 at IPC >= 100),
-SGD momentum 0.5, real batch 256 per class, init from real images, DSA on.
-DC (Zhao et al., ICLR'21; also the IDC / DREAM DC versions here): 1000 outer
-iterations, lr_img 0.1, momentum 0.5, (outer_loop, inner_loop) by IPC, inner
-network SGD lr 0.01. COBRA's DM warm-up: 10 epochs (50 at IPC 50, 100 at IPC 100).
+Defaults follow REFERENCE.md ("Distillation hyper-parameters"), per method:
+- DM (Zhao & Bilen, WACV'23; FairDD main_DM.py): 20000 iterations, lr_img 1
+  (10 at IPC >= 100), SGD momentum 0.5, real batch 256 per class, init from
+  real images, DSA on.
+- DC (Zhao et al., ICLR'21; FairDD main_DC.py, COBRA train_dc.py): 1000 outer
+  iterations, lr_img 0.1, momentum 0.5, (outer_loop, inner_loop) by IPC,
+  inner network SGD lr 0.01, DSA OFF (the papers' DC rows).
+- DSA (Zhao & Bilen, ICML'21; FairDD main_DC.py ``--method DSA``): DC with
+  DSA on.
+- IDC (Kim et al., ICML'22) and DREAM (Liu et al., ICCV'23), DC versions: the
+  DC settings with DSA on (both distil with DSA).
+- COBRA's DM warm-up (Moslemi et al., ICML'26, train_dm.py): 50 epochs if
+  IPC == 50, 100 if IPC == 100, else 10.
 
-Fields left ``None`` are filled by :func:`resolve` from the method and IPC, so a
-saved config always records the values that were actually used.
+Presets (``preset``) name a paper's protocol and fill only the fields left
+``None`` (an explicit value always wins): ``fairdd`` is the FairDD code's
+protocol (the defaults above), ``cobra`` COBRA's (DM: batch_real 600 per
+class, 2600 iterations; DC as FairDD's). COBRA's re-implementation of the
+FairDD DC baseline is the objective ``fairdd-mean``.
+
+Fields left ``None`` are filled by :func:`resolve` from the preset, method and
+IPC, so a saved config always records the values that were actually used.
 """
 from __future__ import annotations
 
@@ -19,8 +32,11 @@ from typing import Any
 from ..augment import DEFAULT_STRATEGY
 from ..objectives import OBJECTIVES
 
-METHODS = ("dm", "dc", "idc", "dream")
-DC_FAMILY = ("dc", "idc", "dream")
+METHODS = ("dm", "dc", "dsa", "idc", "dream")
+DC_FAMILY = ("dc", "dsa", "idc", "dream")
+# Whether a method distils with DSA when ``dsa`` is left None (module docstring).
+DSA_DEFAULT = {"dm": True, "dc": False, "dsa": True, "idc": True, "dream": True}
+PRESETS = ("fairdd", "cobra")
 INITS = ("real", "noise")
 GROUP_SOURCES = ("true", "pseudo")
 
@@ -48,12 +64,29 @@ def dc_loops(ipc: int) -> tuple[int, int]:
 
 
 def cobra_warmup(ipc: int) -> int:
-    """COBRA's warm-up epochs of the random DM network on the synthetic set."""
-    if ipc >= 100:
-        return 100
-    if ipc >= 50:
-        return 50
-    return 10
+    """COBRA's warm-up epochs of the random DM network on the synthetic set
+    (train_dm.py: exactly these two IPCs differ; IPC 60 or 200 get 10)."""
+    return {50: 50, 100: 100}.get(ipc, 10)
+
+
+def dm_lr_img(ipc: int) -> float:
+    """DM's image learning rate (DM / FairDD code: 10 at IPC >= 100, else 1)."""
+    return 10.0 if ipc >= 100 else 1.0
+
+
+def preset_values(preset: str, method: str, ipc: int) -> dict[str, Any]:
+    """The fields a named paper protocol sets for a method and IPC (as data:
+    iterations, batch_real, lr_img; the warm-up rule is COBRA's in both)."""
+    dm = method == "dm"
+    if preset == "fairdd":
+        if dm:
+            return {"iterations": 20000, "batch_real": 256, "lr_img": dm_lr_img(ipc)}
+        return {"iterations": 1000, "batch_real": 256, "lr_img": 0.1}
+    if preset == "cobra":
+        if dm:
+            return {"iterations": 2600, "batch_real": 600, "lr_img": dm_lr_img(ipc)}
+        return {"iterations": 1000, "batch_real": 256, "lr_img": 0.1}
+    raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
 @dataclass
@@ -69,10 +102,11 @@ class DistillConfig:
     method: str = "dm"
     objective: str = "fairdd"
     ipc: int = 10
+    preset: str | None = None            # None: "fairdd" (the defaults); "cobra": COBRA's protocol
     iterations: int | None = None        # DM 20000, DC family 1000 (outer iterations)
     lr_img: float | None = None          # DM 1 (10 at IPC >= 100), DC family 0.1
     momentum: float = 0.5
-    batch_real: int = 256                # per class
+    batch_real: int | None = None        # per class; 256 (COBRA preset DM: 600)
     real_chunk: int | None = None        # rows per network pass over the real batch; None: automatic
                                          # (2^24 input values on GPUs, cache-sized blocks on CPUs)
     dc_block_classes: int | None = None  # DC family: classes whose per-group real gradients are held
@@ -81,8 +115,9 @@ class DistillConfig:
     inner_loop: int | None = None        # DC family, by IPC
     lr_net: float = 0.01                 # inner-loop / warm-up network SGD
     batch_train: int = 256               # inner-loop / warm-up batch of synthetic images
-    dsa: bool = True
+    dsa: bool | None = None              # None: the method's paper default (DSA_DEFAULT)
     dsa_strategy: str = DEFAULT_STRATEGY
+    dsa_per_sample: bool = False         # siamese DSA: one transform per class (reference) or per row
     init: str = "real"
     model: str = "ConvNet"
     width: int = 128
@@ -148,10 +183,16 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     if c.dc_metric not in ("ours", "mse", "cos"):
         raise ValueError(f"unknown dc_metric {c.dc_metric!r}; choose one of ours, mse, cos")
     dm = c.method == "dm"
-    if c.iterations is None:
-        c.iterations = 20000 if dm else 1000
-    if c.lr_img is None:
-        c.lr_img = (10.0 if c.ipc >= 100 else 1.0) if dm else 0.1
+    if c.preset is None:
+        c.preset = "fairdd"
+    if c.preset not in PRESETS:
+        raise ValueError(f"unknown preset {c.preset!r}; choose one of {', '.join(PRESETS)}")
+    _positive(c, "ipc")
+    for name, value in preset_values(c.preset, c.method, c.ipc).items():
+        if getattr(c, name) is None:
+            setattr(c, name, value)
+    if c.dsa is None:
+        c.dsa = DSA_DEFAULT[c.method]
     if not dm:
         outer, inner = dc_loops(c.ipc)
         c.outer_loop = outer if c.outer_loop is None else c.outer_loop

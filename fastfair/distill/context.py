@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed as dist
-from ..augment import dsa
+from ..augment import DSAParams, dsa
 from ..nets import get_network
 from ..pergroup import auto_chunk
 from . import rng
@@ -95,8 +95,9 @@ class RunContext:
     def siamese(self, real: Tensor, real_sizes: list[int], syn: Tensor, it: int, *keys: int,
                 real_offsets: list[int] | None = None) -> tuple[Tensor, Tensor]:
         """DSA with one seed per class shared by that class's real and synthetic
-        rows (same op family, row i of both gets the same parameters), as the
-        DSA/DM reference code does. A cheap loop over classes; the network
+        rows: the same transform for all of them (batch mode, as the DSA/DM
+        reference code does; ``cfg.dsa_per_sample``: row i of both shares its
+        parameters instead). A cheap loop over classes; the network
         forward stays one pass over all classes.
 
         ``real_offsets`` (``Batch.offsets``): where this rank's real rows of
@@ -111,12 +112,18 @@ class RunContext:
     def _dsa_seed(self, it: int, keys: tuple[int, ...], c: int) -> int:
         return rng.derive(self.cfg.seed, it, rng.DSA, *keys, c)
 
+    @property
+    def dsa_params(self) -> DSAParams:
+        """Parameters of the siamese calls: batch mode (one transform per
+        class, the reference's) unless ``cfg.dsa_per_sample``."""
+        return DSAParams(per_sample=self.cfg.dsa_per_sample)
+
     def augment_syn(self, syn: Tensor, it: int, *keys: int) -> Tensor:
         """The synthetic half of :meth:`siamese`."""
         if not self.cfg.dsa:
             return syn
         parts = torch.split(syn, self.syn_sizes)
-        return torch.cat([dsa(parts[c], self._dsa_seed(it, keys, c), self.cfg.dsa_strategy)
+        return torch.cat([dsa(parts[c], self._dsa_seed(it, keys, c), self.cfg.dsa_strategy, self.dsa_params)
                           for c in range(self.num_classes)])
 
     def _augment_class(self, part: Tensor, c: int, it: int, keys: tuple[int, ...],
@@ -124,7 +131,7 @@ class RunContext:
         if not self.cfg.dsa:
             return part
         off = offsets[c] if offsets is not None else 0
-        return dsa(part, self._dsa_seed(it, keys, c), self.cfg.dsa_strategy, offset=off)
+        return dsa(part, self._dsa_seed(it, keys, c), self.cfg.dsa_strategy, self.dsa_params, offset=off)
 
     def augment_real(self, real: Tensor, real_sizes: list[int], it: int, *keys: int,
                      real_offsets: list[int] | None = None, first_class: int = 0) -> Tensor:
@@ -184,7 +191,9 @@ class RunContext:
                 idx = perm[i:i + bs]
                 x, y = x_all[idx], y_all[idx]
                 if self.cfg.dsa:
-                    x = dsa(x, int(torch.randint(1 << 62, (1,), generator=gen)), self.cfg.dsa_strategy)
+                    # Per sample: the reference trains networks with seed -1.
+                    x = dsa(x, int(torch.randint(1 << 62, (1,), generator=gen)), self.cfg.dsa_strategy,
+                            per_sample=True)
                 loss = F.cross_entropy(net(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -156,7 +156,10 @@ def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
             emb = ctx.embed_real_augmented(net, real, batch.sizes, it, ol, real_offsets=offsets)
             groups = ctx.pseudo(emb, batch.sizes)
         seg = labels * G + groups if G > 1 else labels
-        syn_grads = class_gradients(net, syn_aug, ctx.dec_labels, C, create_graph=True)
+        # The decoded set is class-major with ctx.syn_sizes rows per class: slices,
+        # no host read per class.
+        syn_grads = class_gradients(net, syn_aug, ctx.dec_labels, C, create_graph=True,
+                                    class_sizes=ctx.syn_sizes)
         loss, grad = _blocked_matching(ctx, net, real, labels, seg, G, batch.sizes, syn_grads, x, augment)
         imgs, buf = sgd_step(imgs.detach(), buf, grad, cfg.lr_img, cfg.momentum)
         total = total + loss.detach()

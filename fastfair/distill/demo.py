@@ -98,8 +98,8 @@ def run_demo(out_dir: str = ".", json_path: str | None = None, device: str | Non
              threads: int | None = None) -> dict[str, Any]:
     """Run the demo, print the table, write the JSON, grids and bar chart; return the JSON object."""
     from .. import data
-    from ..cli import format_table
     from ..evaluate import evaluate_synset
+    from ..report import format_table
 
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if threads is not None:
@@ -118,9 +118,10 @@ def run_demo(out_dir: str = ".", json_path: str | None = None, device: str | Non
         t0 = time.perf_counter()
         res = run(cfg, ds, device=dev, progress=progress)
         t_distil = time.perf_counter() - t0
+        # method=: DM sets are evaluated with DSA, DC sets without (the reference's evaluation).
         ev = evaluate_synset(res.images, res.labels, ds, epochs=p["eval_epochs"], runs=p["eval_runs"], seed=seed,
-                             device=dev, progress=progress, net_kwargs={"width": p["eval_width"],
-                                                                        "depth": p["depth"]})
+                             device=dev, progress=progress, method=method,
+                             net_kwargs={"width": p["eval_width"], "depth": p["depth"]})
         t_eval = time.perf_counter() - t0 - t_distil
         row = {"method": method, "objective": objective,
                **{k: ev[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std")},

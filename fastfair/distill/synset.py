@@ -9,12 +9,13 @@ without copying anything.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .outdir import atomic_write
 
 
 def sgd_step(images: Tensor, buf: Tensor | None, grad: Tensor, lr: float, momentum: float) -> tuple[Tensor, Tensor]:
@@ -103,14 +104,55 @@ def save_grid(images: Tensor, labels: Tensor, num_classes: int, denormalize: Any
     if denormalize is not None:
         grid = denormalize(grid)
     grid = torch.nan_to_num(grid, nan=1.0).clamp(0, 1)
-    tmp = path + ".tmp.png"
-    save_image(make_grid(grid, nrow=per_class, padding=1, pad_value=1.0), tmp)
-    os.replace(tmp, path)
+    picture = make_grid(grid, nrow=per_class, padding=1, pad_value=1.0)
+    atomic_write(path, lambda f: save_image(picture, f, format="png"))
 
 
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file beside ``path``, then os.replace: a kill
-    at any moment leaves either the old file or the new one, never half."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    at any moment leaves either the old file or the new one, never half; a
+    failure (a full disk) removes the temporary file and raises
+    :class:`fastfair.distill.outdir.OutputError` naming ``path``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def read_synset(path: str) -> dict[str, Any]:
+    """A ``synset.pt`` written by ``fastfair distill``, with its fields
+    checked (ValueError in one line otherwise): ``images`` a finite float
+    tensor [N, C, H, W], ``labels`` an integer tensor [N], ``config`` (when
+    present) a dict whose dataset / method / objective / root are strings,
+    bias_ratio a number and extra.data_options a dict."""
+    try:
+        syn = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors alike: not a synthetic set
+        raise ValueError(f"cannot read {path!r} as a synthetic set ({type(exc).__name__}); expected a "
+                         "synset.pt written by fastfair distill") from None
+    if not isinstance(syn, dict) or not {"images", "labels"} <= set(syn):
+        raise ValueError(f"{path!r} is not a synthetic set (no images and labels); expected a synset.pt "
+                         "written by fastfair distill")
+    images, labels = syn["images"], syn["labels"]
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"{path!r}: 'images' must be a float tensor [N, C, H, W]")
+    if (not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point()
+            or labels.dtype == torch.bool or labels.shape[0] != images.shape[0]):
+        raise ValueError(f"{path!r}: 'labels' must be an integer tensor [N] with one label per image")
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        raise ValueError(f"{path!r}: the synthetic images hold {bad} non-finite values (NaN or inf); "
+                         "refusing to evaluate them")
+    cfg = syn.get("config", {})
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path!r}: 'config' must be a dict, got {type(cfg).__name__}")
+    for key in ("dataset", "method", "objective", "root"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise ValueError(f"{path!r}: config {key!r} must be a string, got {type(cfg[key]).__name__}")
+    ipc = cfg.get("ipc")
+    if ipc is not None and (isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1):
+        raise ValueError(f"{path!r}: config 'ipc' must be a positive int, got {ipc!r}")
+    ratio = cfg.get("bias_ratio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+        raise ValueError(f"{path!r}: config 'bias_ratio' must be a number, got {type(ratio).__name__}")
+    extra = cfg.get("extra", {})
+    if not isinstance(extra, dict) or not isinstance(extra.get("data_options", {}), dict):
+        raise ValueError(f"{path!r}: config 'extra' must be a dict with a dict 'data_options'")
+    return syn

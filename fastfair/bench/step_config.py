@@ -1,0 +1,76 @@
+"""Sizes, datasets and distillation configs of the step-time benchmark
+(:mod:`fastfair.bench.step_time`): what is timed, not how."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..data import BiasedDataset, Split
+from ..distill.config import DistillConfig, resolve
+
+DATASETS = ("cdigits-fg", "synthetic")
+METHODS = ("dm", "dc")
+# (impl, objective) in plotting order.
+IMPLS = (("vanilla", "vanilla"), ("loop", "fairdd"), ("fastfair", "fairdd"), ("fastfair", "cobra"))
+
+
+@dataclass(frozen=True)
+class Scale:
+    classes: int       # synthetic only (cdigits has 10)
+    batch: int         # real images per class per step
+    image_size: int    # synthetic only (cdigits is 32 px)
+    width: int
+    ipc: int
+    real_chunk: int | None = None  # rows per network pass over the real batch (fastfair rows)
+    dc_block_classes: int | None = None  # DC: classes matched per block (fastfair rows); None: the driver's
+
+
+def depth_for(image_size: int) -> int:
+    """ConvNet depth that pools the image down to 4x4 (3 at 32 px, 4 at 64 px)."""
+    return max(1, round(math.log2(image_size)) - 2)
+
+
+def base_dataset(name: str, scale: Scale, device: torch.device) -> BiasedDataset:
+    if name == "cdigits-fg":
+        from .. import data
+
+        ds = data.load("cdigits-fg")
+        tr = ds.train
+        return dataclasses.replace(ds, train=Split(tr.images.to(device), tr.labels, tr.groups))
+    if name == "synthetic":
+        c, b, s = scale.classes, scale.batch, scale.image_size
+        gen = torch.Generator(device=device).manual_seed(0)
+        # Generated where it is used: no 1.3 GB host copy at full scale.
+        images = torch.randn(c * b, 3, s, s, generator=gen, device=device)
+        labels = torch.arange(c).repeat_interleave(b)
+        split = Split(images, labels, torch.zeros_like(labels))
+        return BiasedDataset(name="synthetic", train=split, test=split, num_classes=c, num_groups=1, channels=3,
+                             image_size=s, class_names=[str(i) for i in range(c)], group_names=["0"])
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def with_groups(base: BiasedDataset, groups: int, real_groups: Tensor | None) -> BiasedDataset:
+    """``base`` with ``groups`` groups: ``real_groups`` when it has that many
+    (cdigits at G = 10), else uniformly random labels (seeded)."""
+    tr = base.train
+    if groups == 1:
+        g = torch.zeros_like(tr.labels)
+    elif real_groups is not None and int(real_groups.max()) + 1 == groups:
+        g = real_groups
+    else:
+        g = torch.randint(0, groups, (len(tr),), generator=torch.Generator().manual_seed(groups))
+    return dataclasses.replace(base, train=Split(tr.images, tr.labels, g), num_groups=groups,
+                               group_names=[str(i) for i in range(groups)])
+
+
+def make_config(dataset: str, method: str, objective: str, scale: Scale, image_size: int,
+            cobra_warmup: int) -> DistillConfig:
+    warm = cobra_warmup if (method == "dm" and objective == "cobra") else None
+    return resolve(DistillConfig(dataset=dataset, method=method, objective=objective, ipc=scale.ipc,
+                                 batch_real=scale.batch, width=scale.width, depth=depth_for(image_size),
+                                 outer_loop=1, inner_loop=1, cobra_warmup_epochs=warm, seed=0,
+                                 real_chunk=scale.real_chunk, dc_block_classes=scale.dc_block_classes))

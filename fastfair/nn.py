@@ -1,0 +1,185 @@
+"""Loss modules for your own distillation loop.
+
+:class:`FairDMLoss` and :class:`FairGradientMatching` take the tensors the DM /
+DC family's scripts already hold (real rows with their labels and protected
+groups, synthetic rows with their labels) and return the matching loss of
+every class and group in one call. They add nothing to the math: the DM loss
+is :func:`fastfair.ops.fair_dm_terms`, the DC loss is
+:func:`fastfair.pergroup.segment_gradients` for the real side,
+:func:`fastfair.pergroup.class_gradients` for the synthetic side and
+:func:`fastfair.objectives.dc_matching_terms`, as the ``fastfair distill``
+driver (``fastfair.distill.dm`` / ``dc``) uses them.
+
+``reduction``: ``"sum"`` (the papers' loss: the sum over classes), ``"mean"``
+(over the num_classes per-class terms) or ``"none"`` (the [C] per-class terms;
+a class without real or without synthetic rows contributes 0). After each
+call ``last_terms`` holds the detached :class:`fastfair.objectives.MatchTerms`
+(per-class terms, per-(class, group) distances, real rows per segment) for
+logging; inside a torch.compile'd graph it is not updated (a compiled graph
+keeps no Python side effects): call ``terms(...)`` there instead.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import objectives, ops
+
+Reduction = Literal["sum", "mean", "none"]
+
+
+def _reduce(per_class: Tensor, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return per_class.sum()
+    if reduction == "mean":
+        return per_class.mean()
+    return per_class
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    return reduction
+
+
+def _detached(terms: objectives.MatchTerms) -> objectives.MatchTerms:
+    return objectives.MatchTerms(*(None if t is None else t.detach() for t in terms))
+
+
+class FairDMLoss(nn.Module):
+    """Distribution matching (DM) with a fair objective over all classes at once.
+
+    ``forward(real_emb [N, D], real_labels [N], real_groups [N], syn_emb [M, D],
+    syn_labels [M])``: embeddings of the real and synthetic batches (every
+    class in one batch, rows in any order), int32/int64 labels and groups.
+    Per class c the synthetic mean embedding is matched against the real
+    (class, group) means as the objective says (``fairdd``: one term per
+    group present; ``vanilla``: the class mean; ``cobra``: the barycenter of
+    the group means, L1; the ablations of :data:`fastfair.objectives.OBJECTIVES`).
+    The real side is a constant; gradients flow to ``syn_emb``.
+
+    num_classes / num_groups: any integer type. A label or group out of range
+    raises ValueError naming it (``real_labels[7] = 9 is outside [0,
+    num_classes = 8)``).
+    """
+
+    def __init__(self, num_classes: int, num_groups: int, objective: str = "fairdd",
+                 reduction: Reduction = "sum") -> None:
+        super().__init__()
+        self.num_classes = ops._as_size(num_classes, "num_classes", "FairDMLoss")
+        self.num_groups = ops._as_size(num_groups, "num_groups", "FairDMLoss")
+        self.objective = objectives.get_objective(objective)
+        self.reduction = _check_reduction(reduction)
+        self.last_terms: objectives.MatchTerms | None = None
+
+    def terms(self, real_emb: Tensor, real_labels: Tensor, real_groups: Tensor, syn_emb: Tensor,
+              syn_labels: Tensor) -> objectives.MatchTerms:
+        """The loss's terms (carrying autograd), without storing them."""
+        return ops.fair_dm_terms(real_emb, real_labels, real_groups, syn_emb, syn_labels,
+                                 self.num_classes, self.num_groups, self.objective, group_terms=True)
+
+    def forward(self, real_emb: Tensor, real_labels: Tensor, real_groups: Tensor, syn_emb: Tensor,
+                syn_labels: Tensor) -> Tensor:
+        terms = self.terms(real_emb, real_labels, real_groups, syn_emb, syn_labels)
+        if not torch.compiler.is_compiling():  # a traced graph keeps no Python side effects
+            self.last_terms = _detached(terms)
+        return _reduce(terms.per_class, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, num_groups={self.num_groups}, "
+                f"objective={self.objective.name!r}, reduction={self.reduction!r}")
+
+
+class FairGradientMatching(nn.Module):
+    """Gradient matching (DC) with a fair objective over all classes at once.
+
+    ``forward(real_images, real_labels, real_groups, syn_images, syn_labels)``
+    (already augmented, e.g. by DSA, as the family's scripts do before their
+    forward passes): the real side's gradient of every (class, group)
+    segment's mean cross-entropy comes from ONE forward and ONE backward of
+    ``model`` over the whole real batch
+    (:func:`fastfair.pergroup.segment_gradients`); the synthetic side's
+    per-class gradients from one forward and backward per class with
+    ``create_graph=True`` (:func:`fastfair.pergroup.class_gradients`, the
+    family's way); then the objective's matching loss with ``metric``
+    (``ours``, ``mse``, ``cos``: the family's ``match_loss``). ``vanilla``
+    matches the class gradient, so its real side has one segment per class
+    and ``last_terms.per_group`` is None.
+
+    The gradient flows to ``syn_images`` (and, through the synthetic graph,
+    to the model's parameters, as in the family's code). ``model`` must be
+    decomposable per sample (no BatchNorm in training mode: ValueError naming
+    the layer); pass another network per call with ``model=`` (the family
+    draws a fresh one every outer iteration). ``chunk``: rows per real
+    forward pass (see ``segment_gradients``). Under ``torchrun`` the real
+    segment gradients are averaged over all ranks exactly (sums and counts
+    all-reduced, as the driver does).
+    """
+
+    def __init__(self, model: nn.Module | None, num_classes: int, num_groups: int,
+                 objective: str = "fairdd", metric: objectives.Metric = "ours",
+                 reduction: Reduction = "sum", chunk: int | str | None = "auto") -> None:
+        super().__init__()
+        op = "FairGradientMatching"
+        self.model = model
+        self.num_classes = ops._as_size(num_classes, "num_classes", op)
+        self.num_groups = ops._as_size(num_groups, "num_groups", op)
+        self.objective = objectives.get_objective(objective)
+        if metric not in ("ours", "mse", "cos"):
+            raise ValueError(f"unknown metric {metric!r}; choose 'ours', 'mse' or 'cos'")
+        self.metric = metric
+        self.reduction = _check_reduction(reduction)
+        self.chunk = chunk
+        self.last_terms: objectives.MatchTerms | None = None
+
+    def terms(self, real_images: Tensor, real_labels: Tensor, real_groups: Tensor, syn_images: Tensor,
+              syn_labels: Tensor, model: nn.Module | None = None) -> objectives.MatchTerms:
+        """The loss's terms (carrying autograd), without storing them."""
+        from .distill.dc import _global_segment_means
+        from .pergroup import class_gradients, segment_gradients
+
+        op = "FairGradientMatching"
+        net = model if model is not None else self.model
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"{op}: no model: pass one to the constructor or as model=")
+        C, G = self.num_classes, self.num_groups
+        for name, t in (("real_labels", real_labels), ("real_groups", real_groups), ("syn_labels", syn_labels)):
+            ops._check_rows_1d(op, name, t)
+        if not (real_images.shape[0] == real_labels.shape[0] == real_groups.shape[0]):
+            raise ValueError(f"{op}: real_images, real_labels and real_groups need one row each, got "
+                             f"{real_images.shape[0]}, {real_labels.shape[0]} and {real_groups.shape[0]}")
+        if syn_images.shape[0] != syn_labels.shape[0]:
+            raise ValueError(f"{op}: syn_images has {syn_images.shape[0]} rows but syn_labels has "
+                             f"{syn_labels.shape[0]}")
+        checks = [("real_labels", real_labels, C, "num_classes"), ("real_groups", real_groups, G, "num_groups"),
+                  ("syn_labels", syn_labels, C, "num_classes")]
+        # The pooled target (vanilla) is the class gradient: one segment per
+        # class, as the driver does (fastfair.distill.dc). The groups are
+        # still range-checked: -1 marks a bad label or group either way.
+        per_group = self.objective.target != "pooled"
+        seg = ops.segment_ids(real_labels, real_groups, C, G)
+        if not per_group:
+            seg = torch.where(seg >= 0, torch.div(seg, G, rounding_mode="floor"), seg)
+        width = C * G if per_group else C
+
+        def real_side() -> tuple[tuple[Tensor, ...], Tensor]:
+            ops.segment_count(syn_labels, C)  # class_gradients' masks would skip a bad label silently
+            grads = segment_gradients(net, real_images, real_labels.long(), seg, width, chunk=self.chunk)
+            return _global_segment_means(tuple(g.detach() for g in grads), seg, width)
+
+        grads, counts = ops._naming_bad_rows(op, checks, real_side)
+        syn_grads = class_gradients(net, syn_images, syn_labels.long(), C, create_graph=True)
+        return objectives.dc_matching_terms(grads, counts, syn_grads, G if per_group else 1, self.objective,
+                                            self.metric, group_terms=per_group)
+
+    def forward(self, real_images: Tensor, real_labels: Tensor, real_groups: Tensor, syn_images: Tensor,
+                syn_labels: Tensor, model: nn.Module | None = None) -> Tensor:
+        terms = self.terms(real_images, real_labels, real_groups, syn_images, syn_labels, model)
+        self.last_terms = _detached(terms)
+        return _reduce(terms.per_class, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, num_groups={self.num_groups}, "
+                f"objective={self.objective.name!r}, metric={self.metric!r}, reduction={self.reduction!r}")

@@ -1,0 +1,25 @@
+"""Plain-text tables of results rows (method, objective, Acc, DEO_M, DEO_A).
+
+Its own module because both the CLI (``fastfair eval``) and the demo print
+them, and neither should import the other.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:6.2f} +- {std:5.2f}"
+
+
+def format_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
+    """Plain-text table of results rows (method, objective, metrics, seconds)."""
+    head = f"{'method':<8} {'objective':<16} {'Acc':>15} {'DEO_M':>15} {'DEO_A':>15} {'seconds':>8}"
+    lines = [title] if title else []
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        secs = r.get("seconds")
+        lines.append(f"{r['method']:<8} {r['objective']:<16} {_pm(r['acc'], r['acc_std']):>15} "
+                     f"{_pm(r['deo_m'], r['deo_m_std']):>15} {_pm(r['deo_a'], r['deo_a_std']):>15} "
+                     f"{(f'{secs:8.1f}' if secs is not None else '-'):>8}")
+    return "\n".join(lines)

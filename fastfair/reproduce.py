@@ -1,0 +1,417 @@
+"""``fastfair reproduce``: run the cells of a paper table and put the measured
+numbers beside the published ones.
+
+A *table* names datasets, an IPC and the (method, objective) cells of a
+published table (FairDD Tables 1-2, COBRA's reported numbers; REFERENCE.md
+"Headline results"). A *budget* says how much of the protocol is run:
+
+- ``paper``: the full protocol (the preset's distillation settings, width-128
+  ConvNets, the method's reference evaluation, 5 evaluation runs); GPU hours.
+- ``cpu``: a stated reduced protocol that fits a quiet 2-core machine in about
+  an hour per dataset for the five C-MNIST cells (see :data:`BUDGETS`: fewer
+  iterations at a larger image lr, narrower networks, fewer evaluation
+  epochs and runs). Its numbers are not the paper's protocol and say so.
+- ``tiny``: seconds; for tests only.
+
+Resumable at two levels: a finished cell (``cell.json`` with the same
+settings) is skipped; an unfinished one continues its distillation from its
+checkpoint and keeps the evaluation runs it already finished
+(``eval_runs.jsonl``). Outputs in ``--out``: one folder per cell, and
+``results.json``, ``results.md`` (measured mean +- std beside the paper) and
+``results.png``, rewritten after every cell.
+
+This module imports torch only inside the functions that run cells, so the
+CLI's parser can read its tables without paying for torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+# --------------------------------------------------------------------------- published numbers
+
+# (dataset, ipc, method, objective) -> (DEO_M, DEO_A, Acc, source); None where
+# the source does not report the metric.
+PAPER: dict[tuple[str, int, str, str], tuple[float | None, float | None, float | None, str]] = {}
+
+
+def _fairdd_rows() -> None:
+    src = "FairDD Tables 1-2"
+    rows = {
+        "cmnist-fg": ((100.0, 99.96, 25.01), (17.04, 7.95, 94.61), (99.85, 65.61, 71.41), (26.75, 11.96, 90.62),
+                      (10.10, 5.89, 97.71)),
+        "cmnist-bg": ((100.0, 99.97, 23.40), (13.42, 6.77, 94.88), (100.0, 73.60, 65.91), (20.66, 9.94, 90.84),
+                      (9.70, 5.78, 97.80)),
+        "cfmnist-bg": ((100.0, 99.68, 22.26), (33.05, 19.72, 71.10), (100.0, 92.91, 47.32), (61.75, 34.88, 68.51),
+                       (91.40, 51.68, 77.97)),
+        "cifar10-s": ((59.20, 39.31, 37.88), (31.75, 8.73, 45.17), (42.23, 27.35, 37.88), (22.08, 8.22, 41.82),
+                      (49.72, 33.17, 69.78)),
+        "celeba": ((30.01, 28.85, 61.79), (9.37, 5.71, 64.37), (15.48, 14.16, 57.19), (6.64, 5.29, 57.63),
+                   (24.85, 24.16, 74.09)),
+    }
+    cells = (("dm", "vanilla"), ("dm", "fairdd"), ("dc", "vanilla"), ("dc", "fairdd"), ("whole", "-"))
+    for ds, vals in rows.items():
+        for (m, o), (dm, da, acc) in zip(cells, vals):
+            PAPER[(ds, 10, m, o)] = (dm, da, acc, src)
+
+
+def _cobra_rows() -> None:
+    # COBRA reports "EOD" (shown in the DEO_M column) and Acc, as summarised in REFERENCE.md.
+    src = "COBRA (EOD as DEO_M)"
+    for o, (eod, acc) in {"vanilla": (82.87, 45.4), "fairdd": (25.17, 61.2), "cobra": (9.37, 62.4)}.items():
+        PAPER[("cifar10-s", 100, "dm", o)] = (eod, None, acc, src)
+    PAPER[("cmnist-bg", 50, "dm", "cobra")] = (7.46, None, 96.8, src)
+
+
+_fairdd_rows()
+_cobra_rows()
+
+
+@dataclass(frozen=True)
+class Table:
+    """The cells of a published table: every dataset x (method, objective) at ``ipc``."""
+
+    name: str
+    datasets: tuple[str, ...]
+    ipc: int
+    cells: tuple[tuple[str, str], ...]
+    preset: str
+    description: str
+
+
+_CMNIST_CELLS = (("dm", "vanilla"), ("dm", "fairdd"), ("dm", "cobra"), ("dc", "vanilla"), ("dc", "fairdd"))
+TABLES: dict[str, Table] = {t.name: t for t in (
+    Table("fairdd-cmnist", ("cmnist-fg", "cmnist-bg"), 10, _CMNIST_CELLS, "fairdd",
+          "FairDD Tables 1-2, C-MNIST FG and BG rows at IPC 10 (DM, DM+FairDD, DC, DC+FairDD), plus DM+COBRA"),
+    Table("fairdd", ("cmnist-fg", "cmnist-bg", "cfmnist-bg", "cifar10-s", "celeba"), 10, _CMNIST_CELLS, "fairdd",
+          "FairDD Tables 1-2, every dataset row at IPC 10"),
+    Table("cobra-cifar10s", ("cifar10-s",), 100, (("dm", "vanilla"), ("dm", "fairdd"), ("dm", "cobra")), "cobra",
+          "COBRA, CIFAR10-S DM at IPC 100 (COBRA's protocol)"),
+    Table("cobra-cmnist", ("cmnist-bg",), 50, (("dm", "vanilla"), ("dm", "fairdd"), ("dm", "cobra")), "cobra",
+          "COBRA, C-MNIST (BG) DM at IPC 50 (COBRA's protocol)"),
+    Table("cdigits", ("cdigits-fg", "cdigits-bg"), 10, _CMNIST_CELLS, "fairdd",
+          "the C-MNIST cells on the embedded cdigits datasets (no published numbers; needs no download)"),
+)}
+
+
+# --------------------------------------------------------------------------- budgets
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of the protocol a run spends. ``distill[method]``: DistillConfig
+    overrides (empty: the preset's paper values); ``eval_epochs[method]``: None
+    takes the method's reference protocol; ``width``: None is the ConvNet's 128."""
+
+    name: str
+    summary: str
+    distill: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval_epochs: dict[str, int | None] = field(default_factory=dict)
+    eval_runs: int = 5
+    width: int | None = None
+
+
+# The cpu budget's DM image lr: 150 iterations instead of 20000 need a larger step; on real
+# C-MNIST FG, DM+FairDD at this budget measured DEO_M / DEO_A / Acc 46.7 / 20.1 / 80.2 at lr 10
+# and 51.4 / 22.7 / 78.1 at lr 50 (2 eval runs each).
+LR_DM = 10.0
+
+BUDGETS: dict[str, Budget] = {b.name: b for b in (
+    Budget("paper", "the full protocol: the preset's distillation settings, width-128 ConvNets, the method's "
+                    "reference evaluation (DM 1000 epochs with DSA, DC 300 without), 5 evaluation runs",
+           eval_runs=5),
+    Budget("cpu", f"reduced for a 2-core CPU: width-16 ConvNets (distil and eval); DM 150 iterations at image lr "
+                  f"{LR_DM:g} (paper 20000 at 1) with a real batch of 128 per class (paper 256), COBRA's warm-up rule "
+                  "kept (10 epochs at IPC 10); DC 20 outer iterations of 5 matching steps with 5 inner epochs "
+                  "(paper 1000 of 10 with 50) at image lr 10 (paper 0.1), real batch 64 per class; evaluation "
+                  "200 epochs (DM with DSA, DC without, as the reference) x 2 runs (paper 1000 / 300 x 5)",
+           distill={"dm": {"iterations": 150, "lr_img": LR_DM, "batch_real": 128, "width": 16},
+                    "dc": {"iterations": 20, "outer_loop": 5, "inner_loop": 5, "lr_img": 10.0, "batch_real": 64,
+                           "width": 16}},
+           eval_epochs={"dm": 200, "dc": 200}, eval_runs=2, width=16),
+    Budget("tiny", "seconds-long, for tests only",
+           distill={"dm": {"iterations": 2, "batch_real": 8, "width": 8, "depth": 2, "cobra_warmup_epochs": 1},
+                    "dc": {"iterations": 1, "outer_loop": 1, "inner_loop": 1, "batch_real": 8, "width": 8,
+                           "depth": 2}},
+           eval_epochs={"dm": 1, "dc": 1}, eval_runs=2, width=8),
+)}
+
+
+def _family(method: str) -> str:
+    return "dm" if method == "dm" else "dc"
+
+
+def cell_name(method: str, objective: str, ipc: int) -> str:
+    return f"{method}_{objective}_ipc{ipc}"
+
+
+def cell_settings(table: Table, budget: Budget, dataset: str, method: str, objective: str,
+                  seed: int) -> dict[str, Any]:
+    """Everything that defines a cell's result (a finished cell is reused
+    only when these are equal)."""
+    fam = _family(method)
+    distill = {"dataset": dataset, "method": method, "objective": objective, "ipc": table.ipc,
+               "preset": table.preset, "seed": seed, **budget.distill.get(fam, {})}
+    net = {"width": budget.width} if budget.width is not None else {}
+    if "depth" in distill:
+        net["depth"] = distill["depth"]
+    return {"distill": distill, "eval": {"epochs": budget.eval_epochs.get(fam), "runs": budget.eval_runs,
+                                         "net_kwargs": net, "seed": seed}, "budget": budget.name}
+
+
+# --------------------------------------------------------------------------- running
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _eval_runs_done(path: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Finished evaluation runs of this cell's settings, in run order."""
+    done: list[dict[str, Any]] = []
+    if not os.path.isfile(path):
+        return done
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by an interrupt: that run is redone
+                break
+            if rec.get("settings") != settings or rec.get("run") != len(done):
+                break
+            done.append(rec["result"])
+    return done
+
+
+def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, objective: str, out_dir: str,
+             seed: int = 0, device: str | None = None, progress: bool = False, log: Any = None,
+             root: str | None = None) -> dict[str, Any]:
+    """Distil (resuming a checkpoint) and evaluate (keeping finished runs) one
+    cell; returns its record (also written to ``out_dir/cell.json``)."""
+    import numpy as np
+
+    from . import distill
+    from .evaluate import evaluate_synset
+    from .heatmap import cell_heatmap
+
+    settings = cell_settings(table, budget, dataset, method, objective, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    done = _read_json(os.path.join(out_dir, "cell.json"))
+    if done is not None and done.get("settings") == settings:
+        return done
+    # root is recorded so that `fastfair eval CELL_DIR` finds the data again.
+    cfg = distill.DistillConfig(**settings["distill"], root=root, log_every=10, checkpoint_every=10)
+    t0 = time.perf_counter()
+    res = distill.run(cfg, ds, out_dir=out_dir, device=device, resume=True, progress=progress)
+    t_distil = res.seconds
+    runs_path = os.path.join(out_dir, "eval_runs.jsonl")
+    ev = settings["eval"]
+    runs = _eval_runs_done(runs_path, settings)
+    if not runs and os.path.exists(runs_path):
+        os.unlink(runs_path)  # another settings' runs: start the file over
+    t1 = time.perf_counter()
+    for r in range(len(runs), ev["runs"]):
+        one = evaluate_synset(res.images, res.labels, ds, epochs=ev["epochs"], runs=1, seed=ev["seed"] + r,
+                              device=device, progress=progress, net_kwargs=ev["net_kwargs"], method=method)
+        rec = {k: one[k] for k in ("acc", "deo_m", "deo_a", "worst_group_acc", "cell_acc", "epochs", "dsa")}
+        with open(runs_path, "a") as f:
+            f.write(json.dumps({"settings": settings, "run": r, "result": rec}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        runs.append(rec)
+        if log:
+            log(f"    eval run {r + 1}/{ev['runs']}: acc {rec['acc']:.2f} DEO_M {rec['deo_m']:.2f} "
+                f"DEO_A {rec['deo_a']:.2f}")
+    t_eval = time.perf_counter() - t1
+    out: dict[str, Any] = {"dataset": dataset, "ipc": table.ipc, "method": method, "objective": objective,
+                           "settings": settings, "config": res.config.to_dict()}
+    for k in ("acc", "deo_m", "deo_a", "worst_group_acc"):
+        vals = np.array([r[k] for r in runs], dtype=np.float64)
+        out[k], out[f"{k}_std"] = float(vals.mean()), float(vals.std())
+    cells = np.array([[[np.nan if v is None else v for v in row] for row in r["cell_acc"]] for r in runs])
+    out["cell_acc"] = [[None if np.isnan(v) else float(v) for v in row] for row in cells.mean(0)]
+    out.update(eval_epochs=runs[0]["epochs"], eval_dsa=runs[0]["dsa"], eval_runs=len(runs),
+               distill_seconds=round(t_distil, 1), eval_seconds=round(t_eval, 1),
+               wall_seconds=round(time.perf_counter() - t0, 1))
+    cell_heatmap(out["cell_acc"], os.path.join(out_dir, "cells.png"), class_names=ds.class_names,
+                 group_names=ds.group_names,
+                 title=f"{dataset} {method}+{objective} IPC {table.ipc} ({budget.name} budget)")
+    _write_json(os.path.join(out_dir, "cell.json"), out)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": sys.version.split()[0]}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            info["cpu"] = names[0]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def reproduce(table: str, budget: str, out: str, root: str | None = None, datasets: list[str] | None = None,
+              cells: list[tuple[str, str]] | None = None, seed: int = 0, device: str | None = None,
+              progress: bool = False, threads: int | None = None, note: str | None = None) -> dict[str, Any]:
+    """Run (or resume) every cell of ``table`` at ``budget`` and write the
+    results (module docstring). ``datasets`` / ``cells`` restrict the table."""
+    import torch
+
+    from . import data
+
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    t, b = TABLES[table], BUDGETS[budget]
+    dsets = list(datasets) if datasets else list(t.datasets)
+    bad = [d for d in dsets if d not in t.datasets]
+    if bad:
+        raise ValueError(f"table {table!r} has no dataset {', '.join(bad)}; it has {', '.join(t.datasets)}")
+    plan = list(cells) if cells else list(t.cells)
+    bad_cells = [f"{m}:{o}" for m, o in plan if (m, o) not in t.cells]
+    if bad_cells:
+        raise ValueError(f"table {table!r} has no cell {', '.join(bad_cells)}; it has "
+                         f"{', '.join(f'{m}:{o}' for m, o in t.cells)}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    os.makedirs(out, exist_ok=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    records: list[dict[str, Any]] = []
+    prev = _read_json(os.path.join(out, "results.json")) or {}
+    keep = [r for r in prev.get("results", []) if r.get("dataset") not in dsets or (r["method"], r["objective"])
+            not in plan]
+    for name in dsets:
+        log(f"[reproduce] {table} / {name} at the {budget} budget")
+        ds = data.load(name, root=root, cache=False)  # no cache: the data root may be read-only
+        for method, objective in plan:
+            cell_dir = os.path.join(out, name, cell_name(method, objective, t.ipc))
+            log(f"  {method}+{objective} -> {cell_dir}")
+            rec = run_cell(ds, t, b, name, method, objective, cell_dir, seed=seed, device=device,
+                           progress=progress, log=log, root=root)
+            log(f"  {method}+{objective}: acc {rec['acc']:.2f} DEO_M {rec['deo_m']:.2f} DEO_A {rec['deo_a']:.2f} "
+                f"(distil {rec['distill_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s)")
+            records.append({k: v for k, v in rec.items() if k not in ("config",)})
+            write_outputs(out, table, budget, keep + records, started, note)
+    return write_outputs(out, table, budget, keep + records, started, note)
+
+
+# --------------------------------------------------------------------------- outputs
+
+def _fmt(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} +- {std:.2f}"
+
+
+def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    """The measured numbers beside the published ones, one row per cell."""
+    t, b = TABLES[table], BUDGETS[budget]
+    lines = [f"# `fastfair reproduce --table {table} --budget {budget}`", "",
+             f"{t.description}. Measured: mean +- std (population) over the evaluation runs; "
+             f"paper: the published mean. Budget `{budget}`: {b.summary}.", ""]
+    mach = info.get("machine", {})
+    lines += [f"Machine: {mach.get('cpu', mach.get('processor', '?'))}, {mach.get('cpu_count', '?')} cores, "
+              f"torch {mach.get('torch', '?')}, {mach.get('threads', '?')} threads"
+              + (f"; {info['note']}" if info.get("note") else "") + ".", ""]
+    lines += ["| dataset | IPC | method | objective | DEO_M | DEO_A | Acc | worst cell | paper DEO_M / DEO_A / Acc "
+              "| source | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {c: i for i, c in enumerate(t.cells)}
+    rows = sorted(results, key=lambda r: (t.datasets.index(r["dataset"]) if r["dataset"] in t.datasets else 99,
+                                          order.get((r["method"], r["objective"]), 99)))
+    for r in rows:
+        p = PAPER.get((r["dataset"], r["ipc"], r["method"], r["objective"]))
+        paper = " / ".join(_fmt(v) for v in p[:3]) if p else "-"
+        mins = (r.get("distill_seconds", 0) + r.get("eval_seconds", 0)) / 60
+        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r['objective']} | "
+                     f"{_fmt(r['deo_m'], r['deo_m_std'])} | {_fmt(r['deo_a'], r['deo_a_std'])} | "
+                     f"{_fmt(r['acc'], r['acc_std'])} | {_fmt(r['worst_group_acc'])} | {paper} | "
+                     f"{p[3] if p else '-'} | {mins:.1f} |")
+    whole = [(d, PAPER.get((d, t.ipc, "whole", "-"))) for d in t.datasets if (d, t.ipc, "whole", "-") in PAPER]
+    if whole:
+        lines += ["", "Whole training set (paper, not run here): "
+                  + "; ".join(f"{d} {' / '.join(_fmt(v) for v in p[:3])}" for d, p in whole if p) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(results: list[dict[str, Any]], path: str, title: str) -> None:
+    """Measured (bars with std) and published (black ticks) DEO_M, DEO_A, Acc per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        return
+    names = [f"{r['dataset']}\n{r['method']}+{r['objective']}" for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.1 * len(results) * 1.5, 3.8))
+    colour = {"vanilla": "#8c8c8c", "fairdd": "#1f77b4", "cobra": "#d62728"}
+    for ax, (key, label, idx) in zip(axes, (("deo_m", "DEO_M (%) lower is fairer", 0),
+                                            ("deo_a", "DEO_A (%) lower is fairer", 1),
+                                            ("acc", "Acc (%) higher is better", 2))):
+        xs = range(len(results))
+        ax.bar(xs, [r[key] for r in results], yerr=[r[f"{key}_std"] for r in results], capsize=3,
+               color=[colour.get(r["objective"], "#2ca02c") for r in results])
+        for x, r in zip(xs, results):
+            p = PAPER.get((r["dataset"], r["ipc"], r["method"], r["objective"]))
+            if p and p[idx] is not None:
+                ax.plot([x - 0.4, x + 0.4], [p[idx]] * 2, color="black", lw=2)
+        ax.set_xticks(list(xs), names, fontsize=6, rotation=90)
+        ax.set_title(label + "\n(black: paper)", fontsize=8)
+        ax.set_ylim(0, 105)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(out: str, table: str, budget: str, results: list[dict[str, Any]], started: str,
+                  note: str | None) -> dict[str, Any]:
+    info = {"table": table, "budget": budget, "budget_summary": BUDGETS[budget].summary,
+            "description": TABLES[table].description, "started": started,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "note": note}
+    obj = {**info, "results": results,
+           "paper": [{"dataset": d, "ipc": i, "method": m, "objective": o, "deo_m": v[0], "deo_a": v[1],
+                      "acc": v[2], "source": v[3]} for (d, i, m, o), v in PAPER.items()
+                     if d in TABLES[table].datasets and i == TABLES[table].ipc]}
+    _write_json(os.path.join(out, "results.json"), obj)
+    md = markdown(table, budget, results, info)
+    tmp = os.path.join(out, f"results.md.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(md)
+    os.replace(tmp, os.path.join(out, "results.md"))
+    bar_chart(results, os.path.join(out, "results.png"), f"fastfair reproduce {table}, {budget} budget")
+    return obj

@@ -1,0 +1,119 @@
+"""fastfair reproduce: tiny budgets on the embedded dataset (and on real MNIST
+when /work/shared/data holds it), resumption, and the published numbers in
+the Markdown table."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from fastfair import choices, reproduce
+from fastfair.cli import main
+from fastfair.distill import config
+
+REAL_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+if not os.path.isdir(os.path.join(REAL_ROOT, "MNIST", "raw")):
+    REAL_ROOT = "/work/shared/data"
+HAS_MNIST = os.path.isdir(os.path.join(REAL_ROOT, "MNIST", "raw"))
+
+
+def test_names_agree_with_the_torch_free_choices():
+    assert choices.TABLES == tuple(reproduce.TABLES)
+    assert choices.BUDGETS == tuple(reproduce.BUDGETS)
+    assert choices.PRESETS == config.PRESETS
+
+
+def test_paper_numbers_are_the_reference_tables():
+    # Spot checks against REFERENCE.md (FairDD Tables 1-2, COBRA).
+    assert reproduce.PAPER[("cmnist-fg", 10, "dm", "fairdd")][:3] == (17.04, 7.95, 94.61)
+    assert reproduce.PAPER[("cmnist-bg", 10, "dc", "vanilla")][:3] == (100.0, 73.60, 65.91)
+    assert reproduce.PAPER[("cmnist-bg", 50, "dm", "cobra")][0] == 7.46
+    md = reproduce.markdown("fairdd-cmnist", "cpu", [_record("cmnist-fg", "dm", "fairdd", 20.0)],
+                            {"machine": {"cpu": "X", "cpu_count": 2}})
+    row = [ln for ln in md.splitlines() if ln.startswith("| cmnist-fg")][0]
+    assert "20.00 +- 1.00" in row and "17.04 / 7.95 / 94.61" in row
+    assert "10.10 / 5.89 / 97.71" in md  # the whole-set row of the paper
+
+
+def _record(dataset: str, method: str, objective: str, deo_m: float) -> dict:
+    return {"dataset": dataset, "ipc": 10, "method": method, "objective": objective, "deo_m": deo_m,
+            "deo_m_std": 1.0, "deo_a": 5.0, "deo_a_std": 0.5, "acc": 90.0, "acc_std": 0.1,
+            "worst_group_acc": 70.0, "distill_seconds": 60, "eval_seconds": 60}
+
+
+def test_cell_settings_follow_the_budget():
+    t, b = reproduce.TABLES["fairdd-cmnist"], reproduce.BUDGETS["cpu"]
+    dm = reproduce.cell_settings(t, b, "cmnist-fg", "dm", "fairdd", 0)
+    dc = reproduce.cell_settings(t, b, "cmnist-fg", "dc", "fairdd", 0)
+    assert dm["distill"]["iterations"] == b.distill["dm"]["iterations"]
+    assert dc["distill"]["outer_loop"] == b.distill["dc"]["outer_loop"]
+    assert dm["eval"]["runs"] == b.eval_runs
+    paper = reproduce.cell_settings(t, reproduce.BUDGETS["paper"], "cmnist-fg", "dm", "fairdd", 0)
+    cfg = config.resolve(config.DistillConfig(**paper["distill"]))
+    assert (cfg.iterations, cfg.batch_real, cfg.dsa, cfg.width) == (20000, 256, True, 128)
+    assert paper["eval"]["epochs"] is None  # the method's reference protocol
+
+
+def test_tiny_run_writes_outputs_and_resumes(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["reproduce", "--table", "cdigits", "--budget", "tiny", "--datasets", "cdigits-fg",
+            "--cells", "dm:fairdd,dc:vanilla", "--out", str(out), "--threads", "1"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["objective"]) for r in res["results"]] == [("dm", "fairdd"), ("dc", "vanilla")]
+    for r in res["results"]:
+        assert 0 <= r["acc"] <= 100 and 0 <= r["deo_m"] <= 100 and r["eval_runs"] == 2
+        assert len(r["cell_acc"]) == 10 and len(r["cell_acc"][0]) == 10
+    dc = res["results"][1]
+    assert dc["eval_dsa"] is False and dc["settings"]["distill"]["method"] == "dc"
+    assert (out / "results.md").read_text().count("| cdigits-fg |") == 2
+    assert (out / "results.png").stat().st_size > 0
+    cell = out / "cdigits-fg" / "dm_fairdd_ipc10"
+    assert (cell / "synset.pt").is_file() and (cell / "cells.png").is_file()
+    # A second run skips the finished cells: cell.json is not rewritten.
+    stamp = (cell / "cell.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (cell / "cell.json").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+
+
+def test_unfinished_cell_keeps_its_finished_eval_runs(tmp_path):
+    from fastfair import data
+
+    t, b = reproduce.TABLES["cdigits"], reproduce.BUDGETS["tiny"]
+    ds = data.load("cdigits-fg")
+    cell = tmp_path / "c"
+    first = reproduce.run_cell(ds, t, b, "cdigits-fg", "dm", "vanilla", str(cell))
+    lines = (cell / "eval_runs.jsonl").read_text().splitlines()
+    assert len(lines) == b.eval_runs
+    # Interrupted after one evaluation run (cell.json not yet written, and a
+    # half-written second line): the rerun keeps run 0 and redoes run 1.
+    (cell / "cell.json").unlink()
+    (cell / "eval_runs.jsonl").write_text(lines[0] + "\n" + lines[1][:20])
+    again = reproduce.run_cell(ds, t, b, "cdigits-fg", "dm", "vanilla", str(cell))
+    assert json.loads((cell / "eval_runs.jsonl").read_text().splitlines()[0]) == json.loads(lines[0])
+    for k in ("acc", "deo_m", "deo_a"):
+        assert again[k] == pytest.approx(first[k])  # same seeds, same synthetic set (resumed checkpoint)
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    for argv, what in ((["--cells", "dm-fairdd"], "METHOD:OBJECTIVE"), (["--datasets", "mnist"], "no dataset"),
+                       (["--cells", "dm:cobra-x"], "no cell")):
+        assert main(["reproduce", "--table", "cdigits", "--budget", "tiny", "--out", str(tmp_path / "x"), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0]
+
+
+@pytest.mark.skipif(not HAS_MNIST, reason="real MNIST not present (../shared/data/MNIST/raw)")
+def test_tiny_run_on_real_cmnist(tmp_path, capsys):
+    out = tmp_path / "m"
+    before = sorted(os.walk(REAL_ROOT))
+    assert main(["reproduce", "--table", "fairdd-cmnist", "--budget", "tiny", "--datasets", "cmnist-fg",
+                 "--cells", "dm:fairdd", "--root", REAL_ROOT, "--out", str(out), "--threads", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    (r,) = res["results"]
+    assert r["dataset"] == "cmnist-fg" and 0 <= r["deo_m"] <= 100
+    assert "17.04 / 7.95 / 94.61" in (out / "results.md").read_text()
+    assert sorted(os.walk(REAL_ROOT)) == before  # nothing written into the data root
+    capsys.readouterr()
