@@ -222,7 +222,10 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
                 done = it + 1
                 bar.update(1)
                 if done % cfg.log_every == 0 or done == cfg.iterations:
-                    # The only host sync of an iteration, every log_every iterations.
+                    # The only host sync of an iteration, every log_every iterations;
+                    # out-of-range ids that a CUDA kernel recorded since the last
+                    # one are raised here.
+                    ops.raise_pending_errors()
                     mean, fin = torch.stack([state.loss_sum / state.loss_n, state.finite.to(zero.dtype)]).tolist()
                     if not fin:
                         raise _non_finite(done, last_good, out_dir if write else None)
