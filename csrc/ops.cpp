@@ -5,6 +5,25 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
+namespace fastfair {
+#ifdef FASTFAIR_WITH_CUDA
+// csrc/cuda/segment_reduce.cu (declared in csrc/cuda/id_check.cuh).
+std::vector<int64_t> take_id_error_cuda(c10::Device device);
+#endif
+
+// The pending out-of-range id error of a device, cleared as it is read:
+// {row, value, num_segments, op code} or {-1, 0, 0, 0}. CPU kernels raise at
+// once, so a CPU device never has one.
+std::vector<int64_t> take_id_error(c10::Device device) {
+#ifdef FASTFAIR_WITH_CUDA
+  if (device.is_cuda()) return take_id_error_cuda(device);
+#endif
+  return {-1, 0, 0, 0};
+}
+}  // namespace fastfair
+
 extern "C" {
 // Importing fastfair._C only has to load this shared library so that the
 // static TORCH_LIBRARY registrations run; the module itself is empty.
@@ -25,6 +44,10 @@ TORCH_LIBRARY(fastfair, m) {
   // over rows i in segment s of the weight gradient of row i alone.
   m.def("segment_linear_weight_grad(Tensor grad_out, Tensor input, Tensor ids, int num_segments) -> Tensor");
   m.def("segment_conv2d_weight_grad(Tensor grad_out, Tensor input, Tensor ids, int num_segments, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // CUDA kernels cannot raise: they skip rows whose id is outside
+  // [0, num_segments) and record the first one per device (csrc/cuda/
+  // id_check.cuh); fastfair.ops takes it with this op and raises.
+  m.def("take_id_error(Device device) -> int[]", &fastfair::take_id_error);
   // The hand-written CUDA kernel of the two ops above, kept by name for the
   // measured comparison against the grouped GEMM (fastfair/wgrad.py, which
   // is the CUDA kernel of the ops themselves) and for float64.

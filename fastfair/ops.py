@@ -99,19 +99,80 @@ def _as_size(value: object, name: str, op: str) -> int | torch.SymInt:
 
 @contextlib.contextmanager
 def validate_ids(enabled: bool) -> Iterator[None]:
-    """Turn the range check of ids on GPU tensors on or off.
+    """Turn the immediate range check of ids on GPU tensors on or off.
 
-    On CPU the kernels check ids as they read them, for free. On CUDA the check
-    costs one device-to-host sync per call, so hot loops whose ids are in range
-    by construction (the distillation driver) switch it off; the CUDA kernels
-    skip out-of-range rows rather than write out of bounds either way.
+    Every kernel detects ids outside ``[0, num_segments)`` (negative included).
+    On CPU it raises ValueError at once, naming the row and the value. A CUDA
+    kernel cannot raise: it skips such rows (never writes out of bounds) and
+    records the first one on the device. With ``validate_ids(True)`` (the
+    default) the op reads that record after the call (one small
+    device-to-host copy) and raises the same ValueError. Hot loops whose ids
+    are in range by construction (the distillation driver) switch it off: then
+    nothing syncs, and a recorded error is raised by :func:`raise_pending_errors`
+    (which the driver calls where it syncs anyway) or, at the latest, when the
+    ``validate_ids(False)`` block exits normally.
     """
     global _validate_ids
     old, _validate_ids = _validate_ids, enabled
+    ok = False
     try:
         yield
+        ok = True
     finally:
         _validate_ids = old
+        # An exception already on its way out is not replaced; the record
+        # stays pending for the next check.
+        if ok and not enabled:
+            raise_pending_errors()
+
+
+# Names of the op codes of csrc/cuda/id_check.cuh (IdOp).
+_ID_ERROR_OPS = {1: "segment_sum", 2: "segment_mean", 3: "segment_count",
+                 4: "segment_linear_weight_grad", 5: "segment_conv2d_weight_grad"}
+# Ops whose CUDA kernels record out-of-range ids on the device
+# (csrc/cuda/id_check.cuh); the others are checked in _check_args.
+_CUDA_KERNELS_RECORDING_IDS = {"segment_sum", "segment_mean", "segment_count"}
+# Devices with kernel calls whose id errors have not been read yet.
+_unchecked_devices: set[torch.device] = set()
+
+
+def _id_error_message(op: str, row: int, value: int, num_segments: int) -> str:
+    return f"{op}: ids[{row}] = {value} is outside [0, num_segments = {num_segments})"
+
+
+def _take_id_error(device: torch.device) -> str | None:
+    row, value, segs, code = torch.ops.fastfair.take_id_error(device)
+    if row < 0:
+        return None
+    return _id_error_message(_ID_ERROR_OPS.get(code, f"op {code}"), row, value, segs)
+
+
+def _after_kernel(device: torch.device, op: str) -> None:
+    # CPU kernels have raised already; CUDA kernels left a record.
+    if device.type != "cuda" or op not in _CUDA_KERNELS_RECORDING_IDS or torch.compiler.is_compiling():
+        return
+    if _validate_ids:
+        msg = _take_id_error(device)
+        if msg is not None:
+            raise ValueError(msg)
+    else:
+        _unchecked_devices.add(device)
+
+
+def raise_pending_errors() -> None:
+    """Raise the ValueError of the first out-of-range id that a CUDA kernel
+    recorded since the last check (see :func:`validate_ids`), if any. Syncs
+    with each device used since then (one small copy each); a no-op on CPU."""
+    if not _unchecked_devices:
+        return
+    devices = sorted(_unchecked_devices, key=str)
+    _unchecked_devices.clear()
+    first = None
+    for dev in devices:
+        msg = _take_id_error(dev)  # every device is read, so each is cleared
+        first = first or msg
+    if first is not None:
+        raise ValueError(first)
 
 
 def _check_args(x: Tensor | None, ids: Tensor, num_segments: int, op: str) -> int | torch.SymInt:
@@ -131,17 +192,24 @@ def _check_args(x: Tensor | None, ids: Tensor, num_segments: int, op: str) -> in
             raise ValueError(f"{op}: x is on {x.device} but ids is on {ids.device}")
         if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"{op}: x must be a floating tensor (float32/64, float16, bfloat16), got {x.dtype}")
-    # CPU kernels check the range themselves; other devices pay a sync here
-    # (never while tracing: a traced graph cannot read values back).
-    if (ids.device.type not in ("cpu", "meta") and _validate_ids and ids.numel() > 0
-            and not torch.compiler.is_compiling()):
-        bad = (ids < 0) | (ids >= num_segments)
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"{op}: ids[{first}] = {int(ids[first])} is outside [0, num_segments = {num_segments})"
-            )
+    # The range of the ids is checked by the kernels themselves (CPU: at once;
+    # CUDA: recorded on the device and raised by _after_kernel), and by the
+    # reference paths. CUDA kernels that do not record yet get the masked
+    # check here (a sync per call while validation is on).
+    if (op not in _CUDA_KERNELS_RECORDING_IDS and ids.device.type == "cuda" and _validate_ids
+            and ids.numel() > 0 and not torch.compiler.is_compiling()):
+        _reference_check_range(ids, num_segments, op)
     return num_segments
+
+
+def _check_same_device(op: str, **tensors: Tensor) -> None:
+    # For the fake (meta) kernels: the dispatcher sends a call with any meta
+    # tensor to them, and a CPU result would be uninitialised memory.
+    (first, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{op}: {first} is on {t0.device} but {name} is on {t.device} "
+                             "(all tensors must be on one device)")
 
 
 # ---------------------------------------------------------------------------
@@ -153,13 +221,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _reference_check_range(ids: Tensor, num_segments: int, op: str) -> None:
-    if ids.numel() and ids.device.type == "cpu":
+    # On every device (a sync off the CPU: the reference paths are the slow
+    # fallback), so index_add never sees a bad index (a device assert on CUDA).
+    if ids.numel() and ids.device.type != "meta":
         bad = (ids < 0) | (ids >= num_segments)
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"{op}: ids[{first}] = {int(ids[first])} is outside [0, num_segments = {num_segments})"
-            )
+            raise ValueError(_id_error_message(op, first, int(ids[first]), num_segments))
 
 
 def _segment_sum_reference(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
@@ -187,14 +255,35 @@ def _segment_mean_reference(x: Tensor, ids: Tensor, num_segments: int) -> Tensor
 # ---------------------------------------------------------------------------
 # Autograd and fake kernels of the compiled ops.
 
+def _gather_segment_rows(grad: Tensor, ids: Tensor, num_segments: int, *, ids_checked: bool | None = None) -> Tensor:
+    """grad[ids] (each row receives its segment's gradient), where a row with
+    an id outside [0, num_segments) receives zeros.
+
+    index_select keeps this differentiable for double backward. Off the CPU an
+    out-of-range id (possible under validate_ids(False): the forward skipped
+    the row and recorded the error) must not reach index_select, whose device
+    assert would poison the CUDA context: such rows read an appended zero row.
+    CPU forwards have raised already (``ids_checked`` defaults to that).
+    """
+    if ids_checked is None:
+        ids_checked = ids.device.type == "cpu"
+    if ids_checked:
+        return grad.index_select(0, ids)
+    safe = torch.where((ids >= 0) & (ids < num_segments), ids, num_segments)
+    padded = torch.cat([grad, grad.new_zeros((1,) + tuple(grad.shape[1:]))])
+    return padded.index_select(0, safe)
+
+
 if _LOADED:
 
     @torch.library.register_fake("fastfair::segment_sum")
     def _segment_sum_fake(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
+        _check_same_device("segment_sum", x=x, ids=ids)
         return x.new_empty((num_segments, x.shape[1]))
 
     @torch.library.register_fake("fastfair::segment_mean")
     def _segment_mean_fake(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
+        _check_same_device("segment_mean", x=x, ids=ids)
         return x.new_empty((num_segments, x.shape[1]))
 
     @torch.library.register_fake("fastfair::segment_count")
@@ -208,15 +297,13 @@ if _LOADED:
 
     def _segment_sum_backward(ctx, grad_out: Tensor):  # noqa: ANN001
         (ids,) = ctx.saved_tensors
-        # Each row receives its segment's gradient; index_select keeps this
-        # differentiable for double backward.
-        return grad_out.index_select(0, ids), None, None
+        return _gather_segment_rows(grad_out, ids, ctx.num_segments), None, None
 
     def _segment_mean_backward(ctx, grad_out: Tensor):  # noqa: ANN001
         (ids,) = ctx.saved_tensors
         count = torch.ops.fastfair.segment_count(ids, ctx.num_segments)
         scale = count.clamp(min=1).to(grad_out.dtype).unsqueeze(1)
-        return (grad_out / scale).index_select(0, ids), None, None
+        return _gather_segment_rows(grad_out / scale, ids, ctx.num_segments), None, None
 
     torch.library.register_autograd(
         "fastfair::segment_sum", _segment_sum_backward, setup_context=_setup_segment
@@ -242,7 +329,9 @@ def segment_sum(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
     """
     num_segments = _check_args(x, ids, num_segments, "segment_sum")
     if _use_kernel("segment_sum", x):
-        return torch.ops.fastfair.segment_sum(x, ids, num_segments)
+        out = torch.ops.fastfair.segment_sum(x, ids, num_segments)
+        _after_kernel(x.device, "segment_sum")
+        return out
     return _segment_sum_reference(x, ids, num_segments)
 
 
@@ -250,7 +339,9 @@ def segment_mean(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
     """Row means per segment; an empty segment gives a zero row (never NaN)."""
     num_segments = _check_args(x, ids, num_segments, "segment_mean")
     if _use_kernel("segment_mean", x):
-        return torch.ops.fastfair.segment_mean(x, ids, num_segments)
+        out = torch.ops.fastfair.segment_mean(x, ids, num_segments)
+        _after_kernel(x.device, "segment_mean")
+        return out
     return _segment_mean_reference(x, ids, num_segments)
 
 
@@ -258,7 +349,9 @@ def segment_count(ids: Tensor, num_segments: int) -> Tensor:
     """Number of rows per segment, int64 [num_segments]."""
     num_segments = _check_args(None, ids, num_segments, "segment_count")
     if _use_kernel("segment_count", ids):
-        return torch.ops.fastfair.segment_count(ids, num_segments)
+        out = torch.ops.fastfair.segment_count(ids, num_segments)
+        _after_kernel(ids.device, "segment_count")
+        return out
     return _segment_count_reference(ids, num_segments)
 
 
@@ -554,11 +647,13 @@ if _LOADED:
 
     @torch.library.register_fake("fastfair::segment_linear_weight_grad")
     def _segment_linear_weight_grad_fake(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int) -> Tensor:
+        _check_same_device("segment_linear_weight_grad", grad_out=grad_out, input=inp, ids=ids)
         return inp.new_empty((num_segments, grad_out.shape[1], inp.shape[1]))
 
     @torch.library.register_fake("fastfair::segment_conv2d_weight_grad")
     def _segment_conv2d_weight_grad_fake(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int,
                                          kernel_size, stride, padding, dilation) -> Tensor:  # noqa: ANN001
+        _check_same_device("segment_conv2d_weight_grad", grad_out=grad_out, input=inp, ids=ids)
         return inp.new_empty((num_segments, grad_out.shape[1], inp.shape[1], kernel_size[0], kernel_size[1]))
 
     def _setup_weight_grad(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -607,7 +702,9 @@ def segment_linear_weight_grad(grad_out: Tensor, input: Tensor, ids: Tensor, num
     op = "segment_linear_weight_grad"
     num_segments = _check_weight_grad_args(grad_out, input, ids, num_segments, op, 2)
     if _use_kernel(op, input):
-        return torch.ops.fastfair.segment_linear_weight_grad(grad_out, input, ids, num_segments)
+        out = torch.ops.fastfair.segment_linear_weight_grad(grad_out, input, ids, num_segments)
+        _after_kernel(input.device, op)
+        return out
     return _segment_linear_weight_grad_reference(grad_out, input, ids, num_segments)
 
 
@@ -635,7 +732,9 @@ def segment_conv2d_weight_grad(
     num_segments = _check_weight_grad_args(grad_out, input, ids, num_segments, op, 4)
     _check_conv_geometry(grad_out, input, ks, st, pd, dl, op)
     if _use_kernel(op, input):
-        return torch.ops.fastfair.segment_conv2d_weight_grad(
+        out = torch.ops.fastfair.segment_conv2d_weight_grad(
             grad_out, input, ids, num_segments, list(ks), list(st), list(pd), list(dl)
         )
+        _after_kernel(input.device, op)
+        return out
     return _segment_conv2d_weight_grad_reference(grad_out, input, ids, num_segments, ks, st, pd, dl)

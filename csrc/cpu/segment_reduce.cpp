@@ -286,6 +286,7 @@ void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
 
 at::Tensor segment_count_cpu(const at::Tensor& ids_in, int64_t num_segments) {
   check_ids(ids_in, num_segments, "segment_count");
+  check_output_size(num_segments, {}, sizeof(int64_t), "segment_count");
   const at::Tensor ids = ids_in.contiguous();
   at::Tensor counts = at::zeros({num_segments}, ids.options().dtype(at::kLong));
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "segment_count_cpu", [&] {
@@ -302,8 +303,9 @@ at::Tensor segment_reduce_cpu(const at::Tensor& x, const at::Tensor& ids_in,
                               const char* name) {
   check_ids(ids_in, num_segments, name);
   check_rows(x, ids_in, name);
-  const at::Tensor ids = ids_in.contiguous();
   const auto acc_type = at::toOpMathType(x.scalar_type());
+  check_output_size(num_segments, {x.size(1)}, c10::elementSize(acc_type), name);
+  const at::Tensor ids = ids_in.contiguous();
   // Every strategy writes (or zeroes) all of out_acc itself.
   at::Tensor out_acc =
       at::empty({num_segments, x.size(1)}, x.options().dtype(acc_type));

@@ -59,6 +59,7 @@ void check_linear_weight_grad_args(const at::Tensor& grad_out, const at::Tensor&
   TORCH_CHECK_VALUE(input.dim() == 2, op, ": input must be 2-D [N, K], got shape ",
                     input.sizes());
   check_weight_grad_common(grad_out, input, ids, num_segments, op);
+  check_output_size(num_segments, {grad_out.size(1), input.size(1)}, input.element_size(), op);
 }
 
 void check_conv2d_weight_grad_args(const at::Tensor& grad_out, const at::Tensor& input,
@@ -78,15 +79,17 @@ void check_conv2d_weight_grad_args(const at::Tensor& grad_out, const at::Tensor&
     TORCH_CHECK_VALUE(kernel_size[d] > 0 && stride[d] > 0 && dilation[d] > 0 && padding[d] >= 0,
                       op, ": need kernel_size, stride, dilation > 0 and padding >= 0, got ",
                       kernel_size, ", ", stride, ", ", dilation, ", ", padding);
-    const int64_t span = dilation[d] * (kernel_size[d] - 1) + 1;
-    const int64_t in = input.size(2 + d) + 2 * padding[d];
-    const int64_t expect = in >= span ? (in - span) / stride[d] + 1 : 0;
+    const int64_t expect =
+        conv_out_size(input.size(2 + d), kernel_size[d], stride[d], padding[d], dilation[d]);
     TORCH_CHECK_VALUE(expect > 0 && grad_out.size(2 + d) == expect, op, ": grad_out spatial size ",
                       grad_out.sizes().slice(2), " does not match a convolution of input size ",
                       input.sizes().slice(2), " with kernel_size ", kernel_size, ", stride ", stride,
                       ", padding ", padding, ", dilation ", dilation, " (expected ",
                       d == 0 ? "H' = " : "W' = ", expect, ")");
   }
+  check_output_size(num_segments,
+                    {grad_out.size(1), input.size(1), kernel_size[0], kernel_size[1]},
+                    input.element_size(), op);
 }
 
 namespace {

@@ -128,6 +128,8 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
     dev = _device(device)
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoint lives)")
+    # A damaged checkpoint fails before the dataset and the networks are built.
+    saved = ck.load_checkpoint(out_dir) if resume else None
     if dataset is None:
         dataset = load_dataset(cfg)
     ctx = build_context(cfg, dataset, dev)
@@ -139,7 +141,6 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
     source = DreamSelector() if cfg.method == "dream" else RandomBatches()
     step = dm_iteration if cfg.method == "dm" else partial(dc_iteration, source=source)
 
-    saved = ck.load_checkpoint(out_dir) if resume else None
     if saved is not None:
         if not isinstance(saved.get("config"), dict):
             raise ValueError(f"{os.path.join(out_dir, ck.CHECKPOINT)}: field 'config' is missing or not a dict; "
@@ -221,7 +222,10 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
                 done = it + 1
                 bar.update(1)
                 if done % cfg.log_every == 0 or done == cfg.iterations:
-                    # The only host sync of an iteration, every log_every iterations.
+                    # The only host sync of an iteration, every log_every iterations;
+                    # out-of-range ids that a CUDA kernel recorded since the last
+                    # one are raised here.
+                    ops.raise_pending_errors()
                     mean, fin = torch.stack([state.loss_sum / state.loss_n, state.finite.to(zero.dtype)]).tolist()
                     if not fin:
                         raise _non_finite(done, last_good, out_dir if write else None)

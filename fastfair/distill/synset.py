@@ -9,7 +9,6 @@ without copying anything.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
