@@ -190,7 +190,8 @@ def test_embed_real_augmented_equals_embedding_the_augmented_batch(chunk: int, u
 
 def test_augmenting_a_block_of_classes_equals_those_rows_of_the_whole_batch() -> None:
     ds = data.load("synthetic", bias_ratio=0.8, **OPTS)
-    cfg = distill.config.resolve(distill.DistillConfig(method="dc", ipc=1, iterations=1))
+    # DC distils without DSA by default (the papers' protocol): ask for it.
+    cfg = distill.config.resolve(distill.DistillConfig(method="dc", ipc=1, iterations=1, dsa=True))
     ctx = build_context(cfg, ds, torch.device("cpu"))
     sizes, offsets = [4, 3, 5], [0, 2, 1]
     real = torch.randn(12, 3, 8, 8)

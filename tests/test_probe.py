@@ -5,8 +5,10 @@ abort or a hang is seen as one, with the expected exit code and error.
 
 CLI rows must end with exit code 2 and exactly one stderr line (no
 traceback); Python rows with the expected exception class on the last
-stderr line (exit code 1), never a signal. Rows owned by other helpers'
-items (the C++ boundary of 13.3) xfail while their fix is not merged.
+stderr line (exit code 1), never a signal. Rows of other helpers' items
+(ops.py, the C++ boundary of 13.3) xfail while their fix is not merged.
+Field-by-field variants live in the in-process tests (test_checkpoint_fields,
+test_eval_inputs, ...); this table keeps one row per kind of bad input.
 
 Cost: one tiny distillation to make a genuine checkpoint, then every row in
 a small thread pool; the embedded cdigits dataset, 1-2 iterations, width-8
@@ -46,7 +48,7 @@ class Case:
     code: str | None = None  # `python -c` instead of the CLI
     rc: int = 2
     err: tuple[str, ...] = ()  # substrings of stderr
-    exc: str | None = None  # Python rows: the exception class on the last stderr line
+    exc: str | tuple[str, ...] | None = None  # Python rows: the exception class(es) on the last stderr line
     setup: Callable[[Path, Path], Callable[[], None] | None] | None = None  # (tmp, base) -> cleanup
     check: Callable[[Path], None] | None = None  # postconditions on tmp
     other: str | None = None  # another helper's item: xfail while its fix is not on main
@@ -119,8 +121,6 @@ def _damaged_checkpoint(how: str) -> Callable[[Path, Path], None]:
         state = torch.load(path, weights_only=True)
         if how == "truncated":
             path.write_bytes(blob[: len(blob) // 2])
-        elif how == "random":
-            path.write_bytes(os.urandom(2048))
         elif how == "empty":
             path.write_bytes(b"")
         elif how == "foreign":
@@ -132,8 +132,6 @@ def _damaged_checkpoint(how: str) -> Callable[[Path, Path], None]:
                 del state["config"]
             elif how == "iteration-negative":
                 state["iteration"] = -5
-            elif how == "iteration-float":
-                state["iteration"] = 0.5
             elif how == "images-nan":
                 state["images"][0, 0, 0, 0] = float("nan")
             elif how == "images-shape":
@@ -240,7 +238,6 @@ pergroup.segment_gradients(Net(), torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1
 _OPS = {
     "ids-out-of-range": "ops.segment_sum(torch.ones(2, 1), torch.tensor([0, 5]), 3)",
     "num-segments-2**63": "ops.segment_sum(torch.ones(2, 1), torch.zeros(2, dtype=torch.long), 2 ** 63)",
-    "num-segments-negative": "ops.segment_count(torch.zeros(2, dtype=torch.long), -1)",
     "label-2**30-int32": ("ops.fair_dm_loss(torch.randn(4, 3), torch.tensor([0, 1, 2 ** 30, 0], dtype=torch.int32), "
                           "torch.zeros(4, dtype=torch.int32), torch.randn(2, 3), torch.tensor([0, 1]), 2, 4)"),
     "label-2**62-int64": ("ops.fair_dm_loss(torch.randn(4, 3), torch.tensor([0, 1, 2 ** 62, 0]), "
@@ -275,17 +272,15 @@ CASES = [
     Case("eval-nan-synset", ["eval", "{tmp}/syn", *TINY_EVAL], err=("non-finite",), setup=_eval_synset(nan=True)),
     Case("eval-config-string", ["eval", "{tmp}/syn", *TINY_EVAL], err=("'config' must be a dict",),
          setup=_eval_synset(config="cdigits-fg")),
-    Case("eval-labels-float", ["eval", "{tmp}/syn", *TINY_EVAL], err=("'labels'",),
-         setup=_eval_synset(labels=[0.5])),
     Case("eval-not-a-synset", ["eval", "{tmp}/syn", *TINY_EVAL], err=("cannot read",),
          setup=lambda tmp, base: ((tmp / "syn").mkdir(), (tmp / "syn" / "synset.pt").write_bytes(b"\x80\x04junk"))),
     # 13.8 / 13.14: --resume of a damaged or crafted checkpoint
     *[Case(f"resume-{how}", RESUME, err=(match, "checkpoint.pt"), setup=_damaged_checkpoint(how),
            check=_no_marker if how == "foreign" else None)
-      for how, match in [("truncated", "cannot read"), ("random", "cannot read"), ("empty", "cannot read"),
+      for how, match in [("truncated", "cannot read"), ("empty", "cannot read"),
                          ("foreign", "cannot read"), ("list", "not a fastfair checkpoint"),
                          ("no-config", "'config'"), ("iteration-negative", "'iteration'"),
-                         ("iteration-float", "'iteration'"), ("images-nan", "'images' holds non-finite"),
+                         ("images-nan", "'images' holds non-finite"),
                          ("images-shape", "'images' must be")]],
     # 13.9 / 13.14: IDX files
     Case("mnist-10x10", ["distill", "--dataset", "cmnist-fg", "--root", "{tmp}/root", "--out", "{tmp}/o",
@@ -319,18 +314,16 @@ CASES = [
     Case("op-ids-out-of-range", code=_op(_OPS["ids-out-of-range"]), rc=1, exc="ValueError", err=("ids[1] = 5",)),
     Case("op-num-segments-2**63", code=_op(_OPS["num-segments-2**63"]), rc=1, exc="ValueError",
          err=("num_segments",), other="ops (13.14)"),
-    Case("op-num-segments-negative", code=_op(_OPS["num-segments-negative"]), rc=1, exc="ValueError",
-         err=("num_segments",), other="ops"),
     Case("op-label-2**30-int32", code=_op(_OPS["label-2**30-int32"]), rc=1, exc="ValueError",
          err=("1073741824",), other="ops (13.2)"),
     Case("op-label-2**62-int64", code=_op(_OPS["label-2**62-int64"]), rc=1, exc="ValueError",
          err=(str(2 ** 62),), other="ops (13.2)"),
     Case("op-cpu-x-meta-ids", code=_op(_OPS["cpu-x-meta-ids"]), rc=1, exc="ValueError", err=("meta",),
          other="ops (13.14)"),
-    Case("raw-op-cpu-x-meta-ids", code=_op(_OPS["raw-op-cpu-x-meta-ids"]), rc=1, exc="RuntimeError",
+    Case("raw-op-cpu-x-meta-ids", code=_op(_OPS["raw-op-cpu-x-meta-ids"]), rc=1, exc=("RuntimeError", "ValueError"),
          err=("meta",), other="kern (13.3)"),
-    Case("raw-op-dilation-2**63-1", code=_op(_OPS["raw-op-dilation-2**63-1"]), rc=1, exc="RuntimeError",
-         other="kern (13.3)"),
+    Case("raw-op-dilation-2**63-1", code=_op(_OPS["raw-op-dilation-2**63-1"]), rc=1,
+         exc=("RuntimeError", "ValueError"), other="kern (13.3)"),
 ]
 
 
@@ -408,8 +401,9 @@ def _verdict(case: Case, r: Result) -> str | None:
     if case.exc is None and case.rc == 2:
         if len(lines) != 1 or "Traceback" in r.stderr:
             return f"not one stderr line: {r.stderr[-800:]}"
-    if case.exc is not None and not (lines and lines[-1].startswith(case.exc + ":")):
-        return f"expected {case.exc}, got: {lines[-1] if lines else '(no stderr)'}"
+    classes = (case.exc,) if isinstance(case.exc, str) else case.exc
+    if classes and not (lines and any(lines[-1].startswith(c + ":") for c in classes)):
+        return f"expected {' or '.join(classes)}, got: {lines[-1] if lines else '(no stderr)'}"
     missing = [s for s in case.err if s not in r.stderr]
     if missing:
         return f"stderr lacks {missing}: {r.stderr[-500:]}"

@@ -103,7 +103,8 @@ def test_per_segment_vendor_path_matches_float64(op):
     assert (got[1] == 0).all() and (got[-1] == 0).all()
 
 
-def test_grouped_conv_many_segments_chunks_and_splits(monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_grouped_conv_many_segments_chunks_and_splits(monkeypatch, precision):
     # Tiny budgets force several row chunks (each adding all S sums) and
     # several sub-ranges per segment (the split-K of small G).
     ks, st, pd, dl = (3, 3), (1, 1), (1, 1), (1, 1)
@@ -113,8 +114,8 @@ def test_grouped_conv_many_segments_chunks_and_splits(monkeypatch):
         monkeypatch.setattr(wgrad, "_COLS_ELEMS", 49 * 40 * 7)  # 7 rows per chunk
         monkeypatch.setattr(wgrad, "_MIN_SPLIT_STEPS", 16)
         assert (wgrad._splits(s, 7 * 49, 6, 36) > 1) == (s == 2)
-        got = wgrad.grouped_conv2d_weight_grad(b.float(), a.float(), ids, s, ks, st, pd, dl, "fp32")
-        assert rel_err(got, want) <= REL["fp32"]
+        got = wgrad.grouped_conv2d_weight_grad(b.float(), a.float(), ids, s, ks, st, pd, dl, precision)
+        assert rel_err(got, want) <= REL[precision]
         monkeypatch.undo()
 
 
