@@ -44,6 +44,8 @@ def level_range(a: int, b: int, level: int, r0: int, r1: int) -> tuple[int, int]
 def segment_reduce(x: np.ndarray, ids: np.ndarray, num_segments: int, mean: bool, *,
                    r0: int, r1: int = COMBINE_ROWS, acc: type = np.float64) -> tuple[np.ndarray, int]:
     """(the [S, D] result in ``acc``, the number of levels)."""
+    # 2 slots a chunk: fewer than 4 slots a combine chunk would never shrink.
+    assert r1 >= 4
     n, d = x.shape
     keys = np.where((ids >= 0) & (ids < num_segments), ids, num_segments).astype(np.int64)
     perm = np.argsort(keys, kind="stable")

@@ -232,9 +232,9 @@ def test_twin_matches_reference(n, d, s, r0, mean):
 
 
 def test_twin_small_combine_chunks_go_deep():
-    # r1 = 3 shrinks each level by only 2/3: many levels, the slot ranges must stay exact.
+    # r1 = 4 halves the slots per level only: many levels, the slot ranges must stay exact.
     x, ids = _twin_inputs(3000, 2, 3, seed=1, bad=3)
-    got, levels = twin.segment_reduce(x, ids, 3, True, r0=4, r1=3)
+    got, levels = twin.segment_reduce(x, ids, 3, True, r0=4, r1=4)
     assert levels > 5
     np.testing.assert_allclose(got, _reference(x, ids, 3, True), rtol=1e-12)
 
