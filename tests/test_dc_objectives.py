@@ -13,14 +13,8 @@ from fastfair.nets import get_network
 METRICS = ["ours", "mse", "cos"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: one thread is as fast and does not stall on OpenMP
-    # barriers when other jobs share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: see conftest.one_thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def match(rs, ss, metric):  # noqa: ANN001

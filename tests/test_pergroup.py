@@ -12,15 +12,8 @@ from fastfair.nets import get_network
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: one thread is as fast, and it keeps these tests from
-    # stalling on OpenMP barriers when other jobs share the two cores here
-    # (gradcheck's thousands of small grouped convolutions took 100x longer).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: see conftest.one_thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 compiled = pytest.mark.skipif(ops.backend() == "reference", reason="extension not built")

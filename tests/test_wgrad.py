@@ -18,12 +18,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 REL = {"fp32": 2e-6, "tf32": 2e-6, "bf16": 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: see conftest.one_thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids_with_gaps(n: int, s: int, seed: int) -> torch.Tensor:

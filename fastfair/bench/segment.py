@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .timing import _flush_l2, check_device, copy_bandwidth_gbs, default_json, describe_machine, loglog_plot, write_json
+from .timing import check_device, copy_bandwidth_gbs, default_json, describe_machine, loglog_plot, time_call_ms, write_json
 
 NAME = "segment_ops"
 FULL_GROUPS = [1, 2, 4, 16, 100, 1000, 10_000, 100_000]
@@ -160,18 +159,7 @@ def round_robin_ms(fns: dict[str, Callable[[int], object]], *, device: str, repe
         for name, fn in fns.items():
             if len(out[name]) >= 3 and spent[name] > max_seconds:
                 continue
-            if cuda:
-                _flush_l2(device)
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn(warmup + r)
-                b.record()
-                b.synchronize()
-                ms = a.elapsed_time(b)
-            else:
-                t0 = time.perf_counter()
-                fn(warmup + r)
-                ms = (time.perf_counter() - t0) * 1e3
+            ms = time_call_ms(fn, warmup + r, device)
             out[name].append(ms)
             spent[name] += ms * 1e-3
     return out

@@ -102,21 +102,26 @@ def samples_ms(
     samples: list[float] = []
     start_all = time.perf_counter()
     for i in range(repeats):
-        if cuda:
-            _flush_l2(device)
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn(warmup + i)
-            b.record()
-            b.synchronize()
-            samples.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn(warmup + i)
-            samples.append((time.perf_counter() - t0) * 1e3)
+        samples.append(time_call_ms(fn, warmup + i, device))
         if len(samples) >= 3 and time.perf_counter() - start_all > max_seconds:
             break
     return samples
+
+
+def time_call_ms(fn: Callable[[int], object], i: int, device: str) -> float:
+    """Wall time (ms) of one call fn(i): CUDA events after an L2 flush on a
+    GPU, the wall clock on a CPU."""
+    if torch.device(device).type == "cuda":
+        _flush_l2(device)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(i)
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn(i)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def median_ms(fn: Callable[[int], object], *, device: str, warmup: int = 2, repeats: int = 7,
