@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core); on a machine shared with "
                         "other jobs, 1 avoids the large slowdowns of oversubscribed OpenMP")
+    d.add_argument("--jobs", type=int, default=None,
+                   help="worker processes, one cell each at a time (default: one per CPU core, at most one per "
+                        "cell, on a CPU; 1 on a GPU). The numbers do not depend on it; with --threads, each "
+                        "worker uses that many threads (default: cores / jobs)")
     d.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # testing: a seconds-long protocol
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -123,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "COBRA's DM numbers under COBRA's preset")
     r.add_argument("--budget", default="cpu", choices=list(BUDGETS),
                    help="paper: the full protocol (GPU hours); cpu: a stated reduced protocol for a 2-core CPU "
-                        "(about an hour per C-MNIST dataset on a quiet machine; the summary is in the outputs); "
-                        "tiny: seconds, for tests")
+                        "(about 40 min per C-MNIST dataset on a quiet machine, 1 thread; the summary is in the "
+                        "outputs); cpu-short: the first, smaller cpu budget (about 15 min); tiny: seconds, for "
+                        "tests")
     r.add_argument("--out", required=True, help="output directory (one folder per cell, results.*)")
     r.add_argument("--root", default=None,
                    help="data directory (e.g. ../shared/data for the real MNIST); default: $FASTFAIR_DATA, "
@@ -635,9 +640,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
         outdir.check_writable_file(a.json, "--json")
     if a.threads is not None and a.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {a.threads}")
+    if a.jobs is not None and a.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {a.jobs}")
     tiny = a.tiny or os.environ.get("FASTFAIR_DEMO_TINY", "") not in ("", "0")
     run_demo(out_dir=a.out, json_path=a.json, device=a.device, seed=a.seed, tiny=tiny, with_dc=not a.no_dc,
-             progress=not a.no_progress, threads=a.threads)
+             progress=not a.no_progress, threads=a.threads, jobs=a.jobs)
     return 0
 
 

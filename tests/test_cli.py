@@ -73,6 +73,7 @@ def _png(path: str) -> None:
     (["eval", "--baseline", "random"], ["--dataset"]),
     (["eval", "--baseline", "whole", "--dataset", "no-such-set"], ["'no-such-set'"]),
     (["demo", "--threads", "0"], ["--threads", "0"]),
+    (["demo", "--jobs", "0"], ["--jobs", "0"]),
     ([], ["COMMAND"]),
 ])
 def test_usage_errors_are_one_line_exit_2(argv, names, tmp_path, capsys):
@@ -260,3 +261,23 @@ def test_module_and_console_entry_points(tmp_path):
                        text=True, env=env, cwd=str(tmp_path), timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'no-such-set'" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_cells_in_worker_processes_equal_one_process(tmp_path, capsys):
+    # The cells are independent and seeded by their config: the worker
+    # processes (the CPU default) must reproduce the one-process numbers
+    # exactly, in plan order, whatever order the workers finish in.
+    rows = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}"
+        assert run_cli(["demo", "--tiny", "--out", str(out), "--no-progress", "--device", "cpu",
+                        "--jobs", str(jobs), "--threads", "1"]) == 0
+        with open(out / "results.json") as f:
+            res = json.load(f)
+        assert res["jobs"] == jobs
+        rows[jobs] = [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds")} for r in res["results"]]
+        _png(str(out / "grid_dc_fairdd.png"))
+    capsys.readouterr()
+    assert rows[1] == rows[2]
+    assert [(r["method"], r["objective"]) for r in rows[2]] == [
+        ("dm", "vanilla"), ("dm", "fairdd"), ("dm", "cobra"), ("dc", "vanilla"), ("dc", "fairdd")]
