@@ -579,6 +579,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     import torch
 
     from . import export
+    from .distill import outdir
 
     sp = _synset_path(a.path)
     syn = _read_synset(sp)
@@ -594,9 +595,9 @@ def cmd_export(a: argparse.Namespace) -> int:
         out = a.out
     obj = export.to_dc(syn, os.path.join(here, "metrics.json"))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, out)
+    # As every other output: a failed write (full disk, read-only folder) is one line naming the
+    # file, keeps the previous file and leaves no temporary behind.
+    outdir.atomic_write(out, lambda f: torch.save(obj, f))
     print(f"{sp} -> {out} (format {a.format}: {n} images, {c} classes)")
     return 0
 

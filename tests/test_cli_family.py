@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -118,6 +119,18 @@ def test_dc_run_with_family_flags_then_export(tmp_path, capsys):
     assert run_cli(["export", os.path.join(out, "synset.pt"), "--out", str(tmp_path / "elsewhere")]) == 0
     assert (tmp_path / "elsewhere" / "res_DC_synthetic_ConvNet_2ipc.pt").is_file()
     assert run_cli(["export", out, "--out", str(tmp_path / "mine.pt")]) == 0
+    assert torch.equal(torch.load(tmp_path / "mine.pt", weights_only=True)["data"][0][0], images)
+
+    # A write that fails (here torch.save itself) is one line naming the file; the previous
+    # export is kept and no temporary file is left beside it.
+    capsys.readouterr()
+    before = sorted(os.listdir(tmp_path))
+    with mock.patch("torch.save", side_effect=OSError(28, "No space left on device")):
+        assert run_cli(["export", out, "--out", str(tmp_path / "mine.pt")]) != 0
+    err = capsys.readouterr().err
+    assert "mine.pt" in err and "No space left" in err and "previous file is kept" in err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == before
     assert torch.equal(torch.load(tmp_path / "mine.pt", weights_only=True)["data"][0][0], images)
 
 
