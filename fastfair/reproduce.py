@@ -124,7 +124,7 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
     Budget("paper", "the full protocol: the preset's distillation settings, width-128 ConvNets, the method's "
                     "reference evaluation (DM 1000 epochs with DSA, DC 300 without), 5 evaluation runs",
            eval_runs=5),
-    Budget("cpu", f"reduced for a 2-core CPU (about 40 min per C-MNIST dataset, 1 thread, quiet machine): "
+    Budget("cpu", f"reduced for a 2-core CPU (about 20 min per C-MNIST dataset, 1 thread): "
                   f"width-16 ConvNets for distillation, width-32 for evaluation; DM 400 iterations at image lr "
                   f"{LR_DM:g} (paper 20000 at 1) with the paper's real batch of 256 per class, COBRA's warm-up rule "
                   "kept (10 epochs at IPC 10); DC 20 outer iterations of 5 matching steps with 5 inner epochs "
@@ -134,11 +134,12 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
                     "dc": {"iterations": 20, "outer_loop": 5, "inner_loop": 5, "lr_img": 10.0, "batch_real": 64,
                            "width": 16}},
            eval_epochs={"dm": 300, "dc": 300}, eval_runs=2, width=32),
-    Budget("cpu-short", f"the first cpu budget (about 15 min per C-MNIST dataset): width-16 ConvNets (distil and eval); DM 150 iterations at image lr "
-                  f"{LR_DM:g} (paper 20000 at 1) with a real batch of 128 per class (paper 256), COBRA's warm-up rule "
-                  "kept (10 epochs at IPC 10); DC 20 outer iterations of 5 matching steps with 5 inner epochs "
-                  "(paper 1000 of 10 with 50) at image lr 10 (paper 0.1), real batch 64 per class; evaluation "
-                  "200 epochs (DM with DSA, DC without, as the reference) x 2 runs (paper 1000 / 300 x 5)",
+    Budget("cpu-short", "the first cpu budget (about 15 min per C-MNIST dataset): width-16 ConvNets (distil and "
+                        f"eval); DM 150 iterations at image lr {LR_DM:g} (paper 20000 at 1) with a real batch of "
+                        "128 per class (paper 256), COBRA's warm-up rule kept (10 epochs at IPC 10); "
+                        "DC 20 outer iterations of 5 matching steps with 5 inner epochs (paper 1000 of 10 with "
+                        "50) at image lr 10 (paper 0.1), real batch 64 per class; evaluation 200 epochs (DM "
+                        "with DSA, DC without, as the reference) x 2 runs (paper 1000 / 300 x 5)",
            distill={"dm": {"iterations": 150, "lr_img": LR_DM, "batch_real": 128, "width": 16},
                     "dc": {"iterations": 20, "outer_loop": 5, "inner_loop": 5, "lr_img": 10.0, "batch_real": 64,
                            "width": 16}},

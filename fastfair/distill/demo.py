@@ -56,7 +56,7 @@ def quick_protocol(image_size: int, tiny: bool = False) -> dict[str, Any]:
 
 
 def describe(p: dict[str, Any]) -> str:
-    return (f"{p['name']} protocol: ConvNet width {p['width']} depth {p['depth']} (distil and eval); "
+    return (f"{p['name']} protocol: ConvNet width {p['width']} depth {p['depth']} (distil); "
             f"DM {p['dm_iterations']} iterations, DC {p['dc_iterations']} outer iterations "
             f"(loops {p['outer_loop']}/{p['inner_loop']}), image lr {p['lr_img']:g}, "
             f"real batch {p['batch_real']}/class, "
