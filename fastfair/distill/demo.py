@@ -133,7 +133,8 @@ def _run_cell(method: str, objective: str, p: dict[str, Any], seed: int, device:
 def default_jobs(device: torch.device, cells: int) -> int:
     """Worker processes for the cells: one per core on a CPU (the cells are
     independent, and two 1-thread processes beat one 2-thread process on
-    these small convolutions: 2.0x against 1.3x measured on the 2-core VM),
+    these small convolutions: about 1.75x against 1.28x the speed of one
+    thread, measured on the 2-core VM; benchmarks/NOTES.md),
     one on a GPU (a cell keeps it busy)."""
     if device.type != "cpu":
         return 1
