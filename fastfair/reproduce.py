@@ -119,6 +119,8 @@ class Budget:
 # C-MNIST FG, DM+FairDD at the cpu-short budget measured DEO_M / DEO_A / Acc 46.7 / 20.1 / 80.2 at lr 10
 # and 51.4 / 22.7 / 78.1 at lr 50 (2 eval runs each).
 LR_DM = 10.0
+# Both cpu budgets distil DC alike (they differ in DM and in the evaluation).
+_DC_CPU = {"iterations": 20, "outer_loop": 5, "inner_loop": 5, "lr_img": 10.0, "batch_real": 64, "width": 16}
 
 BUDGETS: dict[str, Budget] = {b.name: b for b in (
     Budget("paper", "the full protocol: the preset's distillation settings, width-128 ConvNets, the method's "
@@ -131,8 +133,7 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
                   "(paper 1000 of 10 with 50) at image lr 10 (paper 0.1), real batch 64 per class; evaluation "
                   "300 epochs (DM with DSA, DC without, as the reference) x 2 runs (paper 1000 / 300 x 5)",
            distill={"dm": {"iterations": 400, "lr_img": LR_DM, "batch_real": 256, "width": 16},
-                    "dc": {"iterations": 20, "outer_loop": 5, "inner_loop": 5, "lr_img": 10.0, "batch_real": 64,
-                           "width": 16}},
+                    "dc": _DC_CPU},
            eval_epochs={"dm": 300, "dc": 300}, eval_runs=2, width=32),
     Budget("cpu-short", "the first cpu budget (about 15 min per C-MNIST dataset): width-16 ConvNets (distil and "
                         f"eval); DM 150 iterations at image lr {LR_DM:g} (paper 20000 at 1) with a real batch of "
@@ -141,8 +142,7 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
                         "50) at image lr 10 (paper 0.1), real batch 64 per class; evaluation 200 epochs (DM "
                         "with DSA, DC without, as the reference) x 2 runs (paper 1000 / 300 x 5)",
            distill={"dm": {"iterations": 150, "lr_img": LR_DM, "batch_real": 128, "width": 16},
-                    "dc": {"iterations": 20, "outer_loop": 5, "inner_loop": 5, "lr_img": 10.0, "batch_real": 64,
-                           "width": 16}},
+                    "dc": _DC_CPU},
            eval_epochs={"dm": 200, "dc": 200}, eval_runs=2, width=16),
     Budget("tiny", "seconds-long, for tests only",
            distill={"dm": {"iterations": 2, "batch_real": 8, "width": 8, "depth": 2, "cobra_warmup_epochs": 1},

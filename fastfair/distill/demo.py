@@ -102,18 +102,20 @@ def bar_chart(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def _run_cell(method: str, objective: str, p: dict[str, Any], seed: int, device: str, out_dir: str,
-              progress: bool, threads: int | None) -> dict[str, Any]:
+              progress: bool, threads: int | None, ds: Any = None) -> dict[str, Any]:
     """Distil and evaluate one (method, objective) cell and save its grid; the
-    row of the results table. Top level so that a worker process can run it;
-    its result depends only on its arguments (not on the process or the order
-    of the cells), so ``jobs`` never changes the numbers."""
+    row of the results table. Top level so that a worker process can run it
+    (``ds`` None: load the dataset here); its result depends only on its
+    arguments (not on the process or the order of the cells), so ``jobs``
+    never changes the numbers."""
     from .. import data
     from ..evaluate import evaluate_synset
 
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    ds = data.load(DATASET)
+    if ds is None:
+        ds = data.load(DATASET)
     cfg = _config(method, objective, p, seed)
     t0 = time.perf_counter()
     res = run(cfg, ds, device=dev, progress=progress)
@@ -148,11 +150,13 @@ def _print_row(row: dict[str, Any]) -> None:
 
 
 def _run_cells(plan: list[tuple[str, str]], p: dict[str, Any], seed: int, dev: torch.device, out_dir: str,
-               progress: bool, threads: int | None, jobs: int) -> list[dict[str, Any]]:
+               progress: bool, threads: int | None, jobs: int, ds: Any) -> list[dict[str, Any]]:
+    """The rows of ``plan`` in plan order: in this process (``jobs`` 1, on
+    ``ds``) or in ``jobs`` spawned workers of ``threads`` threads each."""
     if jobs <= 1:
         rows = []
         for method, objective in plan:
-            rows.append(_run_cell(method, objective, p, seed, str(dev), out_dir, progress, threads))
+            rows.append(_run_cell(method, objective, p, seed, str(dev), out_dir, progress, threads, ds))
             _print_row(rows[-1])
         return rows
     import multiprocessing
@@ -160,15 +164,13 @@ def _run_cells(plan: list[tuple[str, str]], p: dict[str, Any], seed: int, dev: t
 
     from tqdm import tqdm
 
-    # Each worker gets its share of the cores unless --threads says otherwise;
     # spawn, not fork: a forked child of a process with OpenMP threads can hang.
-    per_worker = threads if threads is not None else max(1, (os.cpu_count() or 1) // jobs)
     rows: dict[int, dict[str, Any]] = {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         # Longest first (DM+COBRA, whose warm-up doubles a DM step, then DM, then DC), so that no
         # worker is left with a long cell at the end.
         order = sorted(range(len(plan)), key=lambda i: (plan[i] != ("dm", "cobra"), plan[i][0] != "dm", i))
-        futures = {pool.submit(_run_cell, *plan[i], p, seed, str(dev), out_dir, False, per_worker): i
+        futures = {pool.submit(_run_cell, *plan[i], p, seed, str(dev), out_dir, False, threads): i
                    for i in order}
         bar = tqdm(total=len(plan), desc=f"demo cells ({jobs} processes)", unit="cell", disable=not progress,
                    file=sys.stderr)
@@ -202,16 +204,15 @@ def run_demo(out_dir: str = ".", json_path: str | None = None, device: str | Non
     p = quick_protocol(ds.image_size, tiny)
     plan = list(DM_RUNS) + (list(DC_RUNS) if with_dc else [])
     jobs = default_jobs(dev, len(plan)) if jobs is None else max(1, min(jobs, len(plan)))
-    if jobs == 1 and threads is not None:
-        torch.set_num_threads(threads)
-    n_threads = (threads if threads is not None else max(1, (os.cpu_count() or 1) // jobs)) if jobs > 1 \
-        else torch.get_num_threads()
+    if jobs > 1 and threads is None:
+        threads = max(1, (os.cpu_count() or 1) // jobs)  # each worker its share of the cores
+    n_threads = threads if threads is not None else torch.get_num_threads()
     header = (f"fastfair demo: {DATASET} (C={ds.num_classes} classes x G={ds.num_groups} groups, "
               f"{ds.image_size}px), IPC {IPC}, device {dev}, {jobs} process(es) x {n_threads} CPU threads\n"
               f"{describe(p)}")
     print(header, flush=True)
     t_all = time.perf_counter()
-    rows = _run_cells(plan, p, seed, dev, out_dir, progress, threads, jobs)
+    rows = _run_cells(plan, p, seed, dev, out_dir, progress, threads, jobs, ds)
     total = time.perf_counter() - t_all
     print()
     print(format_table(rows, title=f"{DATASET}, IPC {IPC}, {p['name']} protocol (mean +- std over "
