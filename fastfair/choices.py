@@ -11,7 +11,7 @@ from __future__ import annotations
 OBJECTIVES = ("vanilla", "fairdd", "fairdd-mean", "cobra", "fairdd-iw", "fairdd-ldam", "fairdd-groupdro")
 METHODS = ("dm", "dc", "dsa", "idc", "dream")
 PRESETS = ("fairdd", "cobra")
-BUDGETS = ("paper", "cpu", "cpu-short", "tiny")
+BUDGETS = ("paper", "cpu", "cpu-20min", "cpu-short", "tiny")
 TABLES = ("fairdd-cmnist", "fairdd", "cobra-cifar10s", "cobra-cmnist", "cdigits")
 INITS = ("real", "noise")
 GROUP_SOURCES = ("true", "pseudo")
