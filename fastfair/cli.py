@@ -153,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "several processes. Options left at 'None' take the paper default of the "
                                    "method and IPC. " + FAMILY_NOTE)
     _add_data(s, required=True)
-    s.add_argument("--method", default="dm", choices=list(METHODS),
+    # type=str.lower: the family's scripts spell the methods DC / DSA / DM.
+    s.add_argument("--method", default="dm", choices=list(METHODS), type=str.lower,
                    help="distillation method: dm (Zhao & Bilen, WACV'23), dc (Zhao et al., ICLR'21), dsa (DC with "
-                        "DSA, Zhao & Bilen, ICML'21), idc (Kim et al., ICML'22), dream (Liu et al., ICCV'23)")
+                        "DSA, Zhao & Bilen, ICML'21), idc (Kim et al., ICML'22), dream (Liu et al., ICCV'23); "
+                        "case-insensitive" + _family("--method DC / DSA / DM"))
     s.add_argument("--objective", default="fairdd", choices=list(OBJECTIVES),
                    help="matching objective: vanilla, fairdd (FairDD, sum over groups), fairdd-mean (COBRA's "
                         "re-implementation of the FairDD DC baseline: the mean over the groups present), cobra "

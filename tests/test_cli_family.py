@@ -59,6 +59,17 @@ def test_eval_family_flags_are_aliases(family, value, ours):
     assert parse(["eval", "p", family, value]) == parse(["eval", "p", ours, value])
 
 
+@pytest.mark.parametrize("family, ours", [("DC", "dc"), ("DSA", "dsa"), ("DM", "dm"), ("Dream", "dream")])
+def test_method_names_are_case_insensitive(family, ours):
+    base = ["distill", "--dataset", "cdigits-fg", "--out", "o"]
+    assert parse([*base, "--method", family])["method"] == ours
+
+
+def test_unknown_method_is_still_a_usage_error(capsys):
+    assert run_cli(["distill", "--dataset", "cdigits-fg", "--out", "o", "--method", "MTT"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_aliases_are_documented_in_help(capsys):
     for command, table in (("distill", DISTILL_ALIASES), ("eval", EVAL_ALIASES)):
         assert run_cli([command, "--help"]) == 0
