@@ -17,8 +17,9 @@ class mean of one transformed view, as in the reference.
 *Per-sample mode* (``per_sample=True``; the reference's ``seed=-1``, which it
 uses to train networks: evaluation, the DC inner loop): every row gets its own
 parameters. With a seed, row i of two batches still shares its parameters
-(``DSAParams.per_sample`` makes the matching use this mode: a named option,
-not the papers' protocol).
+(``DSAParams.per_sample`` makes the matching use this mode: a named
+ablation, not the papers' protocol, and measured less fair than the
+reference's batch mode: README, benchmarks/results/dsa_per_sample_cpu.json).
 
 All randomness comes from a local CPU ``torch.Generator`` (the global RNG is
 never touched): the op choice is drawn first, then the parameters from a single

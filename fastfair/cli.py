@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-dsa", action="store_true", help="the same as --dsa off")
     s.add_argument("--dsa-per-sample", action="store_true",
                    help="siamese DSA with one transform per real/synthetic row pair instead of the reference's "
-                        "one transform per class batch (an option, not the papers' protocol)")
+                        "one transform per class batch (an ablation, not the papers' protocol: measured less fair, "
+                        "README)")
     s.add_argument("--dsa-strategy", "--dsa_strategy", default=DSA_STRATEGY, metavar="STRATEGY",
                    help="DSA ops, '_'-joined from color, crop, cutout, flip, scale, rotate; none (or None) turns "
                         f"DSA off like --dsa off (default: {DSA_STRATEGY})"
