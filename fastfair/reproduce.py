@@ -122,6 +122,30 @@ LR_DM = 10.0
 # The first two cpu budgets distil DC alike (they differ in DM and in the evaluation).
 _DC_CPU_20 = {"iterations": 20, "outer_loop": 5, "inner_loop": 5, "lr_img": 10.0, "batch_real": 64, "width": 16}
 
+
+def _real_batch(n: int) -> str:
+    return "the paper's real batch of 256 per class" if n == 256 else f"a real batch of {n} per class (paper 256)"
+
+
+def _cpu_budget(name: str, intro: str, dm: dict[str, Any], dc: dict[str, Any], eval_epochs: dict[str, int],
+                eval_runs: int, width: int) -> Budget:
+    """A reduced budget whose summary is written from its settings (so the
+    two cannot drift apart), each beside the paper's value."""
+    nets = (f"width-{dm['width']} ConvNets (distil and eval)" if width == dm["width"] else
+            f"width-{dm['width']} ConvNets for distillation, width-{width} for evaluation")
+    ev = (f"{eval_epochs['dm']} epochs (DM with DSA, DC without, as the reference)"
+          if eval_epochs["dm"] == eval_epochs["dc"] else
+          f"DM {eval_epochs['dm']} epochs with DSA, DC {eval_epochs['dc']} without")
+    summary = (f"{intro}: {nets}; DM {dm['iterations']} iterations at image lr {dm['lr_img']:g} (paper 20000 at "
+               f"1) with {_real_batch(dm['batch_real'])}, COBRA's warm-up rule kept (10 epochs at IPC 10); "
+               f"DC {dc['iterations']} outer iterations of {dc['outer_loop']} matching steps with "
+               f"{dc['inner_loop']} inner epochs (paper 1000 of 10 with 50) at image lr {dc['lr_img']:g} (paper "
+               f"0.1) with {_real_batch(dc['batch_real'])}; evaluation {ev} x {eval_runs} runs (paper 1000 / 300 "
+               f"x 5)")
+    return Budget(name, summary, distill={"dm": dm, "dc": dc}, eval_epochs=eval_epochs, eval_runs=eval_runs,
+                  width=width)
+
+
 BUDGETS: dict[str, Budget] = {b.name: b for b in (
     Budget("paper", "the full protocol: the preset's distillation settings, width-128 ConvNets, the method's "
                     "reference evaluation (DM 1000 epochs with DSA, DC 300 without), 5 evaluation runs",
@@ -130,35 +154,16 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
     # iterations 89.87 / 26.60 / 11.01 (Acc / DEO_M / DEO_A) evaluated for 300 epochs, 90.64 / 22.90 /
     # 10.61 for 500; DC+FairDD 20 / 80 / 160 iterations at 64 real images 78.3 / 81.4 / 83.0 Acc with
     # DEO_M 68 / 56 / 55, at 256 real images 80 iterations 83.2 Acc, DEO_M 24.8.
-    Budget("cpu", f"reduced for a 2-core CPU (about 50 min per C-MNIST dataset, 1 thread): "
-                  f"width-16 ConvNets for distillation, width-32 for evaluation; DM 1000 iterations at image lr "
-                  f"{LR_DM:g} (paper 20000 at 1) with the paper's real batch of 256 per class, COBRA's warm-up "
-                  "rule kept (10 epochs at IPC 10); DC 80 outer iterations of 5 matching steps with 5 inner "
-                  "epochs (paper 1000 of 10 with 50) at image lr 10 (paper 0.1) with the paper's real batch of "
-                  "256 per class; evaluation DM 500 epochs with DSA, DC 300 without (the reference: 1000 / 300) "
-                  "x 5 runs (as the paper)",
-           distill={"dm": {"iterations": 1000, "lr_img": LR_DM, "batch_real": 256, "width": 16},
-                    "dc": {**_DC_CPU_20, "iterations": 80, "batch_real": 256}},
-           eval_epochs={"dm": 500, "dc": 300}, eval_runs=5, width=32),
-    Budget("cpu-20min", f"the second cpu budget (about 20 min per C-MNIST dataset, 1 thread): "
-                        f"width-16 ConvNets for distillation, width-32 for evaluation; DM 400 iterations at image "
-                        f"lr {LR_DM:g} (paper 20000 at 1) with the paper's real batch of 256 per class, COBRA's "
-                        "warm-up rule kept (10 epochs at IPC 10); DC 20 outer iterations of 5 matching steps with "
-                        "5 inner epochs (paper 1000 of 10 with 50) at image lr 10 (paper 0.1), real batch 64 per "
-                        "class; evaluation 300 epochs (DM with DSA, DC without, as the reference) x 2 runs "
-                        "(paper 1000 / 300 x 5)",
-           distill={"dm": {"iterations": 400, "lr_img": LR_DM, "batch_real": 256, "width": 16},
-                    "dc": _DC_CPU_20},
-           eval_epochs={"dm": 300, "dc": 300}, eval_runs=2, width=32),
-    Budget("cpu-short", "the first cpu budget (about 15 min per C-MNIST dataset): width-16 ConvNets (distil and "
-                        f"eval); DM 150 iterations at image lr {LR_DM:g} (paper 20000 at 1) with a real batch of "
-                        "128 per class (paper 256), COBRA's warm-up rule kept (10 epochs at IPC 10); "
-                        "DC 20 outer iterations of 5 matching steps with 5 inner epochs (paper 1000 of 10 with "
-                        "50) at image lr 10 (paper 0.1), real batch 64 per class; evaluation 200 epochs (DM "
-                        "with DSA, DC without, as the reference) x 2 runs (paper 1000 / 300 x 5)",
-           distill={"dm": {"iterations": 150, "lr_img": LR_DM, "batch_real": 128, "width": 16},
-                    "dc": _DC_CPU_20},
-           eval_epochs={"dm": 200, "dc": 200}, eval_runs=2, width=16),
+    _cpu_budget("cpu", "reduced for a 2-core CPU (about 50 min per C-MNIST dataset, 1 thread)",
+                dm={"iterations": 1000, "lr_img": LR_DM, "batch_real": 256, "width": 16},
+                dc={**_DC_CPU_20, "iterations": 80, "batch_real": 256},
+                eval_epochs={"dm": 500, "dc": 300}, eval_runs=5, width=32),
+    _cpu_budget("cpu-20min", "the second cpu budget (about 20 min per C-MNIST dataset, 1 thread)",
+                dm={"iterations": 400, "lr_img": LR_DM, "batch_real": 256, "width": 16}, dc=_DC_CPU_20,
+                eval_epochs={"dm": 300, "dc": 300}, eval_runs=2, width=32),
+    _cpu_budget("cpu-short", "the first cpu budget (about 15 min per C-MNIST dataset)",
+                dm={"iterations": 150, "lr_img": LR_DM, "batch_real": 128, "width": 16}, dc=_DC_CPU_20,
+                eval_epochs={"dm": 200, "dc": 200}, eval_runs=2, width=16),
     Budget("tiny", "seconds-long, for tests only",
            distill={"dm": {"iterations": 2, "batch_real": 8, "width": 8, "depth": 2, "cobra_warmup_epochs": 1},
                     "dc": {"iterations": 1, "outer_loop": 1, "inner_loop": 1, "batch_real": 8, "width": 8,
