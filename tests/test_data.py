@@ -116,15 +116,48 @@ def test_cmnist_pixels_carry_the_group_colour(tmp_path, mode):
         assert np.array_equal(pixels(ds, split), expected)
 
 
-def test_cfmnist_fg_scales_colour_by_intensity_and_reads_gz(tmp_path):
+def _fairdd_fmnist_colouring(gray: np.ndarray, colour: np.ndarray, background: bool) -> np.ndarray:
+    """FairDD's FashionMNIST.py colouring written out in numpy float32, the
+    operations in the reference's order: blend = start + t * (end - start)
+    with end = colour / 255; FG: start 0, t = g / 255; BG: start 255 (sic),
+    t = (255 - g) / 255; then blend * 255 cast to a byte (truncate, keep the
+    low byte, as the reference's .byte() does on x86)."""
+    g = gray.astype(np.float32)[:, None]
+    end = colour.astype(np.float32) / np.float32(255.0)
+    if background:
+        t, start = (np.float32(255.0) - g) / np.float32(255.0), np.float32(255.0)
+    else:
+        t, start = g / np.float32(255.0), np.float32(0.0)
+    blend = (start + t * (end - start)).astype(np.float32)
+    return (blend * np.float32(255.0)).astype(np.float32).astype(np.int64) % 256
+
+
+def test_cfmnist_reference_colouring_and_reads_gz(tmp_path):
     src = make_mnist(tmp_path, folder="FashionMNIST", gz=True)
-    ds = data.load("cfmnist-fg", root=str(tmp_path))
-    assert ds.class_names[0] == "T-shirt/top"
     gray = np.pad(src["train"][0].astype(np.int64), ((0, 0), (4, 0), (4, 0)))
-    colour = COLOURS[ds.train.groups.numpy()][:, :, None, None]
-    expected = np.floor(colour * gray[:, None] / 255 + 0.5)
-    assert np.array_equal(pixels(ds, "train"), expected)
-    bg = data.load("cfmnist-bg", root=str(tmp_path))
+    for mode in ("fg", "bg"):
+        ds = data.load(f"cfmnist-{mode}", root=str(tmp_path), cache=False)
+        assert ds.class_names[0] == "T-shirt/top"
+        colour = COLOURS[ds.train.groups.numpy()][:, :, None, None]
+        got = pixels(ds, "train")
+        assert np.array_equal(got, _fairdd_fmnist_colouring(gray, colour, mode == "bg")), mode
+        if mode == "bg":
+            bg = np.broadcast_to((gray == 0)[:, None], got.shape)
+            assert np.array_equal(got[bg], np.broadcast_to(colour, got.shape)[bg])  # background: the colour
+            # the garment is not black: the reference's wrapped blend, e.g. 255 * 255 -> 1 for white pixels
+            assert (got[np.broadcast_to((gray == 255)[:, None], got.shape)] != 0).any()
+        else:  # truncated, not rounded: below the rounded value somewhere
+            assert (got <= np.floor(colour * gray[:, None] / 255 + 0.5)).all()
+            assert (got < np.floor(colour * gray[:, None] / 255 + 0.5)).any()
+
+
+def test_cfmnist_even_recipe_keeps_the_former_colouring(tmp_path):
+    src = make_mnist(tmp_path, folder="FashionMNIST")
+    gray = np.pad(src["train"][0].astype(np.int64), ((0, 0), (2, 2), (2, 2)))
+    fg = data.load("cfmnist-fg", root=str(tmp_path), cache=False, recipe="even")
+    colour = COLOURS[fg.train.groups.numpy()][:, :, None, None]
+    assert np.array_equal(pixels(fg, "train"), np.floor(colour * gray[:, None] / 255 + 0.5))
+    bg = data.load("cfmnist-bg", root=str(tmp_path), cache=False, recipe="even")
     expected_bg = (gray < 128)[:, None] * COLOURS[bg.train.groups.numpy()][:, :, None, None]
     assert np.array_equal(pixels(bg, "train"), expected_bg)
 

@@ -125,10 +125,14 @@ def colourise(gray: Tensor, colours: Tensor, mode: str) -> Tensor:
     gray: uint8 [N, H, W]; colours: [N] indices into COLOURS.
     mode 'fg': pixels >= 128 get the colour, the rest black;
          'bg': pixels < 128 get the colour, the rest (the object) black;
-         'fg-scaled': every pixel is the colour scaled by its intensity
-                      (C-FMNIST FG keeps the garment's texture).
+         'fg-scaled': every pixel is the colour scaled by its intensity,
+                      rounded (fastfair's former C-FMNIST FG, recipe "even");
+         'fmnist-fg', 'fmnist-bg': the FairDD reference's C-FMNIST
+                      colourings (:func:`_fmnist_reference`).
     Returns uint8 [N, 3, H, W].
     """
+    if mode in ("fmnist-fg", "fmnist-bg"):
+        return _fmnist_reference(gray, colours, background=mode == "fmnist-bg")
     rgb = torch.tensor(COLOURS, dtype=torch.int32)[colours.to(torch.int64)].view(-1, 3, 1, 1)
     g = gray.to(torch.int32).unsqueeze(1)
     if mode == "fg":
@@ -140,6 +144,36 @@ def colourise(gray: Tensor, colours: Tensor, mode: str) -> Tensor:
     else:
         raise ValueError(f"unknown colouring mode {mode!r}")
     return out.to(torch.uint8)
+
+
+def _fmnist_reference(gray: Tensor, colours: Tensor, background: bool) -> Tensor:
+    """C-FMNIST as FairDD's data_handler/FashionMNIST.py builds it, float32
+    operation for operation so the bytes are equal.
+
+    A pixel of intensity g in colour c is a blend ``start + t * (end - start)``
+    times 255, truncated to a byte:
+    FG: start = 0, end = c / 255, t = g / 255, i.e. the colour scaled by the
+    intensity and truncated (not rounded).
+    BG: end = c / 255, t = (255 - g) / 255, and start = 255 (not 1: the
+    reference's start colour is left in 0..255 while the end colour is in
+    0..1). The background (g = 0) gets the colour; an object pixel gets
+    255 * g + t * c, far outside a byte, which the reference's ``.byte()``
+    wraps modulo 256 (a float-to-uint8 cast of an out-of-range value: x86
+    CPUs, where the reference builds its data, truncate then keep the low
+    byte). The garment therefore carries a wrapped, colour-dependent texture
+    rather than a black silhouette; the wrap is written out here so the
+    result does not depend on the platform's cast.
+    """
+    g = gray.to(torch.float32).unsqueeze(1)  # [N, 1, H, W]
+    end = torch.tensor(COLOURS, dtype=torch.float32)[colours.to(torch.int64)].view(-1, 3, 1, 1) / 255.0
+    if background:
+        t = (255.0 - g) / 255.0
+        start = torch.tensor(255.0, dtype=torch.float32)
+    else:
+        t = g / 255.0
+        start = torch.tensor(0.0, dtype=torch.float32)
+    blend = start + t * (end - start)
+    return torch.remainder((blend * 255).to(torch.int64), 256).to(torch.uint8)
 
 
 def to_grayscale(images: Tensor) -> Tensor:

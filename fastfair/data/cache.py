@@ -20,7 +20,7 @@ import torch
 from .core import Raw
 
 # Bump when a loader's output changes for the same key, to invalidate old files.
-FORMAT_VERSION = 2  # 2: C-MNIST reference recipe (padding, floor/ceil colour counts)
+FORMAT_VERSION = 3  # 2: C-MNIST reference recipe (padding, floor/ceil colour counts); 3: C-FMNIST reference colouring
 CACHE_DIR = "fastfair_cache"
 
 

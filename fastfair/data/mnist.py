@@ -13,6 +13,14 @@ right (digit centre at (18, 18), as the reference pads). ``recipe="even"``
 is the former fastfair recipe: the minority colours spread evenly (counts
 differ by at most one), every colour exactly equally often in each test
 class, and 2 px padding on every side. 3 channels, mean = std = 0.5.
+
+C-FMNIST's colouring under ``recipe="reference"`` is FairDD's
+FashionMNIST.py byte for byte (bias._fmnist_reference): FG scales the colour
+by the intensity and truncates; BG paints the background and leaves the
+garment a wrapped, colour-dependent texture (the reference's blend starts
+from 255 where 1 was meant). ``recipe="even"`` keeps fastfair's former
+C-FMNIST: rounded scaled FG, thresholded BG (background < 128 painted, the
+garment black).
 """
 from __future__ import annotations
 
@@ -151,8 +159,14 @@ def load_coloured(source: str, background: bool, root: str, bias_ratio: float, s
                   download: bool, recipe: str = "reference") -> Raw:
     tr_img, tr_lab = read_split(root, source, "train", download)
     te_img, te_lab = read_split(root, source, "test", download)
-    # C-FMNIST FG scales the colour by the intensity (REFERENCE.md); the
-    # binary threshold would erase most of a garment's texture.
-    mode = "bg" if background else ("fg-scaled" if source == "fmnist" else "fg")
+    if source == "fmnist" and recipe == "reference":
+        # FairDD's FashionMNIST.py: FG scales the colour by the intensity, BG
+        # blends with its start-colour slip (bias._fmnist_reference).
+        mode = "fmnist-bg" if background else "fmnist-fg"
+    elif source == "fmnist":
+        # fastfair's former C-FMNIST: rounded scaled FG, thresholded BG.
+        mode = "bg" if background else "fg-scaled"
+    else:
+        mode = "bg" if background else "fg"
     return coloured(pad32(tr_img, recipe), tr_lab, pad32(te_img, recipe), te_lab, mode, bias_ratio, seed,
                     CLASS_NAMES[source], recipe)
