@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "their checkpoint and finished evaluation runs.")
     r.add_argument("--table", default="fairdd-cmnist", choices=list(TABLES),
                    help="fairdd-cmnist: C-MNIST FG and BG at IPC 10, DM / DM+FairDD / DM+COBRA / DC / DC+FairDD "
-                        "(FairDD Tables 1-2); fairdd: every Table 1-2 dataset; cobra-cifar10s, cobra-cmnist: "
+                        "(FairDD Tables 1-2); fairdd-cfmnist: the same cells on C-FMNIST FG and BG; fairdd: every "
+                        "Table 1-2 dataset; cobra-cifar10s, cobra-cmnist: "
                         "COBRA's DM numbers under COBRA's preset")
     r.add_argument("--budget", default="cpu", choices=list(BUDGETS),
                    help="paper: the full protocol (GPU hours); cpu: a stated reduced protocol for a 2-core CPU "
@@ -165,8 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="paper protocol for the options left unset: fairdd (the FairDD code: DM 20000 iterations, "
                         "batch_real 256, lr_img 1 (10 at IPC >= 100); DC 1000, 256, 0.1) or cobra (COBRA's "
-                        "train_dm.py: DM 2600 iterations, batch_real 600; DC as fairdd); both warm COBRA's DM up "
-                        "50 epochs at IPC 50, 100 at IPC 100, else 10 (default: fairdd)")
+                        "train_dm.py: DM 2600 iterations, batch_real 600; DC as fairdd, and --objective fairdd "
+                        "of a DC-family method means fairdd-mean, what COBRA's --mode fairdd computes); both warm "
+                        "COBRA's DM up 50 epochs at IPC 50, 100 at IPC 100, else 10. The preset also sets the "
+                        "evaluation: fairdd 10 networks, DM 1000 epochs / DC 300; cobra 5 networks, DM 1500 / "
+                        "DC 1000 (default: fairdd)")
     s.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
     s.add_argument("--iterations", "--Iteration", type=int, default=None,
                    help="iterations; default: the preset's (DM 20000, COBRA's DM 2600, DC family 1000)"
@@ -185,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: never)")
     s.add_argument("--eval-model", default="ConvNet", help="network of the evaluations during the run")
     s.add_argument("--eval-epochs", "--epoch_eval_train", type=int, default=None,
-                   help="epochs of those evaluations; default: the method's reference protocol (DM, DSA, IDC, "
-                        "DREAM 1000; DC 300)" + _family("--epoch_eval_train"))
-    s.add_argument("--eval-runs", "--num_eval", type=int, default=1,
-                   help="trained networks per evaluation" + _family("--num_eval", "the family trains 20"))
+                   help="epochs of those evaluations; default: the method's under the preset (fairdd: DM, DSA, "
+                        "IDC, DREAM 1000, DC 300; cobra: DM 1500, DC 1000)" + _family("--epoch_eval_train"))
+    s.add_argument("--eval-runs", "--num_eval", type=int, default=None,
+                   help="trained networks per evaluation; default: the preset's (fairdd 10, as FairDD's scripts "
+                        "pass; cobra 5)" + _family("--num_eval", "the family's argparse default is 20"))
     s.add_argument("--lr-img", "--lr_img", type=float, default=None,
                    help="image learning rate; default: the preset's (DM 1 (10 at IPC >= 100), DC family 0.1)"
                         + _family("--lr_img"))
@@ -204,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dc-block-classes", type=int, default=None,
                    help="DC family: match this many classes at a time, so only their per-group real gradients "
                         "are held (classes x groups x parameters floats); the loss and the image gradient are the "
-                        "same (default: max(1, classes // groups): memory grows with classes + groups, not "
-                        "classes x groups)")
+                        "same up to float rounding (default: as many classes as fit in a quarter of the free "
+                        "memory, one block whenever all classes fit, e.g. every C-MNIST run)")
     s.add_argument("--outer-loop", type=int, default=None,
                    help="DC family: matching steps per iteration; default by IPC: 1, 10, 20, 30, 40, 50 at "
                         "IPC 1, 10, 20, 30, 40, 50; 100 above")
@@ -218,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--depth", type=int, default=3, help="ConvNet depth")
     s.add_argument("--norm", default="instancenorm", help="normalisation layer of the network")
     s.add_argument("--init", default="real", choices=list(INITS),
-                   help="synthetic set initialisation (default: real) [the family's own spelling and values; its "
-                        "DC script starts from noise, its DM script from real images]")
+                   help="synthetic set initialisation (default: real) [the family's own spelling and values; "
+                        "FairDD's and COBRA's DC and DM code default to real images too]")
     s.add_argument("--dsa", default=None, choices=["on", "off"],
                    help="DSA augmentation while distilling; default: the method's paper: on for dm, dsa, idc, "
                         "dream; off for dc (FairDD main_DC.py and COBRA train_dc.py distil DC without DSA)")
@@ -264,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ipc", type=int, default=10, help="images per class of the random baseline")
     e.add_argument("--model", default="ConvNet", choices=list(NETWORKS),
                    help="evaluation network")
-    e.add_argument("--runs", "--num_eval", type=int, default=5,
-                   help="trained networks (mean and std over them)" + _family("--num_eval"))
+    e.add_argument("--runs", "--num_eval", type=int, default=None,
+                   help="trained networks (mean and std over them); default: the preset recorded in the "
+                        "synthetic set decides (fairdd 10, as FairDD's scripts pass; cobra 5; baselines 10)"
+                        + _family("--num_eval"))
     e.add_argument("--epochs", "--epoch_eval_train", type=int, default=None,
                    help="training epochs Epoch (the reference trains Epoch + 1 and drops the lr after Epoch // 2 + "
                         "1); default: the reference protocol of the method recorded in the synthetic set: DM "
@@ -518,6 +525,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     from .distill import outdir
     from .evaluate import chance_note, evaluate_baseline, evaluate_synset
+    from .metrics import COBRA_NAMES
 
     _check_device(a.device)
     kw: dict[str, Any] = dict(model=a.model, epochs=a.epochs, runs=a.runs, dsa=_dsa_flag(a), seed=a.seed,
@@ -555,11 +563,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
         else:
             bias, options = a.bias_ratio, _parse_options(a.data_option)
         ds = _load_data(name, root, bias, options, a.download)
-        res = evaluate_synset(syn["images"], syn["labels"], ds, method=cfg.get("method"), **kw)
+        res = evaluate_synset(syn["images"], syn["labels"], ds, method=cfg.get("method"), preset=cfg.get("preset"),
+                              **kw)
         row = {"method": cfg.get("method", "?"), "objective": cfg.get("objective", "?"), "dataset": name}
-    row.update({k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std")})
-    row.update(model=a.model, epochs=res["epochs"], dsa=res["dsa"], runs=a.runs, seconds=None)
-    print(format_table([row], title=f"{row['dataset']}: {a.model}, {a.runs} runs x {res['epochs']} epochs "
+    row.update({k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std", "suf_m", "suf_m_std", "suf_a", "suf_a_std")})
+    runs = len(res["runs"])
+    row.update(model=a.model, epochs=res["epochs"], dsa=res["dsa"], runs=runs, seconds=None)
+    print(format_table([row], title=f"{row['dataset']}: {a.model}, {runs} runs x {res['epochs']} epochs "
                                    f"({'with' if res['dsa'] else 'without'} DSA)"))
     print(f"worst-group accuracy {res['worst_group_acc']:.2f} +- {res['worst_group_acc_std']:.2f}")
     note = chance_note(row["acc"], ds.num_classes)
@@ -569,12 +579,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if out_path:
         from .heatmap import cell_heatmap, cells_payload, heatmap_path
 
-        per_run = [{k: r[k] for k in ("acc", "deo_m", "deo_a", "worst_group_acc")} for r in res["runs"]]
-        _write_json(out_path, {**row, **cells_payload(res, ds), "per_run": per_run})
+        per_run = [{k: r[k] for k in ("acc", "deo_m", "deo_a", "suf_m", "suf_a", "worst_group_acc")}
+                   for r in res["runs"]]
+        cobra = {name: row[key] for name, key in COBRA_NAMES.items()}  # the same numbers, COBRA's names
+        _write_json(out_path, {**row, **cobra, **cells_payload(res, ds), "per_run": per_run})
         png = cell_heatmap(res["cell_acc"], heatmap_path(out_path), class_names=ds.class_names,
                            group_names=ds.group_names,
                            title=f"{row['dataset']} {row['method']}+{row['objective']}: test accuracy per "
-                                 f"(class, group), mean of {a.runs} runs")
+                                 f"(class, group), mean of {runs} runs")
         print(f"metrics written to {out_path}; per-cell heatmap in {png}")
     return 0
 

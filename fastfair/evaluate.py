@@ -12,6 +12,15 @@ main_DC.py; the FairDD datasets get no DC augmentation); DSA, IDC and DREAM
 mixup, which fastfair does not implement). Training DSA draws parameters per
 sample, as the reference's ``DiffAugment(seed=-1)`` does.
 
+The preset (``fairdd`` or ``cobra``, the paper whose protocol a run follows)
+decides the schedule and the number of trained networks
+(:func:`method_protocol`, :func:`preset_runs`): ``fairdd`` as above with 10
+networks (FairDD's scripts/main_DM.sh and main_DC.sh pass ``--num_eval 10``;
+its argparse default is 20); ``cobra`` evaluates DM sets for 1500 epochs
+(with DSA) and DC sets for 1000 (without augmentation), as COBRA's code
+does, with 5 networks (COBRA's DM/DC scripts were not available to us: 5 is
+fastfair's choice, the papers' usual count; its run_cafe.sh uses 2).
+
 ``dataset`` is duck-typed (``fastfair.data.BiasedDataset``): ``train`` / ``test``
 splits with ``.images`` [N, C, H, W] float, ``.labels`` [N] and ``.groups`` [N]
 int64, plus ``num_classes``, ``num_groups``, ``channels``, ``image_size``.
@@ -34,8 +43,12 @@ DEFAULT_EPOCHS = 1000
 # method -> (epochs, DSA) of the reference's evaluation (module docstring).
 METHOD_PROTOCOL = {"dm": (1000, True), "dc": (300, False), "dsa": (1000, True), "idc": (1000, True),
                    "dream": (1000, True)}
+# preset -> method -> (epochs, DSA); preset -> trained networks (module docstring).
+PRESET_PROTOCOL = {"fairdd": METHOD_PROTOCOL,
+                   "cobra": {**METHOD_PROTOCOL, "dm": (1500, True), "dc": (1000, False)}}
+PRESET_RUNS = {"fairdd": 10, "cobra": 5}
 _EVAL_BATCH = 1024
-_METRICS = ("acc", "deo_m", "deo_a")
+_METRICS = ("acc", "deo_m", "deo_a", "suf_m", "suf_a")
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -79,10 +92,23 @@ def predict(net: nn.Module, images: Tensor, device: torch.device, batch_size: in
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def method_protocol(method: str | None) -> tuple[int, bool]:
-    """(epochs, dsa) with which the reference evaluates a method's synthetic
-    sets; an unknown or missing method (a baseline) gets DM's (1000, True)."""
-    return METHOD_PROTOCOL.get(method or "", (DEFAULT_EPOCHS, True))
+def _preset(preset: str | None) -> str:
+    preset = preset or "fairdd"
+    if preset not in PRESET_PROTOCOL:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_PROTOCOL)}")
+    return preset
+
+
+def method_protocol(method: str | None, preset: str | None = None) -> tuple[int, bool]:
+    """(epochs, dsa) with which the preset's reference code (None: FairDD's)
+    evaluates a method's synthetic sets; an unknown or missing method (a
+    baseline) gets FairDD's DM protocol (1000, True)."""
+    return PRESET_PROTOCOL[_preset(preset)].get(method or "", (DEFAULT_EPOCHS, True))
+
+
+def preset_runs(preset: str | None = None) -> int:
+    """Networks the preset's reference scripts train per evaluation (None: FairDD's 10)."""
+    return PRESET_RUNS[_preset(preset)]
 
 
 def lr_drop_epoch(epochs: int) -> int:
@@ -126,17 +152,19 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, epochs: int, b
 
 
 def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "ConvNet", epochs: int | None = None,
-                    runs: int = 5, batch_size: int = 256, lr: float = 0.01, dsa: bool | None = None, seed: int = 0,
-                    device: str | torch.device | None = None, progress: bool = True,
-                    net_kwargs: dict[str, Any] | None = None, method: str | None = None) -> dict[str, Any]:
+                    runs: int | None = None, batch_size: int = 256, lr: float = 0.01, dsa: bool | None = None,
+                    seed: int = 0, device: str | torch.device | None = None, progress: bool = True,
+                    net_kwargs: dict[str, Any] | None = None, method: str | None = None,
+                    preset: str | None = None) -> dict[str, Any]:
     """Train ``runs`` fresh ``model`` networks on (images, labels) and test each
     on ``dataset.test``.
 
     Run r initialises its network and draws its batches and DSA seeds from seed
     ``seed + r`` (the global RNG state is restored afterwards). ``epochs`` is
     the reference's ``Epoch`` (``epochs + 1`` passes, see :func:`train_network`);
-    ``epochs`` / ``dsa`` None take the reference protocol of ``method``
-    (:func:`method_protocol`; no method: DM's 1000 epochs with DSA). ``net_kwargs`` go to
+    ``epochs`` / ``dsa`` / ``runs`` None take the reference protocol of
+    ``method`` under ``preset`` (:func:`method_protocol`, :func:`preset_runs`;
+    no method: DM's 1000 epochs with DSA; no preset: FairDD's). ``net_kwargs`` go to
     :func:`fastfair.nets.get_network` (e.g. ``width``, ``norm``).
 
     Returns ``acc``, ``deo_m``, ``deo_a`` (means over runs, percent), their
@@ -148,8 +176,9 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "
     accuracy, and ``worst_group_acc_std``), ``model``, ``epochs`` and ``dsa``.
     """
     _check_synset(images, labels, dataset)
-    ref_epochs, ref_dsa = method_protocol(method)
+    ref_epochs, ref_dsa = method_protocol(method, preset)
     epochs = ref_epochs if epochs is None else int(epochs)
+    runs = preset_runs(preset) if runs is None else int(runs)
     dsa = ref_dsa if dsa is None else bool(dsa)
     if epochs < 1 or runs < 1 or batch_size < 1:
         raise ValueError(f"epochs, runs and batch_size must be >= 1, got {epochs}, {runs}, {batch_size}")

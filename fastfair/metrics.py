@@ -6,6 +6,15 @@ cell without test samples counts as 0% accuracy, as the FairDD reference code
 counts it. DEO_M = max_y gap[y] * 100, DEO_A = mean_y gap[y] * 100 (FairDD,
 Zhou et al. NeurIPS'25; lower is fairer). The worst-group accuracy is the
 lowest r[a, y] over the cells that have test samples.
+
+COBRA's code (Moslemi et al., ICML'26) calls DEO_M / DEO_A the max / mean
+"Equalized Odds" (the same per-(class, group) true-positive rates) and also
+reports the sufficiency gap: for class c and group a, the precision
+p[a, c] = P(y = c | prediction c, group a); suf[c] = max_a p[a, c] -
+min_a p[a, c]; SUF_M = max_c suf[c] * 100, SUF_A = mean_c suf[c] * 100. A
+group in which class c is never predicted counts as precision 0, the same
+rule as an empty DEO cell (fastfair's choice: COBRA's code was not
+available to check it). :data:`COBRA_NAMES` maps COBRA's names to these keys.
 """
 from __future__ import annotations
 
@@ -14,6 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+
+# COBRA's metric names -> fastfair's keys (the same numbers).
+COBRA_NAMES = {"max_equalized_odds": "deo_m", "mean_equalized_odds": "deo_a",
+               "max_sufficiency_gap": "suf_m", "mean_sufficiency_gap": "suf_a"}
 
 
 def _as_long_1d(v: Any, what: str) -> Tensor:
@@ -35,6 +49,8 @@ def fairness_report(pred: Any, labels: Any, groups: Any, num_classes: int, num_g
       ``acc``         overall top-1 accuracy in percent;
       ``deo_m``       max over classes of the per-class gap, in percent;
       ``deo_a``       mean over ALL ``num_classes`` classes of the gap, in percent;
+      ``suf_m`` / ``suf_a`` max / mean over classes of the sufficiency gap
+                      (module docstring), in percent;
       ``worst_group_acc`` the lowest non-empty cell accuracy, in percent;
       ``cell_acc``    [num_classes][num_groups] nested list of r[a, y] in percent,
                       None for a cell without test samples;
@@ -77,6 +93,12 @@ def fairness_report(pred: Any, labels: Any, groups: Any, num_classes: int, num_g
     gap = rate.max(dim=1).values - rate.min(dim=1).values
     worst = torch.where(present, rate, torch.full_like(rate, np.inf)).min()
 
+    # Sufficiency: precision of each predicted class within each group.
+    pcell = p * num_groups + g
+    predicted = torch.bincount(pcell, minlength=size).view(num_classes, num_groups)
+    prec = hits / predicted.clamp(min=1).double()  # hits of (c, a) are exactly the correct predictions of c in a
+    suf = prec.max(dim=1).values - prec.min(dim=1).values
+
     rate_pct = (rate * 100.0).tolist()
     pres = present.tolist()
     cell_acc = [[rate_pct[c][a] if pres[c][a] else None for a in range(num_groups)] for c in range(num_classes)]
@@ -85,6 +107,8 @@ def fairness_report(pred: Any, labels: Any, groups: Any, num_classes: int, num_g
         "acc": float(correct.double().mean()) * 100.0,
         "deo_m": float(gap.max()) * 100.0,
         "deo_a": float(gap.mean()) * 100.0,
+        "suf_m": float(suf.max()) * 100.0,
+        "suf_a": float(suf.mean()) * 100.0,
         "worst_group_acc": float(worst) * 100.0,
         "cell_acc": cell_acc,
         "empty_cells": empty,

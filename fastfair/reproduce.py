@@ -274,7 +274,8 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
     for r in range(len(runs), ev["runs"]):
         one = evaluate_synset(res.images, res.labels, ds, epochs=ev["epochs"], runs=1, seed=ev["seed"] + r,
                               device=device, progress=progress, net_kwargs=ev["net_kwargs"], method=method)
-        rec = {k: one[k] for k in ("acc", "deo_m", "deo_a", "worst_group_acc", "cell_acc", "epochs", "dsa")}
+        rec = {k: one[k] for k in ("acc", "deo_m", "deo_a", "suf_m", "suf_a", "worst_group_acc", "cell_acc",
+                                   "epochs", "dsa")}
         with open(runs_path, "a") as f:
             f.write(json.dumps({"settings": settings, "run": r, "result": rec}) + "\n")
             f.flush()
@@ -286,7 +287,9 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
     t_eval = time.perf_counter() - t1
     out: dict[str, Any] = {"dataset": dataset, "ipc": table.ipc, "method": method, "objective": objective,
                            "settings": settings, "config": res.config.to_dict()}
-    for k in ("acc", "deo_m", "deo_a", "worst_group_acc"):
+    for k in ("acc", "deo_m", "deo_a", "suf_m", "suf_a", "worst_group_acc"):
+        if any(k not in r for r in runs):  # runs recorded before the sufficiency gaps were
+            continue
         vals = np.array([r[k] for r in runs], dtype=np.float64)
         out[k], out[f"{k}_std"] = float(vals.mean()), float(vals.std())
     cells = np.array([[[np.nan if v is None else v for v in row] for row in r["cell_acc"]] for r in runs])
@@ -386,13 +389,14 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
     t, b = TABLES[table], BUDGETS[budget]
     lines = [f"# `fastfair reproduce --table {table} --budget {budget}`", "",
              f"{t.description}. Measured: mean +- std (population) over the evaluation runs; "
-             f"paper: the published mean. Budget `{budget}`: {b.summary}.", ""]
+             f"paper: the published mean. SUF_M / SUF_A: COBRA's max / mean sufficiency gap ('-': runs "
+             f"recorded before fastfair reported it). Budget `{budget}`: {b.summary}.", ""]
     mach = info.get("machine", {})
     lines += [f"Machine: {mach.get('cpu', mach.get('processor', '?'))}, {mach.get('cpu_count', '?')} cores, "
               f"torch {mach.get('torch', '?')}, {mach.get('threads', '?')} threads"
               + (f"; {info['note']}" if info.get("note") else "") + ".", ""]
-    lines += ["| dataset | IPC | method | objective | DEO_M | DEO_A | Acc | worst cell | paper DEO_M / DEO_A / Acc "
-              "| source | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| dataset | IPC | method | objective | DEO_M | DEO_A | Acc | SUF_M | SUF_A | worst cell "
+              "| paper DEO_M / DEO_A / Acc | source | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {c: i for i, c in enumerate(t.cells)}
     rows = sorted(results, key=lambda r: (t.datasets.index(r["dataset"]) if r["dataset"] in t.datasets else 99,
                                           order.get((r["method"], r["objective"]), 99)))
@@ -402,7 +406,8 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
         mins = (r.get("distill_seconds", 0) + r.get("eval_seconds", 0)) / 60
         lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r['objective']} | "
                      f"{_fmt(r['deo_m'], r['deo_m_std'])} | {_fmt(r['deo_a'], r['deo_a_std'])} | "
-                     f"{_fmt(r['acc'], r['acc_std'])} | {_fmt(r['worst_group_acc'])} | {paper} | "
+                     f"{_fmt(r['acc'], r['acc_std'])} | {_fmt(r.get('suf_m'), r.get('suf_m_std'))} | "
+                     f"{_fmt(r.get('suf_a'), r.get('suf_a_std'))} | {_fmt(r['worst_group_acc'])} | {paper} | "
                      f"{p[3] if p else '-'} | {mins:.1f} |")
     whole = [(d, PAPER.get((d, t.ipc, "whole", "-"))) for d in t.datasets if (d, t.ipc, "whole", "-") in PAPER]
     if whole:

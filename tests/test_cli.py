@@ -187,7 +187,7 @@ def test_demo_tiny_writes_schema_grids_and_chart(tmp_path, capsys):
     _png(str(out / "metrics.png"))
     # The printed table: its header and one line per run.
     header = next(line for line in stdout.splitlines() if line.startswith("method"))
-    assert header.split() == ["method", "objective", "Acc", "DEO_M", "DEO_A", "seconds"]
+    assert header.split() == ["method", "objective", "Acc", "DEO_M", "DEO_A", "SUF_M", "seconds"]
     for method, objective in runs:
         assert any(line.split()[:2] == [method, objective] and "+-" in line for line in stdout.splitlines())
 

@@ -272,6 +272,16 @@ def test_config_defaults_follow_the_papers() -> None:
     assert resolve(distill.DistillConfig(objective="cobra", ipc=50)).cobra_warmup_epochs == 50
     assert resolve(distill.DistillConfig(objective="cobra", ipc=100)).cobra_warmup_epochs == 100
     assert resolve(distill.DistillConfig(objective="fairdd")).cobra_warmup_epochs == 0
+    assert dm.eval_runs == 10 and resolve(distill.DistillConfig(preset="cobra")).eval_runs == 5
+
+
+@pytest.mark.parametrize("method", ["dc", "dsa", "idc", "dream"])
+def test_cobra_preset_fairdd_means_cobras_fairdd_mean_for_dc(method: str) -> None:
+    # COBRA's --mode fairdd averages the DC group terms; FairDD's main_DC.py sums them.
+    assert resolve(distill.DistillConfig(method=method, preset="cobra")).objective == "fairdd-mean"
+    assert resolve(distill.DistillConfig(method=method, preset="fairdd")).objective == "fairdd"
+    assert resolve(distill.DistillConfig(method=method, preset="cobra", objective="cobra")).objective == "cobra"
+    assert resolve(distill.DistillConfig(method="dm", preset="cobra")).objective == "fairdd"
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -143,6 +143,11 @@ def test_method_protocol_and_cell_outputs():
 
     assert method_protocol("dm") == (1000, True) and method_protocol("dsa") == (1000, True)
     assert method_protocol("dc") == (300, False) and method_protocol(None) == (1000, True)
+    # The preset decides: COBRA evaluates DM 1500 epochs, DC 1000 without augmentation.
+    assert method_protocol("dm", "cobra") == (1500, True) and method_protocol("dc", "cobra") == (1000, False)
+    assert method_protocol("dc", "fairdd") == (300, False)
+    with pytest.raises(ValueError, match="unknown preset"):
+        method_protocol("dm", "kip")
     ds = _dataset()
     res = evaluate_synset(ds.train.images, ds.train.labels, ds, epochs=2, runs=2, progress=False,
                           net_kwargs=NET, method="dc")
@@ -157,3 +162,15 @@ def test_method_protocol_and_cell_outputs():
     default = evaluate_synset(ds.train.images, ds.train.labels, ds, epochs=1, runs=1, progress=False,
                               net_kwargs=NET, method="dm")
     assert default["dsa"] is True
+
+
+def test_preset_decides_the_number_of_runs():
+    from fastfair.evaluate import preset_runs
+
+    assert preset_runs() == preset_runs("fairdd") == 10 and preset_runs("cobra") == 5
+    ds = _dataset()
+    res = evaluate_synset(ds.train.images, ds.train.labels, ds, epochs=1, progress=False, net_kwargs=NET,
+                          method="dc", preset="cobra")
+    assert len(res["runs"]) == 5 and res["dsa"] is False
+    for k in ("suf_m", "suf_a", "suf_m_std"):
+        assert 0.0 <= res[k] <= 100.0

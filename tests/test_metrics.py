@@ -96,3 +96,46 @@ def test_errors():
                         torch.tensor([], dtype=torch.long), 2, 2)
     with pytest.raises(ValueError, match="integer"):
         fairness_report(torch.tensor([0.0, 1.0]), y, y, 2, 2)
+
+
+def _sufficiency_loop(pred, labels, groups, C, G):
+    """Per class c and group a: correct predictions of c over all predictions
+    of c in a (0 where c is never predicted in a); spread over groups."""
+    gaps = []
+    for c in range(C):
+        precs = []
+        for a in range(G):
+            said = [i for i in range(len(pred)) if pred[i] == c and groups[i] == a]
+            precs.append(0.0 if not said else sum(labels[i] == c for i in said) / len(said))
+        gaps.append(max(precs) - min(precs))
+    return max(gaps) * 100, sum(gaps) / C * 100
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sufficiency_gap_matches_loop_reference(seed):
+    rng = np.random.default_rng(100 + seed)
+    C, G = int(rng.integers(2, 6)), int(rng.integers(1, 5))
+    n = int(rng.integers(5, 150))
+    labels, groups = rng.integers(0, C, n), rng.integers(0, G, n)
+    if seed % 2:  # a class never predicted in some groups
+        labels[groups == 0] = np.minimum(labels[groups == 0], 1)
+    pred = np.where(rng.random(n) < 0.5, labels, rng.integers(0, C, n))
+    if seed % 2:
+        pred[groups == 0] = 0
+    rep = fairness_report(torch.tensor(pred), torch.tensor(labels), torch.tensor(groups), C, G)
+    suf_m, suf_a = _sufficiency_loop(pred.tolist(), labels.tolist(), groups.tolist(), C, G)
+    assert rep["suf_m"] == pytest.approx(suf_m) and rep["suf_a"] == pytest.approx(suf_a)
+
+
+def test_sufficiency_hand_worked_example_and_cobra_names():
+    from fastfair.metrics import COBRA_NAMES
+
+    # group 0: predictions of 0 are rows 0, 1, 2 (labels 0, 0, 1): precision 2/3; of 1: row 3 (label 1): 1
+    # group 1: predictions of 0: row 4 (label 0): 1; of 1: rows 5, 6 (labels 0, 1): 1/2
+    labels = [0, 0, 1, 1, 0, 0, 1]
+    groups = [0, 0, 0, 0, 1, 1, 1]
+    pred = [0, 0, 0, 1, 0, 1, 1]
+    rep = fairness_report(torch.tensor(pred), torch.tensor(labels), torch.tensor(groups), 2, 2)
+    assert rep["suf_m"] == pytest.approx(50.0)  # class 1: 1 - 1/2
+    assert rep["suf_a"] == pytest.approx(((1 - 2 / 3) + 0.5) / 2 * 100)
+    assert set(COBRA_NAMES.values()) <= rep.keys()

@@ -18,7 +18,13 @@ Presets (``preset``) name a paper's protocol and fill only the fields left
 ``None`` (an explicit value always wins): ``fairdd`` is the FairDD code's
 protocol (the defaults above), ``cobra`` COBRA's (DM: batch_real 600 per
 class, 2600 iterations; DC as FairDD's). COBRA's re-implementation of the
-FairDD DC baseline is the objective ``fairdd-mean``.
+FairDD DC baseline is the objective ``fairdd-mean`` (the group terms averaged
+over the groups present, where FairDD's main_DC.py sums them), so under the
+``cobra`` preset a DC-family run asked for ``fairdd`` runs ``fairdd-mean``,
+what COBRA's ``--mode fairdd`` computes (the resolved config records it).
+The preset also decides the evaluation (``eval_epochs`` / ``eval_runs``
+None; fastfair.evaluate.method_protocol and preset_runs): FairDD 10 networks,
+DM 1000 epochs / DC 300; COBRA DM 1500 / DC 1000.
 
 Fields left ``None`` are filled by :func:`resolve` from the preset, method and
 IPC, so a saved config always records the values that were actually used.
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..augment import DEFAULT_STRATEGY
+from ..evaluate import preset_runs
 from ..objectives import OBJECTIVES
 
 METHODS = ("dm", "dc", "dsa", "idc", "dream")
@@ -110,7 +117,7 @@ class DistillConfig:
     real_chunk: int | None = None        # rows per network pass over the real batch; None: automatic
                                          # (2^24 input values on GPUs, cache-sized blocks on CPUs)
     dc_block_classes: int | None = None  # DC family: classes whose per-group real gradients are held
-                                         # at once; None: max(1, C // G) (O(C + G) gradient rows)
+                                         # at once; None: as many as the free memory allows (distill.dc)
     outer_loop: int | None = None        # DC family, by IPC
     inner_loop: int | None = None        # DC family, by IPC
     lr_net: float = 0.01                 # inner-loop / warm-up network SGD
@@ -140,8 +147,8 @@ class DistillConfig:
     checkpoint_every: int = 100
     eval_every: int = 0                  # 0: no evaluation during distillation
     eval_model: str = "ConvNet"
-    eval_epochs: int | None = None       # None: evaluate_synset's default (1000)
-    eval_runs: int = 1
+    eval_epochs: int | None = None       # None: the method's under the preset (FairDD: DM 1000, DC 300)
+    eval_runs: int | None = None         # None: the preset's (FairDD 10, COBRA 5)
     eval_width: int | None = None        # None: the evaluation network's default width
     root: str | None = None
     bias_ratio: float = 0.9
@@ -191,6 +198,10 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     for name, value in preset_values(c.preset, c.method, c.ipc).items():
         if getattr(c, name) is None:
             setattr(c, name, value)
+    if c.preset == "cobra" and not dm and c.objective == "fairdd":
+        c.objective = "fairdd-mean"  # COBRA's --mode fairdd (module docstring)
+    if c.eval_runs is None:
+        c.eval_runs = preset_runs(c.preset)
     if c.dsa is None:
         c.dsa = DSA_DEFAULT[c.method]
     if not dm:

@@ -128,7 +128,7 @@ def _run_cell(method: str, objective: str, p: dict[str, Any], seed: int, device:
     save_grid(res.images, res.labels, ds.num_classes, ds.denormalize,
               os.path.join(out_dir, f"grid_{method}_{objective}.png"))
     return {"method": method, "objective": objective,
-            **{k: ev[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std")},
+            **{k: ev[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std", "suf_m", "suf_m_std", "suf_a", "suf_a_std")},
             "seconds": round(t_distil, 2), "eval_seconds": round(t_eval, 2)}
 
 

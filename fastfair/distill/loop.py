@@ -97,8 +97,9 @@ def _evaluate(cfg: DistillConfig, images: Tensor, labels: Tensor, dataset: Any, 
     if cfg.eval_width is not None:
         kw["net_kwargs"] = {"width": cfg.eval_width}
     res = evaluate_synset(images, labels, dataset, model=cfg.eval_model, epochs=cfg.eval_epochs,
-                          runs=cfg.eval_runs, seed=cfg.seed, device=device, progress=False, **kw)
-    return {k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std")}
+                          runs=cfg.eval_runs, seed=cfg.seed, device=device, progress=False, method=cfg.method,
+                          preset=cfg.preset, **kw)
+    return {k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std", "suf_m", "suf_m_std", "suf_a", "suf_a_std")}
 
 
 def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
