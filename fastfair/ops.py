@@ -111,6 +111,12 @@ def validate_ids(enabled: bool) -> Iterator[None]:
     nothing syncs, and a recorded error is raised by :func:`raise_pending_errors`
     (which the driver calls where it syncs anyway) or, at the latest, when the
     ``validate_ids(False)`` block exits normally.
+
+    The record is one per device, not per stream: work on several streams
+    shares it and the first error recorded wins (fastfair's own code runs on
+    the current stream only). Its buffer is allocated by the first recording
+    call on a device, so under CUDA-graph capture run one op on that device
+    before capturing, or keep validation on outside the captured region.
     """
     global _validate_ids
     old, _validate_ids = _validate_ids, enabled
@@ -140,7 +146,14 @@ def _id_error_message(op: str, row: int, value: int, num_segments: int) -> str:
     return f"{op}: ids[{row}] = {value} is outside [0, num_segments = {num_segments})"
 
 
+# Reads of a device's id-error record (each one a device-to-host copy); a
+# test counts them to prove a path is sync-free.
+id_error_reads = 0
+
+
 def _take_id_error(device: torch.device) -> str | None:
+    global id_error_reads
+    id_error_reads += 1
     row, value, segs, code = torch.ops.fastfair.take_id_error(device)
     if row < 0:
         return None
@@ -175,9 +188,13 @@ def raise_pending_errors() -> None:
         raise ValueError(first)
 
 
-def _check_args(x: Tensor | None, ids: Tensor, num_segments: int, op: str) -> int | torch.SymInt:
+def _check_args(x: Tensor | None, ids: Tensor, num_segments: int, op: str,
+                check_range: bool = True) -> int | torch.SymInt:
     """Metadata checks (traceable: no tensor values are read); returns
-    num_segments as a size. The CPU kernels range-check ids as they read them."""
+    num_segments as a size. The CPU kernels range-check ids as they read them.
+    ``check_range=False`` skips the masked range check of CUDA ids (callers
+    whose ids a public wrapper has checked already) without touching the
+    pending-error machinery, so it never syncs."""
     num_segments = _as_size(num_segments, "num_segments", op)
     if ids.dim() != 1:
         raise ValueError(f"{op}: ids must be 1-D, got shape {tuple(ids.shape)}")
@@ -196,7 +213,7 @@ def _check_args(x: Tensor | None, ids: Tensor, num_segments: int, op: str) -> in
     # CUDA: recorded on the device and raised by _after_kernel), and by the
     # reference paths. CUDA kernels that do not record yet get the masked
     # check here (a sync per call while validation is on).
-    if (op not in _CUDA_KERNELS_RECORDING_IDS and ids.device.type == "cuda" and _validate_ids
+    if (check_range and op not in _CUDA_KERNELS_RECORDING_IDS and ids.device.type == "cuda" and _validate_ids
             and ids.numel() > 0 and not torch.compiler.is_compiling()):
         _reference_check_range(ids, num_segments, op)
     return num_segments
@@ -537,7 +554,7 @@ def _pair(v: object, name: str, op: str) -> tuple[int, int]:
 
 
 def _check_weight_grad_args(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int, op: str,
-                            dims: int) -> int | torch.SymInt:
+                            dims: int, check_range: bool = True) -> int | torch.SymInt:
     shape = "[N, O]" if dims == 2 else "[N, O, H', W']"
     ishape = "[N, K]" if dims == 2 else "[N, I, H, W]"
     if grad_out.dim() != dims:
@@ -556,7 +573,7 @@ def _check_weight_grad_args(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segm
         )
     if ids.dim() == 1 and inp.shape[0] != ids.shape[0]:
         raise ValueError(f"{op}: input has {inp.shape[0]} rows but ids has {ids.shape[0]} entries")
-    return _check_args(None, ids, num_segments, op)
+    return _check_args(None, ids, num_segments, op, check_range)
 
 
 def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:

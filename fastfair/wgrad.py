@@ -198,18 +198,38 @@ def _sub_ends(ends: Tensor, rows0: int, rows: int, positions: int, splits: int) 
 _warned_fallback = False
 
 
+# torch._grouped_mm's CUDA kernel takes at most this many groups.
+GROUPED_MM_MAX_GROUPS = 1024
+
+
+def _fallback_cause(exc: RuntimeError, mat_a: Tensor, offs: Tensor) -> str | None:
+    """Why torch._grouped_mm refused, when a per-group loop can do the work
+    instead; None for errors a loop would not fix (out of memory, a sticky
+    CUDA error), which propagate."""
+    msg = str(exc)
+    if isinstance(exc, torch.OutOfMemoryError) or "CUDA error" in msg or "out of memory" in msg:
+        return None
+    if offs.numel() > GROUPED_MM_MAX_GROUPS:
+        return f"{offs.numel()} groups, above its limit of {GROUPED_MM_MAX_GROUPS}"
+    return f"{mat_a.dtype} operands ({msg.splitlines()[0] if msg else type(exc).__name__})"
+
+
 def _grouped(mat_a: Tensor, mat_b: Tensor, offs: Tensor) -> Tensor:
     """torch's grouped GEMM, [G, M, N]; where this torch version refuses the
-    dtype (float32 on an older CUDA build), the same per-group loop its own
-    fallback runs."""
+    call (float32 on an older CUDA build, more groups than its kernel takes),
+    the same per-group loop its own fallback runs, with a warning naming the
+    cause. Other errors (out of memory, a failed kernel) propagate."""
     global _warned_fallback
     try:
         return torch._grouped_mm(mat_a, mat_b, offs=offs)
     except RuntimeError as exc:
+        cause = _fallback_cause(exc, mat_a, offs)
+        if cause is None:
+            raise
         if not _warned_fallback:
             _warned_fallback = True
-            warnings.warn(f"fastfair: torch._grouped_mm refused {mat_a.dtype} operands ({exc}); "
-                          "running one mm per group instead", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"fastfair: torch._grouped_mm refused {cause}; running one mm per group instead",
+                          RuntimeWarning, stacklevel=3)
     ends = offs.tolist()  # one sync; only where torch has no kernel for the dtype
     out = mat_a.new_empty((len(ends), mat_a.shape[0], mat_b.shape[1]))
     start = 0
@@ -350,18 +370,38 @@ def _check(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int, op: st
            geometry: tuple | None = None) -> None:
     # The same argument errors as the CPU kernel, for callers of
     # torch.ops.fastfair.* directly. The id range is left to the public
-    # wrappers (ops.py: one check per call, switched off in hot loops).
+    # wrappers (ops.py: one check per call, switched off in hot loops), and
+    # nothing here reads a device's error record: this runs once per layer on
+    # the bf16 DC path, which must not sync.
     from . import ops
 
-    with ops.validate_ids(False):
-        ops._check_weight_grad_args(grad_out, inp, ids, num_segments, op, dims)
+    ops._check_weight_grad_args(grad_out, inp, ids, num_segments, op, dims, check_range=False)
     if geometry is not None:
         ops._check_conv_geometry(grad_out, inp, *geometry, op)
 
 
+# cuBLAS is deterministic only with one of these workspace settings, read when
+# CUDA starts (torch's "Reproducibility" notes).
+_CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+def _precision_for(op: str) -> str:
+    """The weight-gradient precision, refused in one line where deterministic
+    mode cannot hold: the cuBLAS paths without a deterministic workspace
+    setting would otherwise raise deep inside torch after its warning."""
+    precision = get_weight_grad_precision()
+    if (precision in ("fp32", "tf32", "cudnn") and torch.are_deterministic_algorithms_enabled()
+            and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in _CUBLAS_DETERMINISTIC):
+        raise RuntimeError(
+            f"{op}: deterministic mode and the {precision!r} weight-gradient path (cuBLAS) need "
+            f"CUBLAS_WORKSPACE_CONFIG={_CUBLAS_DETERMINISTIC[0]} in the environment before CUDA starts; set it, or "
+            f"use the deterministic 'simt' path ({_ENV}=simt or fastfair.ops.weight_grad_precision('simt'))")
+    return precision
+
+
 def _cuda_linear(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int) -> Tensor:
     _check(grad_out, inp, ids, num_segments, "segment_linear_weight_grad", 2)
-    precision = get_weight_grad_precision()
+    precision = _precision_for("segment_linear_weight_grad")
     if precision == "simt" or inp.dtype == torch.float64:
         return torch.ops.fastfair.segment_linear_weight_grad_simt(grad_out, inp, ids, num_segments)
     if precision == "cudnn":
@@ -373,7 +413,7 @@ def _cuda_conv2d(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int, 
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     geometry = tuple(tuple(int(v) for v in t) for t in (kernel_size, stride, padding, dilation))
     _check(grad_out, inp, ids, num_segments, "segment_conv2d_weight_grad", 4, geometry)
-    precision = get_weight_grad_precision()
+    precision = _precision_for("segment_conv2d_weight_grad")
     if precision == "simt" or inp.dtype == torch.float64:
         return torch.ops.fastfair.segment_conv2d_weight_grad_simt(
             grad_out, inp, ids, num_segments, kernel_size, stride, padding, dilation)

@@ -1,6 +1,7 @@
 """DC matches a block of classes at a time (``DistillConfig.dc_block_classes``):
 the loss and the image gradient equal those of matching all classes at once,
-and no block holds more than max(C, G) segments' gradients by default."""
+and by default a block holds as many classes as the free memory allows (one
+block when all segment gradients fit)."""
 from __future__ import annotations
 
 import dataclasses
@@ -56,7 +57,7 @@ def test_blocked_matching_equals_all_classes_at_once(objective: str, metric: str
     assert grad.abs().sum() > 0
 
 
-def test_default_blocks_hold_at_most_max_of_classes_and_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+def _spy_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     widths: list[int] = []
     real_fn = pergroup.segment_gradients
 
@@ -65,21 +66,52 @@ def test_default_blocks_hold_at_most_max_of_classes_and_groups(monkeypatch: pyte
         return real_fn(model, inputs, labels, ids, num_segments, **kw)
 
     monkeypatch.setattr(pergroup, "segment_gradients", spy)
+    return widths
+
+
+def _blocking_config() -> tuple[distill.DistillConfig, object]:
     opts = {"num_classes": 4, "num_groups": 2, "image_size": 8, "n_per_class": 24}
     ds = data.load("synthetic", bias_ratio=0.8, **opts)
     cfg = distill.DistillConfig(dataset="synthetic", method="dc", objective="fairdd", ipc=1, width=4, depth=1,
                                 batch_real=6, outer_loop=1, inner_loop=1, iterations=1,
                                 extra={"data_options": opts})
+    return cfg, ds
+
+
+def test_default_blocking_is_one_block_when_the_segment_gradients_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    widths = _spy_widths(monkeypatch)
+    cfg, ds = _blocking_config()
     distill.run(cfg, ds, device="cpu", progress=False)
-    assert widths == [4, 4]  # 2 classes x 2 groups per block, two blocks
+    assert widths == [8]  # 4 classes x 2 groups in one block: a few KB fit anywhere
+    widths.clear()
+    distill.run(dataclasses.replace(cfg, dc_block_classes=2), ds, device="cpu", progress=False)
+    assert widths == [4, 4]  # --dc-block-classes still decides when given
     widths.clear()
     distill.run(dataclasses.replace(cfg, objective="vanilla"), ds, device="cpu", progress=False)
-    assert widths == [4]  # vanilla matches the class gradient: one segment per class, one block
-    assert dc.block_classes(None, 4, 2) == 2
-    assert dc.block_classes(None, 10, 100) == 1
-    assert dc.block_classes(None, 100, 10) == 10
-    assert dc.block_classes(None, 10, 1) == 10  # vanilla: one block of all classes
-    assert dc.block_classes(3, 10, 100) == 3
+    assert widths == [4]  # vanilla matches the class gradient: one segment per class
+
+
+def test_default_blocking_follows_the_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    widths = _spy_widths(monkeypatch)
+    cfg, ds = _blocking_config()
+    net_bytes = 4 * sum(p.numel() for p in get_network("ConvNet", 3, 4, 8, width=4, depth=1).parameters())
+    # Free memory for exactly one class's 2 segment gradients (x LIVE_COPIES, in MEMORY_SHARE).
+    one_class = 2 * net_bytes * dc.LIVE_COPIES / dc.MEMORY_SHARE
+    monkeypatch.setattr(dc, "free_memory_bytes", lambda device: int(one_class) + 1)
+    distill.run(cfg, ds, device="cpu", progress=False)
+    assert widths == [2, 2, 2, 2]
+
+
+def test_block_classes_rule() -> None:
+    mb = 1 << 20
+    # C = G = 10, width-128 ConvNet (1.3 MB of float32 parameters): 100 segments x 4 copies = 0.5 GB.
+    assert dc.block_classes(None, 10, 10, int(1.3 * mb), 141 << 30) == 10  # an H200: one block
+    assert dc.block_classes(None, 10, 10, int(1.3 * mb), 8 << 30) == 10    # a laptop: one block
+    # C = 100, G = 100 (intersectional): 10^4 segments x 1.3 MB x 4 = 52 GB.
+    assert dc.block_classes(None, 100, 100, int(1.3 * mb), 24 << 30) == 11
+    assert dc.block_classes(None, 100, 100, int(1.3 * mb), 141 << 30) == 69
+    assert dc.block_classes(None, 10, 1000, int(1.3 * mb), 1 << 30) == 1   # never fewer than one class
+    assert dc.block_classes(3, 10, 100, int(1.3 * mb), 141 << 30) == 3     # an explicit size wins
 
 
 @pytest.mark.parametrize("method", ["dc", "idc", "dream"])

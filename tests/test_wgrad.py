@@ -240,14 +240,38 @@ def test_cuda_bf16_sorted_path_has_no_host_sync():
     a, b = (t.float().cuda() for t in conv_case(64, 8, 16, 8, 8, ks, st, pd, dl, seed=4))
     ids = torch.arange(64, device="cuda") // 7  # sorted, 10 segments
     layout = wgrad.SegmentLayout.of_sorted(ids, 10)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with wgrad.sorted_segments(layout), ops.weight_grad_precision("bf16"), ops.validate_ids(False):
+    with wgrad.sorted_segments(layout), ops.weight_grad_precision("bf16"), ops.validate_ids(False):
+        # A recording op first, as segment_gradients runs one: its id-error
+        # record is now pending, and nothing below may read it.
+        ops.segment_sum(b.flatten(1), ids, 10)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
             ops.segment_conv2d_weight_grad(b, a, ids, 10, ks, st, pd, dl)
             ops.segment_linear_weight_grad(b.flatten(1), a.flatten(1), ids, 10)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def test_weight_grad_argument_checks_read_no_device_error_record(monkeypatch):
+    # The CPU twin of the test above: a CUDA kernel's id-error record is
+    # pending (a recording op ran under validate_ids(False)); the per-layer
+    # checks of the weight-gradient kernels must not read it (each read is a
+    # device-to-host sync on a GPU).
+    reads = []
+    monkeypatch.setattr(ops, "_take_id_error", lambda dev: reads.append(dev))
+    pending = torch.device("cuda", 0)
+    monkeypatch.setattr(ops, "_unchecked_devices", {pending})
+    b, a = torch.randn(30, 4), torch.randn(30, 6)
+    ids = ids_with_gaps(30, 6, seed=2)
+    wgrad._check(b, a, ids, 6, "segment_linear_weight_grad", 2)
+    ks = (3, 3)
+    a4, b4 = conv_case(12, 2, 3, 5, 5, ks, (1, 1), (1, 1), (1, 1), seed=5)
+    wgrad._check(b4.float(), a4.float(), torch.arange(12) % 4, 4, "segment_conv2d_weight_grad", 4,
+                 (ks, (1, 1), (1, 1), (1, 1)))
+    assert reads == [] and ops._unchecked_devices == {pending}
+    ops.raise_pending_errors()  # where the driver syncs anyway: read once
+    assert reads == [pending]
 
 
 def test_fallback_when_grouped_mm_refuses(monkeypatch):
@@ -264,3 +288,47 @@ def test_fallback_when_grouped_mm_refuses(monkeypatch):
     with pytest.warns(RuntimeWarning, match="one mm per group"):
         got = wgrad.grouped_linear_weight_grad(b, a, ids, 6)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_fallback_names_the_group_limit_and_lets_other_errors_through(monkeypatch):
+    b, a = torch.randn(30, 4), torch.randn(30, 6)
+    ids = ids_with_gaps(30, 6, seed=3)
+    want = wgrad.grouped_linear_weight_grad(b, a, ids, 6)
+    monkeypatch.setattr(wgrad, "GROUPED_MM_MAX_GROUPS", 4)  # 6 segments: above the limit
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("grouped gemm is not supported for this many groups")
+
+    monkeypatch.setattr(torch, "_grouped_mm", refuse)
+    monkeypatch.setattr(wgrad, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="6 groups, above its limit of 4"):
+        got = wgrad.grouped_linear_weight_grad(b, a, ids, 6)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for exc in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+                RuntimeError("CUDA error: an illegal memory access was encountered")):
+        def fail(*args, exc=exc, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise exc
+
+        monkeypatch.setattr(torch, "_grouped_mm", fail)
+        with pytest.raises(type(exc), match=str(exc).split(".")[0][:20]):
+            wgrad.grouped_linear_weight_grad(b, a, ids, 6)
+
+
+def test_deterministic_mode_without_cublas_workspace_refuses_in_one_line(monkeypatch):
+    # The CUDA kernels' Python part (wgrad._cuda_linear) on CPU tensors: the
+    # refusal comes before any cuBLAS call.
+    b, a = torch.randn(12, 4), torch.randn(12, 6)
+    ids = torch.arange(12) % 3
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with ops.weight_grad_precision("fp32"):
+            with pytest.raises(RuntimeError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8.*'simt'") as info:
+                wgrad._cuda_linear(b, a, ids, 3)
+            assert "\n" not in str(info.value)
+            monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            got = wgrad._cuda_linear(b, a, ids, 3)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    torch.testing.assert_close(got, wgrad.per_segment_weight_grad(b, a, ids, 3), rtol=1e-5, atol=1e-6)

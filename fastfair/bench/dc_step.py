@@ -32,6 +32,13 @@ FairDD paper reports 3.0 for its loop), loop fairdd / fastfair fairdd (target
 A loop call slower than --loop-budget seconds is timed once (its check call)
 instead of warm-up + 3 repeats; the row says so in "samples".
 
+``--precision`` chooses the CUDA weight-gradient path that is TIMED (the
+check always runs in fp32, whose error bound it asserts: bf16 weight
+gradients are ~3e-3 relative, above the check's 1e-3). The timed fastfair
+calls run under ``ops.validate_ids(False)``, as the driver's hot loop does.
+The JSON is rewritten after every G, and SIGTERM / Ctrl-C stop the sweep
+keeping the finished points (exit code 130).
+
 Usage: fastfair bench dc [--device cpu|cuda] [--quick]
        python benchmarks/dc_step.py --device cpu|cuda [--quick] [--json PATH]
 """
@@ -48,11 +55,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from .. import ops, wgrad
 from ..nets import get_network
 from ..pergroup import segment_gradients
 from .segment import parse_groups
-from .timing import check_device, default_json, describe_machine, loglog_plot, samples_ms, write_json
+from .timing import check_device, default_json, describe_machine, loglog_plot, samples_ms, stopped_cleanly, write_json
 
 NAME = "dc_step"
 GROUPS = [1, 2, 5, 10, 20, 50, 100]
@@ -217,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=32, help="image side (3 channels)")
     p.add_argument("--loop-budget", type=float, default=120.0,
                    help="seconds: a loop call slower than this is timed once (its check call)")
+    p.add_argument("--precision", default="fp32", choices=wgrad.PRECISIONS,
+                   help="CUDA weight-gradient path of the TIMED fastfair calls (the check runs in fp32); "
+                        "no effect on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the network and the batches")
     p.add_argument("--repeats", type=int, default=7, help=argparse.SUPPRESS)  # timed calls per point
     return p
@@ -262,37 +272,52 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gen = torch.Generator().manual_seed(a.seed)
     head = f"{'G':>5} " + " ".join(f"{i + ' ' + o:>18}" for i in IMPLS for o in OBJECTIVES) + "   (ms)"
     print(head)
-    for g in groups_list:
-        batches = [make_batch(a.classes, per_class, g, a.image_size, gen, device) for _ in range(3)]
-        errs, check_ms = check_point(model, params, batches[0], a.classes, g, device)
-        checks[str(g)] = errs
-        cells = []
-        for impl in IMPLS:
-            for obj in OBJECTIVES:
-                fn = FNS[(impl, obj)]
-                if impl == "loop" and check_ms[(impl, obj)] > a.loop_budget * 1e3:
-                    ts = [check_ms[(impl, obj)]]  # too slow to repeat: its check call, already timed
-                else:
-                    ts = samples_ms(lambda i: fn(model, params, batches[i % 3], a.classes, g), device=device,
-                                    warmup=1 if impl == "loop" else 2,
-                                    repeats=min(3, a.repeats) if impl == "loop" else a.repeats)
-                ms = statistics.median(ts)
-                rows.append({"impl": impl, "objective": obj, "groups": g, "ms": ms, "samples": len(ts), **base})
-                cells.append(f"{ms:18.2f}")
-        print(f"{g:>5} " + " ".join(cells), flush=True)
+    path = a.json or default_json(NAME, device)
+    base["precision"] = a.precision
+
+    def save() -> None:
+        write_json(path, {"benchmark": NAME, "machine": machine, "setting": setting, "dtype": "float32",
+                          "precision": a.precision, "ratios": _ratios(rows), "check_max_rel_err": checks,
+                          "complete": len(checks) == len(groups_list), "rows": rows})
+
+    with stopped_cleanly(path):
+        for g in groups_list:
+            _point(a, model, params, g, per_class, gen, device, base, rows, checks)
+            save()
     ratios = _ratios(rows)
     for name, r in ratios.items():
         print(f"{name}: {r['ratio']:.2f}" + (f"  (target {r['target']})" if r["target"] else ""))
-    path = a.json or default_json(NAME, device)
-    payload = {"benchmark": NAME, "machine": machine, "setting": setting, "dtype": "float32",
-               "ratios": ratios, "check_max_rel_err": checks, "rows": rows}
-    write_json(path, payload)
     png = os.path.splitext(path)[0] + ".png"
     loglog_plot(rows, "groups", "ms", lambda r: f"{r['impl']} {r['objective']}",
                 f"DC per-group gradients, C={a.classes} x {per_class}, ConvNet w{a.width} d{a.depth} "
                 f"{a.image_size}px\n{machine['name']}, {machine['threads']} threads", png)
     print(f"wrote {path} and {png}")
     return rows
+
+
+def _point(a: argparse.Namespace, model: nn.Module, params: list[nn.Parameter], g: int, per_class: int,
+           gen: torch.Generator, device: str, base: dict, rows: list[dict], checks: dict) -> None:
+    """One G: the fp32 check, then every implementation timed (fastfair at ``a.precision``)."""
+    batches = [make_batch(a.classes, per_class, g, a.image_size, gen, device) for _ in range(3)]
+    errs, check_ms = check_point(model, params, batches[0], a.classes, g, device)
+    checks[str(g)] = errs
+    cells = []
+    for impl in IMPLS:
+        for obj in OBJECTIVES:
+            fn = FNS[(impl, obj)]
+            if impl == "loop" and check_ms[(impl, obj)] > a.loop_budget * 1e3:
+                ts = [check_ms[(impl, obj)]]  # too slow to repeat: its check call, already timed
+            elif impl == "loop":
+                ts = samples_ms(lambda i: fn(model, params, batches[i % 3], a.classes, g), device=device,
+                                warmup=1, repeats=min(3, a.repeats))
+            else:
+                with wgrad.weight_grad_precision(a.precision), ops.validate_ids(False):
+                    ts = samples_ms(lambda i: fn(model, params, batches[i % 3], a.classes, g), device=device,
+                                    warmup=2, repeats=a.repeats)
+            ms = statistics.median(ts)
+            rows.append({"impl": impl, "objective": obj, "groups": g, "ms": ms, "samples": len(ts), **base})
+            cells.append(f"{ms:18.2f}")
+    print(f"{g:>5} " + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

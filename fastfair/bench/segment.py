@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .timing import check_device, copy_bandwidth_gbs, default_json, describe_machine, loglog_plot, time_call_ms, write_json
+from .timing import (check_device, copy_bandwidth_gbs, default_json, describe_machine, loglog_plot, stopped_cleanly,
+                     time_call_ms, write_json)
 
 NAME = "segment_ops"
 FULL_GROUPS = [1, 2, 4, 16, 100, 1000, 10_000, 100_000]
@@ -230,53 +231,86 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"segment reductions, float32 on {machine['name']}, {machine['threads']} threads, "
           f"fastfair backend {ops.backend()}" + (f", copy bandwidth {bw:.0f} GB/s" if bw else ""))
     rows: list[dict] = []
-    scatter_status = ""
-    gen = torch.Generator().manual_seed(0)
+    scatter_status = impls("mean")[1]  # the JSON says it from the first point on
+    # Inputs are drawn on the device: on a GPU a host generator plus a copy
+    # takes minutes for the 2 GB inputs of the large cases.
+    gen = torch.Generator(device=device).manual_seed(0)
     path = a.json or default_json(NAME, device)
-    for case in todo:
-        fns, scatter_status = impls(case.op)
-        n, d = case.n, case.d
-        print(f"[{case.name}] segment {case.op}, N={n} D={d}; torch_scatter: {scatter_status}", flush=True)
-        bytes_moved = n * d * 4  # the read of x dominates; outputs are G x D
-        for g in case.groups:
-            # Three input sets, rotated between calls.
-            xs = [torch.randn(n, d, generator=gen).to(device) for _ in range(3)]
-            idss = [torch.randint(0, g, (n,), generator=gen).to(device) for _ in range(3)]
-            ref = fns["fastfair"](xs[0], idss[0], g)
-            timed: dict[str, Callable[[int], object]] = {}
-            line = [f"G={g:>6}"]
-            for name, fn in fns.items():
-                if name == "loop" and g > a.loop_max_groups:
-                    line.append(f"{name}=skipped")
-                    continue
-                if name != "fastfair":
-                    _check(name, fn(xs[0], idss[0], g), ref, idss[0])
-                timed[name] = lambda i, fn=fn: fn(xs[i % 3], idss[i % 3], g)
-            samples = round_robin_ms(timed, device=device, repeats=a.repeats)
-            for name, ts in samples.items():
-                ms = statistics.median(ts)
-                row = {"case": case.name, "op": case.op, "impl": name, "groups": g, "n": n, "d": d, "ms": ms,
-                       "samples": len(ts), "device": device, "machine": machine["name"],
-                       "threads": machine["threads"], "torch": machine["torch"], "backend": ops.backend()}
-                if bw:
-                    row["gbs"] = bytes_moved / (ms * 1e-3) / 1e9
-                    row["frac_copy_bw"] = row["gbs"] / (bw / 2)  # copy bw counts read + write
-                rows.append(row)
-                line.append(f"{name}={ms:.3f}ms")
-            print("  ".join(line), flush=True)
-        # Written after every case, so a cut-off run keeps what finished.
+
+    def save() -> None:  # after every point: a cut-off run keeps what finished
         payload = {"benchmark": NAME, "machine": machine, "dtype": "float32", "torch_scatter": scatter_status,
                    "copy_bandwidth_gbs": bw, "timing": "round-robin, median", "rows": rows,
                    "cases": [c.__dict__ | {"groups": list(c.groups)} for c in todo]}
         if len(todo) == 1:
             payload |= {"n": todo[0].n, "d": todo[0].d}
         write_json(path, payload)
-        base = os.path.splitext(path)[0]
-        png = base + ".png" if len(todo) == 1 else f"{base}_{case.name}.png"
-        loglog_plot([r for r in rows if r["case"] == case.name], "groups", "ms", "impl",
-                    f"segment {case.op} N={n} D={d} ({machine['name']})", png)
+
+    with stopped_cleanly(path):
+        for case in todo:
+            scatter_status = _run_case(a, case, device, gen, bw, machine, rows, save)
+            base = os.path.splitext(path)[0]
+            png = base + ".png" if len(todo) == 1 else f"{base}_{case.name}.png"
+            loglog_plot([r for r in rows if r["case"] == case.name], "groups", "ms", "impl",
+                        f"segment {case.op} N={case.n} D={case.d} ({machine['name']})", png)
     print(f"wrote {path} and its PNGs")
     return rows
+
+
+# Back-to-back calls whose events give the GPU time of one fastfair call
+# without the host's launch and validation inside the measurement.
+_BACK_TO_BACK = 50
+
+
+def _gpu_us_back_to_back(fn: Callable[[int], object]) -> float:
+    with ops.validate_ids(False):
+        fn(0)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        for i in range(_BACK_TO_BACK):
+            fn(i)
+        b.record()
+        b.synchronize()
+    return a.elapsed_time(b) * 1e3 / _BACK_TO_BACK
+
+
+def _run_case(a: argparse.Namespace, case: Case, device: str, gen: torch.Generator, bw: float | None,
+              machine: dict, rows: list[dict], save: Callable[[], None]) -> str:
+    cuda = torch.device(device).type == "cuda"
+    fns, scatter_status = impls(case.op)
+    n, d = case.n, case.d
+    print(f"[{case.name}] segment {case.op}, N={n} D={d}; torch_scatter: {scatter_status}", flush=True)
+    bytes_moved = n * d * 4  # the read of x dominates; outputs are G x D
+    for g in case.groups:
+        # Three input sets, rotated between calls.
+        xs = [torch.randn(n, d, generator=gen, device=device) for _ in range(3)]
+        idss = [torch.randint(0, g, (n,), generator=gen, device=device) for _ in range(3)]
+        ref = fns["fastfair"](xs[0], idss[0], g)
+        timed: dict[str, Callable[[int], object]] = {}
+        line = [f"G={g:>6}"]
+        for name, fn in fns.items():
+            if name == "loop" and g > a.loop_max_groups:
+                line.append(f"{name}=skipped")
+                continue
+            if name != "fastfair":
+                _check(name, fn(xs[0], idss[0], g), ref, idss[0])
+            timed[name] = lambda i, fn=fn: fn(xs[i % 3], idss[i % 3], g)
+        samples = round_robin_ms(timed, device=device, repeats=a.repeats)
+        for name, ts in samples.items():
+            ms = statistics.median(ts)
+            row = {"case": case.name, "op": case.op, "impl": name, "groups": g, "n": n, "d": d, "ms": ms,
+                   "samples": len(ts), "device": device, "machine": machine["name"],
+                   "threads": machine["threads"], "torch": machine["torch"], "backend": ops.backend()}
+            if bw:
+                row["gbs"] = bytes_moved / (ms * 1e-3) / 1e9
+                row["frac_copy_bw"] = row["gbs"] / (bw / 2)  # copy bw counts read + write
+            if cuda and name == "fastfair":
+                row["gpu_us_back_to_back"] = _gpu_us_back_to_back(timed[name])
+            rows.append(row)
+            line.append(f"{name}={ms:.3f}ms")
+        print("  ".join(line), flush=True)
+        save()
+    return scatter_status
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import ops, wgrad
 from ..data import BiasedDataset
 from ..distill import rng
 from ..distill.context import RunContext, build_context
@@ -99,7 +99,7 @@ from .step_config import DATASETS, IMPLS, METHODS, Scale, base_dataset, depth_fo
 from .step_loops import loop_dc_step, loop_dm_step
 from .step_memory import PeakMeter, cpu_too_big, free_cache, is_oom
 from .step_report import label, plot, ratios, summary
-from .timing import check_device, default_json, describe_machine, samples_ms, write_json
+from .timing import check_device, default_json, describe_machine, samples_ms, stopped_cleanly, write_json
 
 # The pieces live in step_config (sizes, datasets, configs), step_loops (the
 # reference-style loops), step_memory (peak memory, OOM guards) and
@@ -156,7 +156,8 @@ def grad_check(loop: Step, fast: Step, images: Tensor) -> tuple[bool, float]:
 
 def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real_groups: Tensor | None,
                scale: Scale, device: torch.device, repeats: int, cobra_warmup: int, meter: PeakMeter,
-               common: dict, skip_loop: bool = False, memory_only: bool = False) -> list[dict]:
+               common: dict, skip_loop: bool = False, memory_only: bool = False,
+               precision: str = "fp32") -> list[dict]:
     size = base.image_size
     ds_g = with_groups(base, groups, real_groups)
     ds_1 = with_groups(base, 1, None)
@@ -219,8 +220,9 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
             row["peak_note"] = meter.reason
         if skip is None:
             try:
-                _call(step, images, buf, 0)  # warm-up (kernels, caches, lazy init)
-                row["peak_mb"], row["base_mb"] = meter.measure(lambda: _call(step, images, buf, 1))
+                with wgrad.weight_grad_precision(precision):
+                    _call(step, images, buf, 0)  # warm-up (kernels, caches, lazy init)
+                    row["peak_mb"], row["base_mb"] = meter.measure(lambda: _call(step, images, buf, 1))
                 timed.append((row, step))
             except Exception as e:  # noqa: BLE001
                 if not is_oom(e):
@@ -231,7 +233,8 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
         row.update(common)
         rows.append(row)
     if not memory_only:
-        _time_interleaved(timed, images, buf, device, repeats)
+        with wgrad.weight_grad_precision(precision):
+            _time_interleaved(timed, images, buf, device, repeats)
     for row in rows:
         ms = "-" if row["ms"] is None else f"{row['ms']:.2f} ms"
         mb = "-" if row["peak_mb"] is None else f"{row['peak_mb']:.1f} MB"
@@ -318,7 +321,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "check and no timing (ms is null); for scales where each step takes minutes")
     p.add_argument("--dc-block-classes", type=int, default=None,
                    help="DC: classes matched per block in the fastfair rows (DistillConfig.dc_block_classes; "
-                        "default: the driver's max(1, C // G); C = one block, the fewest network passes)")
+                        "default: the driver's rule, as many as the free memory allows; C = one block, the fewest "
+                        "network passes)")
+    p.add_argument("--precision", default="fp32", choices=wgrad.PRECISIONS,
+                   help="CUDA weight-gradient path of the timed and memory steps (the loop-vs-fastfair gradient "
+                        "check runs in fp32); no effect on CPU")
     p.add_argument("--classes", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--image-size", type=int, default=None, help=argparse.SUPPRESS)
@@ -362,27 +369,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
           + (f" -- unavailable: {meter.reason}" if meter.reason else ""))
 
     rows: list[dict] = []
-    for dataset in datasets:
-        scale = scales[dataset]
-        base = base_dataset(dataset, scale, device)
-        real_groups = base.train.groups if dataset == "cdigits-fg" else None
-        print(f"{dataset}: {base.num_classes} classes, {base.image_size} px, real batch {scale.batch}/class, "
-              f"ConvNet width {scale.width} depth {depth_for(base.image_size)}, IPC {scale.ipc}", flush=True)
-        for method in a.methods:
-            for g in a.groups:
-                rows += _sweep_one(dataset, method, g, base, real_groups, scale, device, repeats, a.cobra_warmup,
-                                   meter, common, skip_loop=a.skip_loop, memory_only=a.memory_only)
-        del base
-        free_cache(device)
-
     path = a.json or default_json(NAME, device_name)
     settings = {**{d: dataclasses.asdict(scales[d]) for d in datasets}, "repeats": repeats,
                 "cobra_warmup_epochs": a.cobra_warmup, "dtype": "float32", "quick": quick, "real_chunk": a.real_chunk,
                 "dc_block_classes": a.dc_block_classes, "skip_loop": a.skip_loop,
-                "memory_only": a.memory_only}
-    payload = {"benchmark": NAME, "machine": machine, "settings": settings, "peak_method": meter.method,
-               "peak_unavailable": meter.reason, "ratios": ratios(rows), "rows": rows}
-    write_json(path, payload)
+                "memory_only": a.memory_only, "precision": a.precision}
+    points = len(datasets) * len(a.methods) * len(a.groups)
+
+    def save(done: int) -> None:  # after every point: a cut-off run keeps what finished
+        write_json(path, {"benchmark": NAME, "machine": machine, "settings": settings, "peak_method": meter.method,
+                          "peak_unavailable": meter.reason, "ratios": ratios(rows), "complete": done == points,
+                          "rows": rows})
+
+    done = 0
+    with stopped_cleanly(path):
+        for dataset in datasets:
+            scale = scales[dataset]
+            base = base_dataset(dataset, scale, device)
+            real_groups = base.train.groups if dataset == "cdigits-fg" else None
+            print(f"{dataset}: {base.num_classes} classes, {base.image_size} px, real batch {scale.batch}/class, "
+                  f"ConvNet width {scale.width} depth {depth_for(base.image_size)}, IPC {scale.ipc}", flush=True)
+            for method in a.methods:
+                for g in a.groups:
+                    rows += _sweep_one(dataset, method, g, base, real_groups, scale, device, repeats,
+                                       a.cobra_warmup, meter, common, skip_loop=a.skip_loop,
+                                       memory_only=a.memory_only, precision=a.precision)
+                    done += 1
+                    save(done)
+            del base
+            free_cache(device)
     stem = os.path.splitext(path)[0]
     pngs = []
     for dataset in datasets:

@@ -4,12 +4,14 @@ events and an L2 flush on CUDA, inputs rotated so caches do not flatter
 description, JSON output and log-log plots."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -137,6 +139,26 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     ms = median_ms(lambda i: dst.copy_(src), device=device, repeats=10)
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def stopped_cleanly(path: str) -> Iterator[None]:
+    """Run a benchmark that writes ``path`` after every point: SIGTERM (the GPU
+    script's stage timeout) is turned into KeyboardInterrupt like Ctrl-C, and
+    either ends the benchmark with exit code 130 and one line saying that the
+    points finished so far are in ``path``, instead of a traceback."""
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"stopped; the points finished so far are in {path}", flush=True)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def write_json(path: str, payload: object) -> None:

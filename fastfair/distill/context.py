@@ -5,7 +5,7 @@ training a network on the synthetic set).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,9 @@ class RunContext:
     dec_labels: Tensor            # decoded synthetic labels, on device
     rank: int
     world_size: int
+    # Per-run decisions that must not change while the run goes on (e.g. the
+    # DC class blocking, distill.dc.auto_block_classes).
+    cache: dict = field(default_factory=dict)
 
     @property
     def num_segments(self) -> int:

@@ -6,9 +6,9 @@ One outer iteration: a fresh network; ``outer_loop`` times: synthetic
 per-class gradients with a graph (``class_gradients``); real per-segment
 gradients (segment = class * G + group) from one forward and one backward over
 the real rows of a block of classes (``fastfair.pergroup.segment_gradients``;
-one block of all classes when G = 1 or the objective is vanilla (its
-target is the class gradient: segments = classes), else max(1, C // G) classes, so at most
-max(C, G) segments' gradients are alive), each block's part of the
+as many classes per block as the memory free allows (:func:`block_classes`):
+one block of all classes whenever the C x G segment gradients fit, which is
+every C-MNIST-sized run), each block's part of the
 objective's ``dc_matching_loss`` differentiated at once; one backward through
 the synthetic graph, one SGD step on the images; between matching
 steps the network trains ``inner_loop`` epochs on the detached synthetic set
@@ -67,10 +67,56 @@ def _global_segment_means(grads: tuple[Tensor, ...], seg: Tensor, num_segments: 
     return tuple(out), counts
 
 
-def block_classes(cfg_block: int | None, num_classes: int, num_groups: int) -> int:
-    """Classes matched per block: ``cfg_block``, or max(1, C // G), so a block
-    holds at most max(C, G) segments' gradients (vanilla holds C)."""
-    return cfg_block or max(1, num_classes // max(1, num_groups))
+# Copies of a segment's gradient alive while a block is matched: the
+# gradients segment_gradients returns, their detached (global) means, and the
+# matching loss's temporaries (normalised rows and their products); measured
+# in benchmarks/NOTES.md ("DC class blocking").
+LIVE_COPIES = 4
+# The share of the free memory a block's segment gradients may take: the rest
+# stays for the synthetic graph, the chunked forward/backward and the allocator.
+MEMORY_SHARE = 0.25
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Bytes free on ``device`` now: the CUDA allocator's view of the GPU
+    (cudaMemGetInfo), or the kernel's MemAvailable on a CPU (4 GiB where it
+    cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
+
+
+def block_classes(cfg_block: int | None, num_classes: int, num_groups: int, param_bytes: int,
+                  free_bytes: int) -> int:
+    """Classes matched per block: ``cfg_block`` when set, else as many as
+    fit: a class's G segment gradients take ``G * param_bytes * LIVE_COPIES``
+    bytes, and a block may use ``MEMORY_SHARE`` of ``free_bytes``. One block
+    when everything fits (C = G = 10 at width 128: 0.5 GB), at least one class."""
+    if cfg_block:
+        return cfg_block
+    per_class = max(1, num_groups) * max(1, param_bytes) * LIVE_COPIES
+    return max(1, min(num_classes, int(free_bytes * MEMORY_SHARE) // per_class))
+
+
+def auto_block_classes(ctx: RunContext, net: nn.Module, num_groups: int) -> int:
+    """:func:`block_classes` for this run's network and device (the free
+    memory is read once per run: the blocking, hence the order of the
+    floating-point sums, stays fixed while it runs)."""
+    if ctx.cfg.dc_block_classes:
+        return ctx.cfg.dc_block_classes
+    key = ("dc_block_classes", num_groups)
+    if key not in ctx.cache:
+        param_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+        ctx.cache[key] = block_classes(None, ctx.num_classes, num_groups, param_bytes,
+                                       free_memory_bytes(ctx.device))
+    return ctx.cache[key]
 
 
 def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Tensor, seg: Tensor, G: int,
@@ -96,7 +142,7 @@ def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Ten
 
     cfg = ctx.cfg
     C = ctx.num_classes
-    per = block_classes(cfg.dc_block_classes, C, G)
+    per = auto_block_classes(ctx, net, G)
     leaves = [g.detach().requires_grad_(True) for g in syn_grads]
     starts = [0]
     for n in sizes:  # the real batch is class-major
