@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -394,13 +395,11 @@ def _check_out_dir(path: str, flag: str = "--out") -> None:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    from .distill import outdir
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = (json.dumps(obj, indent=2) + "\n").encode()
+    outdir.atomic_write(path, lambda f: f.write(text))
 
 
 # --------------------------------------------------------------------------- commands
@@ -445,8 +444,12 @@ def cmd_distill(a: argparse.Namespace) -> int:
     _check_network(a.eval_model, "--eval-model")
     # Under torchrun: join the group, and destroy it however the run ends (a
     # group that the caller set up before calling main() is left alone).
-    if a.tensorboard:
-        _check_out_dir(a.tensorboard, "--tensorboard")
+    if a.tensorboard is not None:
+        if not a.tensorboard.strip():
+            raise UsageError("--tensorboard needs a directory (got an empty name)")
+        # Proven writable before any work: tensorboard's writer thread would
+        # only fail after the data are loaded, with its own traceback.
+        outdir.check_writable_dir(a.tensorboard, "--tensorboard")
     writer_class = _tensorboard_writer_class() if a.tensorboard else None
     # The lock first: a second run into --out fails before it loads anything.
     with outdir.main_rank_lock(a.out), dist.process_group(device=a.device), contextlib.ExitStack() as stack:
@@ -600,7 +603,14 @@ def cmd_export(a: argparse.Namespace) -> int:
     sp = _synset_path(a.path)
     syn = _read_synset(sp)
     here = os.path.dirname(os.path.abspath(sp))
-    n, c = int(syn["labels"].numel()), int(syn.get("num_classes") or int(syn["labels"].max()) + 1)
+    n = int(syn["labels"].numel())
+    if n == 0:
+        raise UsageError(f"{sp} holds no synthetic images; nothing to export")
+    lo, hi = int(syn["labels"].min()), int(syn["labels"].max())
+    c = int(syn.get("num_classes") or hi + 1)
+    if lo < 0 or hi >= c or c > n:
+        raise UsageError(f"{sp}: labels span [{lo}, {hi}] for {c} classes and {n} images; not a synthetic set "
+                         "fastfair wrote")
     cfg = syn.get("config", {})
     name = export.dc_filename(cfg, int(cfg.get("ipc") or n // max(c, 1)))
     if a.out is None:
@@ -649,7 +659,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .distill import outdir
-    from .distill.demo import run_demo
+    from .distill.demo import CellsStopped, run_demo
 
     _check_device(a.device)
     outdir.check_writable_dir(a.out)
@@ -660,8 +670,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if a.jobs is not None and a.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {a.jobs}")
     tiny = a.tiny or os.environ.get("FASTFAIR_DEMO_TINY", "") not in ("", "0")
-    run_demo(out_dir=a.out, json_path=a.json, device=a.device, seed=a.seed, tiny=tiny, with_dc=not a.no_dc,
-             progress=not a.no_progress, threads=a.threads, jobs=a.jobs)
+    try:
+        run_demo(out_dir=a.out, json_path=a.json, device=a.device, seed=a.seed, tiny=tiny, with_dc=not a.no_dc,
+                 progress=not a.no_progress, threads=a.threads, jobs=a.jobs)
+    except CellsStopped as stop:
+        print(f"fastfair demo: error: {stop} (the finished cells are in "
+              f"{a.json or os.path.join(a.out, 'results.json')})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -698,9 +713,17 @@ _COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "eval": cmd_eval, "export
              "reproduce": cmd_reproduce}
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM (a job scheduler, `timeout`, `kill`) ends a command as Ctrl-C
+    # does: distill saves its checkpoint, every output's temporary file is
+    # removed on the way out, exit code 130.
+    old_term = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return _COMMANDS[args.command](args)
     except (UsageError, ValueError, OSError) as exc:  # OSError: a full disk, a read-only or missing path
@@ -710,6 +733,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastfair: interrupted", file=sys.stderr)
         return EXIT_INTERRUPT
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from .choices import EXPORT_FORMATS as FORMATS  # noqa: F401  (the CLI offers these)
@@ -32,11 +33,23 @@ def family_dataset_name(name: str) -> str:
     return next((alias for alias, canon in ALIASES.items() if canon == name), name)
 
 
+def _safe(part: str) -> str:
+    """A name read from a file made safe as one path component: anything but
+    letters, digits, '.', '-', '+' becomes '_' (so '/', '..' and NUL cannot
+    lead the file out of its folder), at most 64 characters."""
+    cleaned = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9.+-]", "_", part))[:64].strip(".")
+    return cleaned or "_"
+
+
 def dc_filename(config: dict[str, Any], ipc: int) -> str:
+    """The family's file name for a synthetic set; every part taken from the
+    file's config is sanitised (:func:`_safe`): a crafted ``synset.pt`` must not
+    choose where the export is written."""
     ours = str(config.get("method", "method")).lower()
     method = "DSA" if ours == "dc" and config.get("dsa") else _FAMILY_METHOD.get(ours, ours.upper())
     dataset = family_dataset_name(str(config.get("dataset", "dataset")))
-    return f"res_{method}_{dataset}_{config.get('model', 'ConvNet')}_{ipc}ipc.pt"
+    model = str(config.get("model", "ConvNet"))
+    return f"res_{_safe(method)}_{_safe(dataset)}_{_safe(model)}_{int(ipc)}ipc.pt"
 
 
 def _accuracies(metrics_path: str) -> dict[str, list[float]]:

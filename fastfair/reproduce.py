@@ -211,12 +211,17 @@ def cell_settings(table: Table, budget: Budget, dataset: str, method: str, objec
 
 # --------------------------------------------------------------------------- running
 
+def _write_text(path: str, text: str) -> None:
+    """Through outdir.atomic_write: the old file or the new one, never half, and
+    no temporary left behind on any exit (Ctrl-C and SIGTERM included)."""
+    from .distill.outdir import atomic_write
+
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _read_json(path: str) -> Any:
@@ -227,8 +232,32 @@ def _read_json(path: str) -> Any:
         return None
 
 
-def _eval_runs_done(path: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Finished evaluation runs of this cell's settings, in run order."""
+def _bad_state(path: str, what: str) -> ValueError:
+    return ValueError(f"{path} is not {what} that fastfair reproduce wrote; move it away (or delete it) and run "
+                      "the same command again to redo that part")
+
+
+def _read_object(path: str, what: str) -> dict[str, Any] | None:
+    """A state file that must hold a JSON object: None when absent or
+    unreadable (redone), ValueError naming it when it holds something else."""
+    obj = _read_json(path)
+    if obj is not None and not isinstance(obj, dict):
+        raise _bad_state(path, what)
+    return obj
+
+
+def _previous_results(path: str) -> list[dict[str, Any]]:
+    prev = _read_object(path, "a results file") or {}
+    rows = prev.get("results", [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"dataset", "method", "objective"} <= r.keys()
+                                             for r in rows):
+        raise _bad_state(path, "a results file")
+    return rows
+
+
+def _eval_runs_done(path: str, settings: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Finished evaluation runs of this cell's settings, in run order
+    (``settings`` None: only check the file's shape)."""
     done: list[dict[str, Any]] = []
     if not os.path.isfile(path):
         return done
@@ -238,10 +267,23 @@ def _eval_runs_done(path: str, settings: dict[str, Any]) -> list[dict[str, Any]]
                 rec = json.loads(line)
             except ValueError:  # a line cut by an interrupt: that run is redone
                 break
+            if not isinstance(rec, dict) or not isinstance(rec.get("result"), dict):
+                raise _bad_state(path, "an evaluation-runs file")
             if rec.get("settings") != settings or rec.get("run") != len(done):
                 break
             done.append(rec["result"])
     return done
+
+
+def _check_state(out: str, table: Table, datasets: list[str], plan: list[tuple[str, str]]) -> None:
+    """Every state file the run would read holds what reproduce writes
+    (ValueError naming the first that does not), checked before any work."""
+    _previous_results(os.path.join(out, "results.json"))
+    for name in datasets:
+        for method, objective in plan:
+            cell_dir = os.path.join(out, name, cell_name(method, objective, table.ipc))
+            _read_object(os.path.join(cell_dir, "cell.json"), "a cell record")
+            _eval_runs_done(os.path.join(cell_dir, "eval_runs.jsonl"), None)
 
 
 def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, objective: str, out_dir: str,
@@ -257,7 +299,7 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
 
     settings = cell_settings(table, budget, dataset, method, objective, seed)
     os.makedirs(out_dir, exist_ok=True)
-    done = _read_json(os.path.join(out_dir, "cell.json"))
+    done = _read_object(os.path.join(out_dir, "cell.json"), "a cell record")
     if done is not None and done.get("settings") == settings:
         return done
     # root is recorded so that `fastfair eval CELL_DIR` finds the data again.
@@ -357,10 +399,10 @@ def reproduce(table: str, budget: str, out: str, root: str | None = None, datase
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    _check_state(out, t, dsets, plan)  # a damaged state file stops the run before any work
     records: list[dict[str, Any]] = []
-    prev = _read_json(os.path.join(out, "results.json")) or {}
-    keep = [r for r in prev.get("results", []) if r.get("dataset") not in dsets or (r["method"], r["objective"])
-            not in plan]
+    keep = [r for r in _previous_results(os.path.join(out, "results.json"))
+            if r["dataset"] not in dsets or (r["method"], r["objective"]) not in plan]
     for name in dsets:
         log(f"[reproduce] {table} / {name} at the {budget} budget")
         ds = data.load(name, root=root, cache=False)  # no cache: the data root may be read-only
@@ -443,10 +485,12 @@ def bar_chart(results: list[dict[str, Any]], path: str, title: str) -> None:
         ax.set_ylim(0, 105)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .distill.outdir import atomic_write
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(out: str, table: str, budget: str, results: list[dict[str, Any]], started: str,
@@ -459,10 +503,6 @@ def write_outputs(out: str, table: str, budget: str, results: list[dict[str, Any
                       "acc": v[2], "source": v[3]} for (d, i, m, o), v in PAPER.items()
                      if d in TABLES[table].datasets and i == TABLES[table].ipc]}
     _write_json(os.path.join(out, "results.json"), obj)
-    md = markdown(table, budget, results, info)
-    tmp = os.path.join(out, f"results.md.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(md)
-    os.replace(tmp, os.path.join(out, "results.md"))
+    _write_text(os.path.join(out, "results.md"), markdown(table, budget, results, info))
     bar_chart(results, os.path.join(out, "results.png"), f"fastfair reproduce {table}, {budget} budget")
     return obj

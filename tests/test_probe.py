@@ -188,6 +188,112 @@ def _no_tmp_files(tmp: Path) -> None:
     assert not left, f"temporary files left behind: {left}"
 
 
+# --------------------------------------------------------------------------- issue 25's crafted files
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h pixels, with (almost) no pixel data:
+    a few hundred bytes, as an attacker would send."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+def _utkface_with(bad_name: str, bad: bytes | None) -> Callable[[Path, Path], None]:
+    """A UTKFace folder of tiny valid images (2 per cell) plus one bad file
+    (``bad`` None: a FIFO) named like an image of a valid cell."""
+    def setup(tmp: Path, base: Path) -> None:
+        from PIL import Image
+
+        folder = tmp / "root" / "UTKFace"
+        folder.mkdir(parents=True)
+        for age in (10, 30, 50):
+            for race in range(4):
+                for k in range(3):
+                    Image.new("RGB", (8, 8), (40 * race, 9 * k, age)).save(folder / f"{age}_0_{race}_{k}.jpg")
+        if bad is None:
+            os.mkfifo(folder / bad_name)
+        else:
+            (folder / bad_name).write_bytes(bad)
+    return setup
+
+
+UTK = ["distill", "--dataset", "utkface", "--root", "{tmp}/root", "--data-option", "n_test_per_cell=1",
+       "--data-option", "image_size=8", "--ipc", "1", "--width", "8", "--depth", "1", "--batch-real", "2",
+       "--iterations", "1", "--no-progress", "--device", "cpu", "--out", "{tmp}/o"]
+
+
+def _gzip_bomb(tmp: Path, base: Path) -> None:
+    """train-images-idx3-ubyte.gz whose header claims 60000 x 28 x 28 but
+    whose body decompresses to 4 GiB of zeros (streamed: the test itself
+    never holds it)."""
+    import gzip
+    import struct
+
+    _mnist(tmp)
+    raw = tmp / "root" / "MNIST" / "raw"
+    for f in raw.glob("train-images*"):
+        f.unlink()
+    with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(struct.pack(">HBB3I", 0, 8, 3, 5_000_000, 28, 28))  # 3.9 GB claimed: over the cap
+        zeros = b"\x00" * (1 << 20)
+        for _ in range(64):  # 64 MB written: enough to show nothing is decompressed in full
+            f.write(zeros)
+
+
+def _synset_with(**over: object) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, base: Path) -> None:
+        import torch
+
+        syn = torch.load(base / "synset.pt", weights_only=True)
+        for k, v in over.items():
+            if k == "model":
+                syn["config"]["model"] = v
+            else:
+                syn[k] = v
+        (tmp / "syn").mkdir()
+        torch.save(syn, tmp / "syn" / "synset.pt")
+    return setup
+
+
+def _nothing_outside(tmp: Path) -> None:
+    made = sorted(p.name for p in tmp.iterdir())
+    assert made == ["exp", "syn"], f"written outside --out: {made}"
+    assert [p.name for p in (tmp / "exp").iterdir()] and all(".." not in p.name for p in (tmp / "exp").iterdir())
+
+
+def _reproduce_state(name: str, text: str) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, base: Path) -> None:
+        cell = tmp / "rep" / "cdigits-fg" / "dm_vanilla_ipc10"
+        cell.mkdir(parents=True)
+        target = tmp / "rep" / name if name == "results.json" else cell / name
+        target.write_text(text)
+    return setup
+
+
+REPRODUCE = ["reproduce", "--table", "cdigits", "--budget", "tiny", "--datasets", "cdigits-fg", "--cells",
+             "dm:vanilla", "--out", "{tmp}/rep", "--device", "cpu"]
+
+_TORCH_DISK_FULL = """
+import sys, torch
+real = torch.save
+def save(obj, f, *a, **kw):
+    if hasattr(f, "write"):
+        f.write(b"x" * 4096)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 4032")
+    return real(obj, f, *a, **kw)
+torch.save = save
+from fastfair import cli
+sys.exit(cli.main({argv!r}))
+"""
+
+
 # --------------------------------------------------------------------------- Python rows
 
 _DISK_FULL = """
@@ -324,7 +430,63 @@ CASES = [
          err=("meta",), other="kern (13.3)"),
     Case("raw-op-dilation-2**63-1", code=_op(_OPS["raw-op-dilation-2**63-1"]), rc=1,
          exc=("RuntimeError", "ValueError"), other="kern (13.3)"),
+    # issue 25
+    Case("export-path-traversal", ["export", "{tmp}/syn", "--out", "{tmp}/exp/"], rc=0,
+         setup=_synset_with(model="/../../../../x/pwn"), check=_nothing_outside),
+    Case("export-empty-set", ["export", "{tmp}/syn", "--out", "{tmp}/exp/"], err=("synset.pt",),
+         setup=lambda tmp, base: _synset_empty(tmp, base)),
+    Case("export-labels-1e12", ["export", "{tmp}/syn", "--out", "{tmp}/exp/"], err=("synset.pt",),
+         setup=lambda tmp, base: _synset_labels(tmp, base, 10 ** 12)),
+    Case("disk-full-torch-writer", code=_TORCH_DISK_FULL.format(argv=[*DISTILL[:-2], "--checkpoint-every", "1",
+                                                                     "--out", "{tmp}/run"]),
+         err=("cannot write", "checkpoint.pt", "disk full"), check=_no_tmp_files),
+    Case("utkface-bomb-png", UTK, err=("10_0_0_9.jpg", "decompression bomb"),
+         setup=_utkface_with("10_0_0_9.jpg", _png_header(20000, 20000))),
+    Case("utkface-2e6x1-png", UTK, err=("10_0_0_9.jpg", "elongated"),
+         setup=_utkface_with("10_0_0_9.jpg", _png_header(2_000_000, 1))),
+    Case("utkface-fifo", UTK, rc=0, setup=_utkface_with("10_0_0_9.jpg", None)),
+    Case("mnist-gzip-bomb", ["distill", "--dataset", "cmnist-fg", "--root", "{tmp}/root", "--out", "{tmp}/o",
+                             "--iterations", "1", "--no-progress"], err=("train-images-idx3-ubyte.gz", "header says"),
+         setup=_gzip_bomb),
+    Case("celeba-attr-one-line", ["distill", "--dataset", "celeba", "--root", "{tmp}/root", "--out", "{tmp}/o",
+                                  "--iterations", "1", "--no-progress"], err=("list_attr_celeba.txt", "line"),
+         setup=lambda tmp, base: _celeba_attr(tmp, "3\n")),
+    Case("celeba-attr-bad-int", ["distill", "--dataset", "celeba", "--root", "{tmp}/root", "--out", "{tmp}/o",
+                                 "--iterations", "1", "--no-progress"], err=("list_attr_celeba.txt, line 3",),
+         setup=lambda tmp, base: _celeba_attr(tmp, "1\nAttractive Male\n000001.jpg 1 x\n")),
+    *[Case(f"reproduce-{name.split('.')[0]}-wrong-shape", REPRODUCE, err=(name, "move it away"),
+           setup=_reproduce_state(name, text))
+      for name, text in [("cell.json", "[1, 2]"), ("results.json", '{"results": [1]}'),
+                         ("eval_runs.jsonl", "1\n")]],
+    # (a read-only folder cannot be made here: the tests may run as root, whom no mode stops)
+    Case("tensorboard-unwritable", [*DISTILL[:-2], "--out", "{tmp}/run", "--tensorboard", "{tmp}/f/tb"],
+         err=("--tensorboard", "not a directory"), setup=lambda tmp, base: (tmp / "f").write_text("x")),
+    Case("tensorboard-empty", [*DISTILL[:-2], "--out", "{tmp}/run", "--tensorboard", ""],
+         err=("--tensorboard needs a directory",)),
 ]
+
+
+def _synset_empty(tmp: Path, base: Path) -> None:
+    import torch
+
+    _synset_with(images=torch.empty(0, 3, 32, 32), labels=torch.empty(0, dtype=torch.long))(tmp, base)
+
+
+def _synset_labels(tmp: Path, base: Path, value: int) -> None:
+    import torch
+
+    syn = torch.load(base / "synset.pt", weights_only=True)
+    labels = syn["labels"].clone()
+    labels[-1] = value
+    _synset_with(labels=labels)(tmp, base)
+
+
+def _celeba_attr(tmp: Path, text: str) -> None:
+    folder = tmp / "root" / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    (folder / "list_attr_celeba.txt").write_text(text)
+    (folder / "list_eval_partition.txt").write_text("000001.jpg 0\n")
+
 
 
 def _fill(obj: object, tmp: Path, base: Path) -> object:

@@ -40,14 +40,30 @@ CELEBA_FILES = ("list_attr_celeba.txt", "list_eval_partition.txt")
 
 
 def _read_attributes(path: str) -> tuple[list[str], dict[str, list[int]]]:
-    with open(path) as f:
-        lines = f.read().splitlines()
+    """list_attr_celeba.txt: a count line, a line of attribute names, then one
+    line per image (file name and one +-1 per attribute). A damaged file is a
+    ValueError naming it and the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
+    if len(lines) < 2:
+        raise ValueError(f"{path}: {len(lines)} line(s); an attribute file starts with a count line and a line of "
+                         "attribute names")
     names = lines[1].split()
     rows = {}
-    for line in lines[2:]:
+    for no, line in enumerate(lines[2:], start=3):
         parts = line.split()
-        if parts:
-            rows[parts[0]] = [int(v) for v in parts[1:]]
+        if not parts:
+            continue
+        try:
+            values = [int(v) for v in parts[1:]]
+        except ValueError:
+            raise ValueError(f"{path}, line {no}: attribute values must be integers, got {line[:80]!r}") from None
+        if len(values) != len(names):
+            raise ValueError(f"{path}, line {no}: {len(values)} values for {len(names)} attributes")
+        rows[parts[0]] = values
     return names, rows
 
 

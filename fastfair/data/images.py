@@ -42,15 +42,43 @@ def _resize_shorter(im, size: int):  # noqa: ANN001, ANN202
     return im.resize(new, Image.BILINEAR)
 
 
+# What an image of a face or object dataset can be: anything larger, or more
+# elongated, is refused from its header before a pixel is decoded (a 321-byte
+# PNG can claim 2,000,000 x 1 pixels, whose resize allocates 25 GB).
+MAX_PIXELS = 1 << 26  # 64 Mpx: 8192 x 8192
+MAX_ASPECT = 16
+
+
+def _check_geometry(w: int, h: int) -> None:
+    if w < 1 or h < 1:
+        raise ValueError(f"an image of {w}x{h} pixels")
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{w}x{h} pixels is more than the {MAX_PIXELS} this loader decodes (a decompression bomb?)")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ValueError(f"{w}x{h} pixels is more elongated than 1:{MAX_ASPECT}; not a dataset image")
+
+
 def _load(path: str, size: int, crop: int | None) -> np.ndarray:
+    """One image, decoded and resized; every failure (not a regular file, a
+    damaged or truncated file, an absurd size) is a ValueError naming it."""
+    import stat
+
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if crop is not None:
-            im = _centre_crop(im, crop)
-        im = _centre_crop(_resize_shorter(im, size), size)
-        return np.asarray(im, dtype=np.uint8)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block open() forever
+            raise ValueError("not a regular file")
+        with Image.open(path) as im:  # reads the header only
+            _check_geometry(*im.size)
+            im = im.convert("RGB")
+            if crop is not None:
+                im = _centre_crop(im, crop)
+            im = _centre_crop(_resize_shorter(im, size), size)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"{path}: cannot use this image ({reason})") from None
 
 
 def read_images(paths: Sequence[str], size: int, crop: int | None = None, workers: int | None = None,
@@ -85,4 +113,6 @@ def list_images(folder: str, recursive: bool = False) -> list[str]:
             found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
     else:
         found = [os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
+    # Only regular files (symlinks to them included): a FIFO or a device named
+    # like an image would hang the decoder.
+    return sorted(p for p in found if os.path.isfile(p))

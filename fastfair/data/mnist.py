@@ -51,33 +51,46 @@ CLASS_NAMES = {
 }
 
 
+# The largest IDX body read (MNIST's train images are 47 MB): the header's
+# claim is checked against it before a byte of the body is decompressed, so a
+# gzip bomb cannot fill the memory.
+MAX_IDX_BYTES = 1 << 30
+
+
 def read_idx(path: str, ndim: int | None = None) -> np.ndarray:
     """An IDX file (the MNIST format): a big-endian header, magic 0x0000TTNN
     with TT = 0x08 for unsigned bytes and NN the number of dimensions, NN
     uint32 sizes, then the data. Plain or gzip. A damaged file (truncated,
-    garbage, a broken .gz, ``ndim`` dimensions expected but others found) is
-    a ValueError naming it."""
+    garbage, a broken .gz, ``ndim`` dimensions expected but others found, a
+    body larger than its header says or than MAX_IDX_BYTES) is a ValueError
+    naming it. Reads at most the header's size plus one byte."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            head = f.read(4)
+            if len(head) < 4:
+                raise ValueError(f"{path}: not an IDX file (too short)")
+            zero, dtype, nd = struct.unpack(">HBB", head)
+            if zero != 0 or dtype != 0x08:
+                raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {head.hex()})")
+            if ndim is not None and nd != ndim:
+                raise ValueError(f"{path}: an IDX file of {nd} dimensions, expected {ndim}")
+            sizes = f.read(4 * nd)
+            if len(sizes) < 4 * nd:
+                raise ValueError(f"{path}: truncated IDX header ({4 + len(sizes)} bytes for {nd} dimensions)")
+            dims = struct.unpack(f">{nd}I", sizes)
+            want = math.prod(dims)
+            if want > MAX_IDX_BYTES:
+                raise ValueError(f"{path}: header says {dims} ({want} bytes), more than the {MAX_IDX_BYTES} "
+                                 "an MNIST-family file holds")
+            data = f.read(want + 1)
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise ValueError(f"{path}: cannot read ({type(exc).__name__}: {exc}); the file is damaged, "
                          "delete it and fetch it again") from None
-    if len(data) < 4:
-        raise ValueError(f"{path}: not an IDX file (too short)")
-    zero, dtype, nd = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
-    if ndim is not None and nd != ndim:
-        raise ValueError(f"{path}: an IDX file of {nd} dimensions, expected {ndim}")
-    if len(data) < 4 + 4 * nd:
-        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes for {nd} dimensions)")
-    dims = struct.unpack(f">{nd}I", data[4:4 + 4 * nd])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * nd)
-    if body.size != math.prod(dims):
-        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes (truncated or damaged)")
-    return body.reshape(dims)
+    if len(data) != want:
+        raise ValueError(f"{path}: header says {dims} but holds {'more than ' if len(data) > want else ''}"
+                         f"{min(len(data), want)} bytes (truncated or damaged)")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _find(raw_dir: str, stem: str) -> str | None:

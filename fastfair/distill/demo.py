@@ -8,6 +8,7 @@ budgets and the network width are cut.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -154,38 +155,89 @@ def _run_cells(plan: list[tuple[str, str]], p: dict[str, Any], seed: int, dev: t
     """The rows of ``plan`` in plan order: in this process (``jobs`` 1, on
     ``ds``) or in ``jobs`` spawned workers of ``threads`` threads each."""
     if jobs <= 1:
-        rows = []
-        for method, objective in plan:
-            rows.append(_run_cell(method, objective, p, seed, str(dev), out_dir, progress, threads, ds))
-            _print_row(rows[-1])
-        return rows
+        done: list[dict[str, Any]] = []
+        try:
+            for method, objective in plan:
+                done.append(_run_cell(method, objective, p, seed, str(dev), out_dir, progress, threads, ds))
+                _print_row(done[-1])
+        except KeyboardInterrupt:
+            raise CellsStopped(done, [f"{m}+{o}" for m, o in plan[len(done):]], "interrupted") from None
+        return done
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     from tqdm import tqdm
 
     # spawn, not fork: a forked child of a process with OpenMP threads can hang.
     rows: dict[int, dict[str, Any]] = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        # Longest first (DM+COBRA, whose warm-up doubles a DM step, then DM, then DC), so that no
-        # worker is left with a long cell at the end.
-        order = sorted(range(len(plan)), key=lambda i: (plan[i] != ("dm", "cobra"), plan[i][0] != "dm", i))
-        futures = {pool.submit(_run_cell, *plan[i], p, seed, str(dev), out_dir, False, threads): i
-                   for i in order}
-        bar = tqdm(total=len(plan), desc=f"demo cells ({jobs} processes)", unit="cell", disable=not progress,
-                   file=sys.stderr)
-        try:
-            for fut in as_completed(futures):
-                rows[futures[fut]] = fut.result()
-                bar.update(1)
-                _print_row(rows[futures[fut]])
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
-        finally:
-            bar.close()
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_ignore_sigint)
+    # Longest first (DM+COBRA, whose warm-up doubles a DM step, then DM, then DC), so that no
+    # worker is left with a long cell at the end.
+    order = sorted(range(len(plan)), key=lambda i: (plan[i] != ("dm", "cobra"), plan[i][0] != "dm", i))
+    futures = {pool.submit(_run_cell, *plan[i], p, seed, str(dev), out_dir, False, threads): i for i in order}
+    bar = tqdm(total=len(plan), desc=f"demo cells ({jobs} processes)", unit="cell", disable=not progress,
+               file=sys.stderr)
+
+    def unfinished() -> list[str]:
+        return [f"{m}+{o}" for i, (m, o) in enumerate(plan) if i not in rows]
+
+    try:
+        for fut in as_completed(futures):
+            rows[futures[fut]] = fut.result()
+            bar.update(1)
+            _print_row(rows[futures[fut]])
+    except BrokenProcessPool:
+        _stop_workers(pool)
+        raise CellsStopped([rows[i] for i in sorted(rows)], unfinished(),
+                           "a worker process died (killed, or out of memory)") from None
+    except BaseException as exc:  # Ctrl-C, SIGTERM: stop every worker now, keep what finished
+        _stop_workers(pool)
+        if isinstance(exc, KeyboardInterrupt):
+            raise CellsStopped([rows[i] for i in sorted(rows)], unfinished(), "interrupted") from exc
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
     return [rows[i] for i in range(len(plan))]
+
+
+class CellsStopped(Exception):
+    """The demo ended before every cell finished: ``rows`` are the finished
+    cells, ``unfinished`` the others' names, ``reason`` why."""
+
+    def __init__(self, rows: list[dict[str, Any]], unfinished: list[str], reason: str) -> None:
+        super().__init__(f"{reason}; unfinished cells: {', '.join(unfinished)}")
+        self.rows, self.unfinished, self.reason = rows, unfinished, reason
+
+
+def _ignore_sigint() -> None:
+    # Workers leave Ctrl-C to the parent, which stops them (no traceback per worker).
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool: Any) -> None:
+    """Cancel the queued cells and terminate the running ones at once (a
+    shutdown would wait for them)."""
+    procs = list(getattr(pool, "_processes", {}).values())  # no public handle on the workers
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=10)
+
+
+def _write_results(path: str, obj: dict[str, Any]) -> None:
+    from .outdir import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = (json.dumps(obj, indent=2) + "\n").encode()
+    atomic_write(path, lambda f: f.write(text))
 
 
 def run_demo(out_dir: str = ".", json_path: str | None = None, device: str | None = None, seed: int = 0,
@@ -212,7 +264,18 @@ def run_demo(out_dir: str = ".", json_path: str | None = None, device: str | Non
               f"{describe(p)}")
     print(header, flush=True)
     t_all = time.perf_counter()
-    rows = _run_cells(plan, p, seed, dev, out_dir, progress, threads, jobs, ds)
+    path = json_path or os.path.join(out_dir, "results.json")
+    try:
+        rows = _run_cells(plan, p, seed, dev, out_dir, progress, threads, jobs, ds)
+    except CellsStopped as stop:
+        # The finished cells are not lost: written with the unfinished ones named.
+        _write_results(path, {"dataset": DATASET, "ipc": IPC, "protocol": {"summary": describe(p), **p},
+                              "device": str(dev), "jobs": jobs, "threads": n_threads, "seed": seed,
+                              "results": stop.rows, "unfinished": stop.unfinished, "stopped": stop.reason})
+        if stop.reason == "interrupted":
+            print(f"fastfair demo: interrupted; {len(stop.rows)} finished cell(s) in {path}", file=sys.stderr)
+            raise KeyboardInterrupt from None
+        raise
     total = time.perf_counter() - t_all
     print()
     print(format_table(rows, title=f"{DATASET}, IPC {IPC}, {p['name']} protocol (mean +- std over "
@@ -221,13 +284,7 @@ def run_demo(out_dir: str = ".", json_path: str | None = None, device: str | Non
     out = {"dataset": DATASET, "ipc": IPC, "protocol": {"summary": describe(p), **p}, "device": str(dev),
            "jobs": jobs, "threads": n_threads,
            "seed": seed, "total_seconds": round(total, 2), "results": rows}
-    path = json_path or os.path.join(out_dir, "results.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    _write_results(path, out)
     bar_chart(rows, os.path.join(out_dir, "metrics.png"), f"{DATASET}, IPC {IPC}, {p['name']} protocol")
     print(f"results in {path}; grids and metrics.png in {os.path.abspath(out_dir)}", file=sys.stderr)
     return out

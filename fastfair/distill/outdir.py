@@ -36,6 +36,9 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        # mkstemp makes 0600; the output gets the mode any other tool's file
+        # would (0666 less the umask), so colleagues on a shared folder can read it.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -44,10 +47,33 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     except OSError as exc:
         kept = " (the previous file is kept)" if os.path.exists(path) else ""
         raise OutputError(exc.errno or errno.EIO, f"cannot write {path}: {_reason(exc)}{kept}") from exc
+    except RuntimeError as exc:
+        # torch.save's zip writer turns ENOSPC / EIO into a RuntimeError
+        # ("[enforce fail at inline_container.cc] unexpected pos ...").
+        if not _is_torch_write_error(exc):
+            raise
+        kept = " (the previous file is kept)" if os.path.exists(path) else ""
+        raise OutputError(errno.EIO, f"cannot write {path}: torch's writer failed "
+                                     f"({_first_line(exc)}); is the disk full?{kept}") from exc
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _is_torch_write_error(exc: RuntimeError) -> bool:
+    msg = str(exc)
+    return any(k in msg for k in ("inline_container", "PytorchStreamWriter", "unexpected pos", "file write failed"))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def check_writable_dir(path: str, flag: str = "--out") -> None:
