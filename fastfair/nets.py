@@ -288,6 +288,18 @@ def get_network(name: str, channels: int, num_classes: int, image_size: int, wid
     for what, v in (("channels", channels), ("num_classes", num_classes), ("image_size", image_size)):
         if int(v) < 1:
             raise ValueError(f"{what} must be >= 1, got {v}")
+    if key in ("convnet", "vit"):  # the networks whose size the options set
+        from .sizes import check_fits
+
+        w, d = int(width), int(depth)
+        if w < 1 or d < 1:
+            raise ValueError(f"width and depth must be >= 1, got {width}, {depth}")
+        # Weights (3x3 convs or transformer blocks ~ 12 w^2 per layer) and the
+        # classifier, float32; the activations of one image at full resolution.
+        params = d * 12 * w * w + w * num_classes * max(1, (image_size // 2 ** d)) ** 2 + 9 * channels * w
+        acts = w * image_size ** 2
+        check_fits(4.0 * (params + acts), f"a {name} of width {w}, depth {d} at {image_size}px "
+                                          f"({num_classes} classes)")
     try:
         return _BUILDERS[key](int(channels), int(num_classes), int(image_size), int(width), int(depth), norm,
                               pooling, **kw)

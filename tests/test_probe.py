@@ -463,6 +463,12 @@ CASES = [
          err=("--tensorboard", "not a directory"), setup=lambda tmp, base: (tmp / "f").write_text("x")),
     Case("tensorboard-empty", [*DISTILL[:-2], "--out", "{tmp}/run", "--tensorboard", ""],
          err=("--tensorboard needs a directory",)),
+    Case("width-200000", ["distill", "--dataset", "cdigits-fg", "--iterations", "1", "--width", "200000",
+                          "--no-progress", "--out", "{tmp}/o"], err=("width 200000", "memory available")),
+    *[Case(f"synthetic-{opt.split('=')[0]}-absurd", ["distill", "--dataset", "synthetic", "--data-option", opt,
+                                                      "--iterations", "1", "--no-progress", "--out", "{tmp}/o"],
+           err=("synthetic:", "memory available"))
+      for opt in ("n_per_class=100000000", "num_classes=10000000", "image_size=100000")],
 ]
 
 

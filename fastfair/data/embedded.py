@@ -92,6 +92,12 @@ def load_synthetic(bias_ratio: float, seed: int, num_classes: int, num_groups: i
                             ("n_per_class", n_per_class, 1), ("n_test_per_cell", n_test_per_cell, 0)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"synthetic: {key} must be an integer >= {low}, got {value!r}")
+    from ..sizes import check_fits
+
+    rows = num_classes * (n_per_class + num_groups * n_test_per_cell)
+    check_fits(4.0 * rows * channels * image_size ** 2,
+               f"synthetic: {rows} images of {channels}x{image_size}x{image_size} (num_classes={num_classes}, "
+               f"n_per_class={n_per_class}, image_size={image_size})")
     gen = generator(seed, "synthetic")
     coarse = max(4, image_size // 8)
 
