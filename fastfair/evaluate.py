@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .augment import DEFAULT_STRATEGY, dsa as dsa_augment
-from .metrics import fairness_report
+from .metrics import attribute_reports, fairness_report
 from .nets import get_network
 
 DEFAULT_EPOCHS = 1000
@@ -199,6 +199,8 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "
             train_network(net, images, labels, epochs, batch_size, lr, dsa, gen, dev, bar)
             pred = predict(net, test.images, dev)
             rep = fairness_report(pred, test.labels, test.groups, dataset.num_classes, dataset.num_groups)
+            rep["per_attribute"] = attribute_reports(pred, test.labels, test.groups, dataset.num_classes,
+                                                     getattr(dataset, "attributes", None))
             per_run.append(rep)
             bar.set_postfix(acc=f"{rep['acc']:.1f}", deo_m=f"{rep['deo_m']:.1f}")
     out: dict[str, Any] = {}
@@ -214,6 +216,13 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "
                        for c in range(cells.shape[1])]
     out["cell_acc_std"] = [[None if empty[c, a] else float(std[c, a]) for a in range(cells.shape[2])]
                            for c in range(cells.shape[1])]
+    out["test_cells"] = dataset.num_classes * dataset.num_groups - len(per_run[0]["empty_cells"])
+    # Several attributes: each attribute's marginal fairness, mean and std over runs.
+    out["per_attribute"] = {
+        name: {k: (float(np.mean(v)), float(np.std(v)))
+               for k, v in ((k, [rep["per_attribute"][name][k] for rep in per_run])
+                            for k in ("deo_m", "deo_a", "suf_m", "suf_a", "worst_group_acc"))}
+        for name in per_run[0]["per_attribute"]}
     out.update(runs=per_run, model=model, epochs=epochs, dsa=dsa)
     return out
 

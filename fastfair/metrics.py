@@ -113,3 +113,19 @@ def fairness_report(pred: Any, labels: Any, groups: Any, num_classes: int, num_g
         "cell_acc": cell_acc,
         "empty_cells": empty,
     }
+
+
+def attribute_reports(pred: Any, labels: Any, groups: Any, num_classes: int, attributes: Any) -> dict[str, dict]:
+    """Several protected attributes (fastfair.attributes): the fairness of the
+    same predictions over each attribute's marginal groups, keyed by the
+    attribute's name (acc, deo_m, deo_a, suf_m, suf_a, worst_group_acc,
+    cell_acc); {} for a dataset of one attribute, whose report is the
+    intersectional one."""
+    if attributes is None or len(attributes.names) < 2:
+        return {}
+    g = torch.as_tensor(groups).detach().cpu().long()
+    out = {}
+    for k, name in enumerate(attributes.names):
+        rep = fairness_report(pred, labels, attributes.marginal(g, k), num_classes, attributes.sizes[k])
+        out[name] = {key: rep[key] for key in ("deo_m", "deo_a", "suf_m", "suf_a", "worst_group_acc", "cell_acc")}
+    return out

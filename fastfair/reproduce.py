@@ -317,7 +317,9 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
         one = evaluate_synset(res.images, res.labels, ds, epochs=ev["epochs"], runs=1, seed=ev["seed"] + r,
                               device=device, progress=progress, net_kwargs=ev["net_kwargs"], method=method)
         rec = {k: one[k] for k in ("acc", "deo_m", "deo_a", "suf_m", "suf_a", "worst_group_acc", "cell_acc",
-                                   "epochs", "dsa")}
+                                   "epochs", "dsa", "test_cells")}
+        if one["per_attribute"]:  # several protected attributes: each one's marginal DEO / SUF
+            rec["per_attribute"] = {n: {k: v[0] for k, v in m.items()} for n, m in one["per_attribute"].items()}
         with open(runs_path, "a") as f:
             f.write(json.dumps({"settings": settings, "run": r, "result": rec}) + "\n")
             f.flush()
@@ -334,6 +336,11 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
             continue
         vals = np.array([r[k] for r in runs], dtype=np.float64)
         out[k], out[f"{k}_std"] = float(vals.mean()), float(vals.std())
+    if all("per_attribute" in r for r in runs):
+        out["per_attribute"] = {n: {k: float(np.mean([r["per_attribute"][n][k] for r in runs]))
+                                    for k in runs[0]["per_attribute"][n]} for n in runs[0]["per_attribute"]}
+    if all("test_cells" in r for r in runs):
+        out["test_cells"] = runs[0]["test_cells"]
     cells = np.array([[[np.nan if v is None else v for v in row] for row in r["cell_acc"]] for r in runs])
     out["cell_acc"] = [[None if np.isnan(v) else float(v) for v in row] for row in cells.mean(0)]
     out.update(eval_epochs=runs[0]["epochs"], eval_dsa=runs[0]["dsa"], eval_runs=len(runs),

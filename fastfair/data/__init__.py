@@ -19,6 +19,9 @@ bffhq                  age / gender                         bffhq/{0.5pct,test}/
 imagenet-subset-s      10 ImageNet classes / {gray, colour} imagenet/{train,val}/
 tinyimagenet-s         200 classes / {grayscale, colour}    tiny-imagenet-200/
 cdigits-fg, cdigits-bg digit / 10 colours                   none (scikit-learn's digits)
+cmnist-fgbg            digit / fg colour x bg colour        MNIST/raw/*-ubyte
+cfmnist-fgbg           garment / fg colour x bg colour      FashionMNIST/raw/*-ubyte
+cdigits-fgbg           digit / fg colour x bg colour        none (scikit-learn's digits)
 synthetic              any / any                            none (generated)
 =====================  ===================================  =====================
 
@@ -27,6 +30,8 @@ Images are float32 [N, C, S, S] normalised with the dataset's ``mean`` /
 bias is drawn from ``seed`` with local generators (bitwise reproducible);
 test sets are balanced over (class, group) cells and do not depend on the
 seed. Datasets read from files are cached under root/fastfair_cache/.
+The ``*-fgbg`` sets carry two protected attributes (``ds.attributes``;
+fastfair.attributes): the group id is their mixed-radix intersection.
 """
 from __future__ import annotations
 

@@ -176,6 +176,53 @@ def _fmnist_reference(gray: Tensor, colours: Tensor, background: bool) -> Tensor
     return torch.remainder((blend * 255).to(torch.int64), 256).to(torch.uint8)
 
 
+# Background colours of the two-attribute sets: the C-MNIST colours at 40%
+# brightness, so a digit (full colour) stays visible on any background,
+# its own hue included (fastfair's choice; no paper defines these sets).
+BG_SHADE = 0.4
+
+
+def bg_palette() -> list[tuple[int, int, int]]:
+    return [tuple(int(round(BG_SHADE * v)) for v in c) for c in COLOURS]
+
+
+def colourise_fgbg(gray: Tensor, fg: Tensor, bg: Tensor, blend: bool) -> Tensor:
+    """Paint the object in colour ``fg`` AND the background in the dark
+    colour ``bg`` (indices into COLOURS and :func:`bg_palette`).
+
+    blend False (C-MNIST): pixels >= 128 are the object, the rest background;
+    blend True (C-FMNIST, whose garments carry texture): every pixel mixes
+    the two by its intensity, (g fg + (255 - g) bg) / 255, rounded.
+    gray uint8 [N, H, W] -> uint8 [N, 3, H, W].
+    """
+    f = torch.tensor(COLOURS, dtype=torch.int32)[fg.to(torch.int64)].view(-1, 3, 1, 1)
+    b = torch.tensor(bg_palette(), dtype=torch.int32)[bg.to(torch.int64)].view(-1, 3, 1, 1)
+    g = gray.to(torch.int32).unsqueeze(1)
+    if blend:
+        out = (g * f + (255 - g) * b + 127) // 255
+    else:
+        out = torch.where(g >= 128, f, b)
+    return out.to(torch.uint8)
+
+
+def combination_test(labels: Tensor, sizes: tuple[int, int], renders: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A test set over every (class, fg, bg) cell: test image j of a class is
+    rendered ``renders`` times, in combinations ``(j * renders + t) mod G``
+    (G = K_fg x K_bg), so each cell of a class gets within one image of
+    ``n_class * renders / G`` images. Returns (source row, fg, bg) per
+    rendered image."""
+    labels = labels.to(torch.int64)
+    G = sizes[0] * sizes[1]
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(labels.numel()) - starts[labels[order]]
+    rows = torch.arange(labels.numel()).repeat_interleave(renders)
+    combo = (rank.repeat_interleave(renders) * renders + torch.arange(renders).repeat(labels.numel())) % G
+    return rows, torch.div(combo, sizes[1], rounding_mode="floor"), combo % sizes[1]
+
+
 def to_grayscale(images: Tensor) -> Tensor:
     """uint8 RGB [N, 3, H, W] -> uint8 gray kept 3-channel, with ITU-R 601-2
     luma in the same fixed-point arithmetic as PIL's ``convert('L')``."""

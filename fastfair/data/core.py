@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..attributes import Attributes
+
 
 @dataclass
 class Split:
@@ -36,6 +38,20 @@ class BiasedDataset:
     group_names: list[str]
     mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
     std: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
+    # The protected attributes whose intersection the groups are
+    # (fastfair.attributes); None: one attribute, "group", whose values are
+    # the group names.
+    attributes: Attributes | None = None
+
+    def __post_init__(self) -> None:
+        if self.attributes is None or (len(self.attributes.names) == 1
+                                       and self.attributes.num_groups != self.num_groups):
+            # One attribute: its values are the group names (also after a
+            # dataclasses.replace that regroups the data).
+            self.attributes = Attributes.single(self.group_names)
+        if self.attributes.num_groups != self.num_groups:
+            raise ValueError(f"{self.name}: the attributes' {self.attributes.num_groups} intersectional groups "
+                             f"do not match num_groups = {self.num_groups}")
 
     def denormalize(self, images: Tensor) -> Tensor:
         """Normalised images back to [0, 1] (for saving grids)."""
@@ -63,16 +79,22 @@ class Raw:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     normalised: bool = False
+    # [(attribute name, [value names]), ...] when the groups are the
+    # intersection of several attributes (fastfair.attributes); None: one.
+    attributes: list | None = None
+
+    _OPTIONAL = ("normalised", "attributes")
 
     def to_state(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")}
 
     @classmethod
     def from_state(cls, state: dict) -> "Raw":
-        missing = set(cls.__dataclass_fields__) - set(state)
+        fields = [k for k in cls.__dataclass_fields__ if not k.startswith("_")]
+        missing = set(fields) - set(state) - set(cls._OPTIONAL)
         if missing:
             raise KeyError(f"cached dataset lacks {sorted(missing)}")
-        return cls(**{k: state[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: state[k] for k in fields if k in state})
 
 
 def _to_float(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...], normalised: bool) -> Tensor:
@@ -110,6 +132,7 @@ def finish(name: str, raw: Raw) -> BiasedDataset:
         channels=channels, image_size=size,
         class_names=list(raw.class_names), group_names=list(raw.group_names),
         mean=tuple(float(v) for v in raw.mean), std=tuple(float(v) for v in raw.std),
+        attributes=Attributes.from_list(raw.attributes) if raw.attributes else None,
     )
 
 

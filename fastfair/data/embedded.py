@@ -123,3 +123,22 @@ def load_synthetic(bias_ratio: float, seed: int, num_classes: int, num_groups: i
         group_names=[f"group{i}" for i in range(num_groups)],
         mean=(0.0,) * channels, std=(1.0,) * channels, normalised=True,
     )
+
+
+def load_cdigits_fgbg(bias_ratio: float, seed: int, fg_colours: int = 4, bg_colours: int = 4,
+                      fg_bias: float | None = None, bg_bias: float | None = None,
+                      min_test_per_cell: int = 20) -> Raw:
+    """cdigits with digit colour AND background colour (mnist.fgbg; the even
+    recipe, as cdigits: a class has ~125 training digits). 4 x 4 colours by
+    default (10 x 10 would render 54 000 test images for 20 per cell)."""
+    from .mnist import fgbg
+
+    images, target = _digits()
+    img = torch.tensor(images, dtype=torch.float32) * (255.0 / 16.0)
+    img = F.interpolate(img.unsqueeze(1), size=(28, 28), mode="bilinear", align_corners=False).squeeze(1)
+    gray = pad32(img.round().clamp(0, 255).to(torch.uint8), "reference")
+    labels = torch.from_numpy(target)
+    tr, te = _stratified_split(labels, TRAIN_FRACTION, generator(SPLIT_SEED, "cdigits-split"))
+    return fgbg(gray[tr], labels[tr], gray[te], labels[te], False, fg_colours, bg_colours,
+                bias_ratio if fg_bias is None else float(fg_bias), bias_ratio if bg_bias is None else float(bg_bias),
+                seed, [str(i) for i in range(10)], recipe="even", min_test_per_cell=min_test_per_cell)

@@ -183,3 +183,52 @@ def load_coloured(source: str, background: bool, root: str, bias_ratio: float, s
         mode = "bg" if background else "fg"
     return coloured(pad32(tr_img, recipe), tr_lab, pad32(te_img, recipe), te_lab, mode, bias_ratio, seed,
                     CLASS_NAMES[source], recipe)
+
+
+# --------------------------------------------------------------------------- two protected attributes
+
+def fgbg(train_gray: Tensor, train_labels: Tensor, test_gray: Tensor, test_labels: Tensor, blend: bool,
+         fg_colours: int, bg_colours: int, fg_bias: float, bg_bias: float, seed: int, class_names: list[str],
+         recipe: str = "reference", min_test_per_cell: int = 50) -> Raw:
+    """Object colour AND background colour, each biased toward a class value
+    (class c: colour c mod K of each attribute), drawn independently, so the
+    class's majority intersection holds about fg_bias x bg_bias of it
+    (fastfair's sets; no paper defines them). Groups: g = fg * K_bg + bg.
+    Test: every test image rendered in enough (fg, bg) combinations that each
+    (class, intersectional group) cell holds at least ``min_test_per_cell``
+    images where the class has them (bias.combination_test)."""
+    from .bias import bg_palette, colourise_fgbg, combination_test
+
+    for what, k in (("fg_colours", fg_colours), ("bg_colours", bg_colours)):
+        if not isinstance(k, int) or not 1 <= k <= len(COLOUR_NAMES):
+            raise ValueError(f"{what} must be an integer in [1, {len(COLOUR_NAMES)}], got {k!r}")
+    for what, r in (("fg_bias", fg_bias), ("bg_bias", bg_bias)):
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"{what} must be in [0, 1], got {r!r}")
+    C = len(class_names)
+    draw = reference_groups if recipe == "reference" else skewed_groups
+    fg = draw(train_labels, torch.arange(C) % fg_colours, fg_colours, fg_bias, generator(seed, "fg-colour"))
+    bg = draw(train_labels, torch.arange(C) % bg_colours, bg_colours, bg_bias, generator(seed, "bg-colour"))
+    G = fg_colours * bg_colours
+    smallest = int(torch.bincount(test_labels, minlength=C).min())
+    renders = min(G, max(1, math.ceil(min_test_per_cell * G / max(1, smallest))))
+    rows, tfg, tbg = combination_test(test_labels, (fg_colours, bg_colours), renders)
+    shade = [f"dark {n}" for n in COLOUR_NAMES]
+    return Raw(
+        colourise_fgbg(train_gray, fg, bg, blend), train_labels, fg * bg_colours + bg,
+        colourise_fgbg(test_gray[rows], tfg, tbg, blend), test_labels[rows], tfg * bg_colours + tbg,
+        class_names=class_names,
+        group_names=[f"{a}/{b}" for a in COLOUR_NAMES[:fg_colours] for b in shade[:bg_colours]],
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        attributes=[("fg", list(COLOUR_NAMES[:fg_colours])), ("bg", shade[:bg_colours])],
+    )
+
+
+def load_fgbg(source: str, root: str, bias_ratio: float, seed: int, download: bool, fg_colours: int = 10,
+              bg_colours: int = 10, fg_bias: float | None = None, bg_bias: float | None = None,
+              min_test_per_cell: int = 50) -> Raw:
+    tr_img, tr_lab = read_split(root, source, "train", download)
+    te_img, te_lab = read_split(root, source, "test", download)
+    return fgbg(pad32(tr_img), tr_lab, pad32(te_img), te_lab, source == "fmnist", fg_colours, bg_colours,
+                bias_ratio if fg_bias is None else float(fg_bias), bias_ratio if bg_bias is None else float(bg_bias),
+                seed, CLASS_NAMES[source], min_test_per_cell=min_test_per_cell)

@@ -35,6 +35,25 @@ def _cmnist(source: str, background: bool) -> Spec:
     return Spec(build, options={"recipe": "reference"})
 
 
+_FGBG_OPTIONS = {"fg_colours": 10, "bg_colours": 10, "fg_bias": None, "bg_bias": None, "min_test_per_cell": 50}
+
+
+def _fgbg(source: str) -> Spec:
+    def build(root: str, bias_ratio: float, seed: int, download: bool, **o: Any) -> Raw:
+        from .mnist import load_fgbg
+
+        return load_fgbg(source, root, bias_ratio, seed, download, **o)
+
+    # Two protected attributes (digit / garment colour and background colour); data/mnist.py fgbg.
+    return Spec(build, options=dict(_FGBG_OPTIONS))
+
+
+def _cdigits_fgbg(root: str | None, bias_ratio: float, seed: int, download: bool, **o: Any) -> Raw:
+    from .embedded import load_cdigits_fgbg
+
+    return load_cdigits_fgbg(bias_ratio, seed, **o)
+
+
 def _cifar10_s(root: str, bias_ratio: float, seed: int, download: bool) -> Raw:
     from .cifar import load_cifar10_s
 
@@ -97,6 +116,10 @@ SPECS: dict[str, Spec] = {
     "bffhq": Spec(_bffhq, {"image_size": 64}, uses_bias=False),
     "imagenet-subset-s": Spec(_imagenet_subset, {"subset": "nette", "resolution": 64, "imagenet_dir": None}),
     "tinyimagenet-s": Spec(_tinyimagenet),
+    "cmnist-fgbg": _fgbg("mnist"),
+    "cfmnist-fgbg": _fgbg("fmnist"),
+    "cdigits-fgbg": Spec(_cdigits_fgbg, {**_FGBG_OPTIONS, "fg_colours": 4, "bg_colours": 4,
+                                         "min_test_per_cell": 20}, files=False),
     "cdigits-fg": _cdigits(False),
     "cdigits-bg": _cdigits(True),
     "synthetic": Spec(_synthetic, {"num_classes": 10, "num_groups": 10, "image_size": 32, "channels": 3,

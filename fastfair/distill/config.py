@@ -138,6 +138,8 @@ class DistillConfig:
     pseudo_min_samples: int = 5
     pseudo_max_groups: int | None = None  # None: the dataset's number of groups
     sample_per_group: bool = False       # draw each class batch equally from its groups
+    fair_over: str = "intersection"      # several protected attributes: "intersection", "marginal" or
+                                         # one attribute's name (fastfair.attributes; checked on the dataset)
     idc_factor: int = 2                  # IDC multi-formation: factor x factor sub-images
     dream_interval: int = 10             # DREAM: re-cluster every this many matching steps
     dream_pool: int = 1024               # DREAM: per-class pool that is clustered
@@ -228,6 +230,11 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(f"real_chunk must be a positive integer or None, got {c.real_chunk}")
     if c.dc_block_classes is not None and c.dc_block_classes < 1:
         raise ValueError(f"dc_block_classes must be a positive integer or None, got {c.dc_block_classes}")
+    if not isinstance(c.fair_over, str) or not c.fair_over:
+        raise ValueError(f"fair_over must be 'intersection', 'marginal' or an attribute name, got {c.fair_over!r}")
+    if c.groups == "pseudo" and c.fair_over != "intersection":
+        raise ValueError("fair_over needs the dataset's attributes; pseudo groups have none (use "
+                         "fair_over='intersection')")
     if c.pseudo_max_groups is not None and c.pseudo_max_groups < 1:
         raise ValueError(f"pseudo_max_groups must be >= 1, got {c.pseudo_max_groups}")
     return c

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from ..augment import DSAParams, dsa
+from ..attributes import regroup
 from ..nets import get_network
 from ..pergroup import auto_chunk
 from . import rng
@@ -50,6 +51,15 @@ class RunContext:
     @property
     def num_segments(self) -> int:
         return self.num_classes * self.num_groups
+
+    def fair_statistics(self, seg_sum: Tensor, counts: Tensor, num_classes: int) -> tuple[Tensor, Tensor, int]:
+        """Per-(class, intersectional group) sums [C*G, *F] and counts to the
+        groups the objective is fair over (``cfg.fair_over``;
+        fastfair.attributes.regroup): unchanged for ``intersection``."""
+        attrs = getattr(self.dataset, "attributes", None)
+        if self.cfg.fair_over == "intersection" or attrs is None or self.cfg.groups == "pseudo":
+            return seg_sum, counts, self.num_groups
+        return regroup(seg_sum, counts, num_classes, attrs, self.cfg.fair_over)
 
     # ------------------------------------------------------------------ nets
 
@@ -213,6 +223,11 @@ def build_context(cfg: DistillConfig, dataset: Any, device: torch.device) -> Run
                          "distributed runs (every rank would cluster its own shard differently)")
     if cfg.groups == "pseudo" and cfg.sample_per_group:
         raise ValueError("sample_per_group needs group labels; it cannot be combined with groups='pseudo'")
+    attrs = getattr(dataset, "attributes", None)
+    if attrs is not None:
+        attrs.check_fair_over(cfg.fair_over)  # ValueError naming the dataset's attributes
+    elif cfg.fair_over not in ("intersection", "marginal"):
+        raise ValueError(f"fair_over={cfg.fair_over!r}: this dataset declares no attributes")
     labels = train.labels.long()
     groups = train.groups.long()
     if cfg.group_noise > 0:

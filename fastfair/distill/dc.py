@@ -119,6 +119,23 @@ def auto_block_classes(ctx: RunContext, net: nn.Module, num_groups: int) -> int:
     return ctx.cache[key]
 
 
+def _fair_means(ctx: RunContext, grads: tuple[Tensor, ...], counts: Tensor, classes: int,
+                G: int) -> tuple[tuple[Tensor, ...], Tensor, int]:
+    """Segment mean gradients of ``classes`` classes x G intersectional groups
+    to the groups the objective is fair over (ctx.fair_statistics): means
+    back to sums, summed over the groups a fair group covers, divided by its
+    count. Unchanged for ``intersection`` and for one-segment-per-class (G = 1)."""
+    if G == 1 or ctx.cfg.fair_over == "intersection":
+        return grads, counts, G
+    out, new_counts, fair_groups = [], counts, G
+    for g in grads:
+        shape = (-1,) + (1,) * (g.dim() - 1)
+        sums = g * counts.to(g.dtype).view(shape)
+        s, new_counts, fair_groups = ctx.fair_statistics(sums, counts, classes)
+        out.append(s / new_counts.clamp(min=1).to(g.dtype).view(shape))
+    return tuple(out), new_counts, fair_groups
+
+
 def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Tensor, seg: Tensor, G: int,
                       sizes: list[int], syn_grads: tuple[Tensor, ...], x: Tensor,
                       augment: Callable[[Tensor, list[int], int], Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -156,7 +173,8 @@ def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Ten
         real_b = real[r0:r1] if augment is None else augment(real[r0:r1], sizes[c0:c1], c0)
         grads = segment_gradients(net, real_b, labels[r0:r1], seg_b, width, chunk=ctx.real_chunk(net, real_b))
         grads, counts = _global_segment_means(tuple(g.detach() for g in grads), seg_b, width)
-        loss = dc_matching_loss(grads, counts, [leaf[c0:c1] for leaf in leaves], G,
+        grads, counts, fair_groups = _fair_means(ctx, grads, counts, c1 - c0, G)
+        loss = dc_matching_loss(grads, counts, [leaf[c0:c1] for leaf in leaves], fair_groups,
                                 objective=cfg.objective, metric=cfg.dc_metric)
         del grads
         loss.backward()  # into the leaves' .grad only: they are the graph's sole leaves

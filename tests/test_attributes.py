@@ -1,0 +1,176 @@
+"""Several protected attributes (fastfair's extension): the mixed-radix group
+ids, the two-attribute datasets, what the fair objectives are fair over
+(intersection / marginal / one attribute) against per-class, per-group
+float64 loops, and the per-attribute metrics."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastfair import data, distill
+from fastfair.attributes import Attributes, regroup
+from fastfair.distill.context import build_context
+from fastfair.distill.dm import dm_iteration
+from fastfair.distill.synset import init_images as _init_images
+from fastfair.metrics import attribute_reports, fairness_report
+from fastfair.objectives import dm_matching_loss
+
+ATTRS = Attributes(("fg", "bg"), (("r", "g", "b"), ("x", "y")))
+
+
+def test_mixed_radix_ids_and_marginals() -> None:
+    vals = torch.tensor([[a, b] for a in range(3) for b in range(2)])
+    ids = ATTRS.group(vals)
+    assert ids.tolist() == list(range(6))  # the last attribute varies fastest: g = fg * K_bg + bg
+    assert torch.equal(ATTRS.marginal(ids, 0), vals[:, 0]) and torch.equal(ATTRS.marginal(ids, 1), vals[:, 1])
+    assert ATTRS.group_names() == ["r/x", "r/y", "g/x", "g/y", "b/x", "b/y"]
+    with pytest.raises(ValueError, match="unknown attribute 'age'.*fg, bg"):
+        ATTRS.check_fair_over("age")
+    with pytest.raises(ValueError, match="distinct"):
+        Attributes(("marginal",), (("a",),))
+
+
+def _loop_dm(real, labels, groups, syn, syn_labels, C, attr_groups: list[tuple[torch.Tensor, int]]):
+    """FairDD DM summed over the given (group id per row, number of groups)
+    partitions: per class, per group present, ||mean_real - mean_syn||^2."""
+    total = syn.new_zeros(())
+    for gid, K in attr_groups:
+        for c in range(C):
+            rc, sc = labels == c, syn_labels == c
+            if not rc.any() or not sc.any():
+                continue
+            nu = syn[sc].mean(0)
+            for k in range(K):
+                m = rc & (gid == k)
+                if m.any():
+                    total = total + (real[m].mean(0) - nu).pow(2).sum()
+    return total
+
+
+@pytest.mark.parametrize("over", ["intersection", "marginal", "fg", "bg"])
+def test_regrouped_dm_loss_equals_the_per_group_loop(over: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    C, n, d = 3, 60, 5
+    labels = torch.randint(0, C, (n,), generator=g)
+    groups = torch.randint(0, 5, (n,), generator=g)  # intersectional group 5 (b/y) never occurs
+    real = torch.randn(n, d, generator=g, dtype=torch.float64)
+    syn_labels = torch.arange(C).repeat_interleave(2)
+    syn = torch.randn(6, d, generator=g, dtype=torch.float64, requires_grad=True)
+    G = ATTRS.num_groups
+    seg = labels * G + groups
+    sums = torch.zeros(C * G, d, dtype=torch.float64).index_add_(0, seg, real)
+    counts = torch.bincount(seg, minlength=C * G)
+    s2, n2, g2 = regroup(sums, counts, C, ATTRS, over)
+    syn_mean = torch.stack([syn[syn_labels == c].mean(0) for c in range(C)])
+    got = dm_matching_loss(s2, n2, syn_mean, torch.full((C,), 2), g2, "fairdd")
+    parts = {"intersection": [(groups, G)], "fg": [(ATTRS.marginal(groups, 0), 3)],
+             "bg": [(ATTRS.marginal(groups, 1), 2)],
+             "marginal": [(ATTRS.marginal(groups, 0), 3), (ATTRS.marginal(groups, 1), 2)]}[over]
+    want = _loop_dm(real, labels, groups, syn, syn_labels, C, parts)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (a,) = torch.autograd.grad(got, syn)
+    (b,) = torch.autograd.grad(want, syn)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_cdigits_fgbg_dataset() -> None:
+    ds = data.load("cdigits-fgbg", fg_colours=3, bg_colours=2, bias_ratio=0.8)
+    assert ds.attributes.names == ("fg", "bg") and ds.num_groups == 6 and ds.attributes.sizes == (3, 2)
+    fg, bg = ds.attributes.marginal(ds.train.groups, 0), ds.attributes.marginal(ds.train.groups, 1)
+    for c in range(10):  # each attribute biased toward its class value, about 0.8 each (even recipe)
+        m = ds.train.labels == c
+        assert abs(float((fg[m] == c % 3).float().mean()) - 0.8) < 0.02
+        assert abs(float((bg[m] == c % 2).float().mean()) - 0.8) < 0.02
+    cells = torch.bincount(ds.test.labels * 6 + ds.test.groups, minlength=60)
+    assert int(cells.min()) >= 20 and int(cells.max()) - int(cells.min()) <= 10  # every test cell is filled
+    with pytest.raises(ValueError, match="fg_colours"):
+        data.load("cdigits-fgbg", fg_colours=11)
+
+
+def init_images(ctx) -> torch.Tensor:  # noqa: ANN001
+    return _init_images(ctx.sampler.class_pool, ctx.train_images, 2, "real", 1, torch.Generator().manual_seed(0))[0]
+
+
+def _ctx(fair_over: str, ds, objective: str = "fairdd"):
+    cfg = distill.config.resolve(distill.DistillConfig(
+        dataset="cdigits-fgbg", method="dm", objective=objective, ipc=2, width=8, depth=2, batch_real=12,
+        iterations=1, fair_over=fair_over))
+    return build_context(cfg, ds, torch.device("cpu"))
+
+
+def test_dm_step_fair_over_marginal_is_the_sum_of_the_attributes_steps() -> None:
+    # One driver step: FairDD over the marginals = FairDD over fg + FairDD over
+    # bg (the same network, batch and DSA draw), from one pass.
+    ds = data.load("cdigits-fgbg", fg_colours=3, bg_colours=2)
+    losses = {}
+    for over in ("marginal", "fg", "bg"):
+        ctx = _ctx(over, ds)
+        _, _, losses[over] = dm_iteration(ctx, init_images(ctx), None, 0)
+    torch.testing.assert_close(losses["marginal"], losses["fg"] + losses["bg"], rtol=1e-5, atol=1e-5)
+
+
+def test_dc_matching_fair_over_marginal_is_the_sum_of_the_attributes() -> None:
+    # The DC driver's matching on one real batch: FairDD over the marginals =
+    # FairDD over fg + over bg, and each equals the loss of per-attribute
+    # group gradients computed directly (segment = class x attribute value).
+    from fastfair.distill import dc
+    from fastfair.nets import get_network
+    from fastfair.objectives import dc_matching_loss
+    from fastfair.pergroup import class_gradients, segment_gradients
+
+    ds = data.load("cdigits-fgbg", fg_colours=3, bg_colours=2)
+    torch.manual_seed(0)
+    net = get_network("ConvNet", 3, 10, 32, width=4, depth=1).double()
+    sizes = [6] * 10
+    labels = torch.arange(10).repeat_interleave(6)
+    groups = torch.randint(0, 6, (60,))
+    real = torch.randn(60, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(20, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    syn_labels = torch.arange(10).repeat_interleave(2)
+    losses, grads = {}, {}
+    for over in ("marginal", "fg", "bg"):
+        cfg = distill.config.resolve(distill.DistillConfig(dataset="cdigits-fgbg", method="dc", ipc=2,
+                                                           fair_over=over))
+        ctx = build_context(cfg, ds, torch.device("cpu"))
+        syn_grads = class_gradients(net, x, syn_labels, 10, create_graph=True)
+        losses[over], grads[over] = dc._blocked_matching(ctx, net, real, labels, labels * 6 + groups, 6, sizes,
+                                                         syn_grads, x)
+    torch.testing.assert_close(losses["marginal"], losses["fg"] + losses["bg"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads["marginal"], grads["fg"] + grads["bg"], rtol=1e-9, atol=1e-10)
+    fg = ds.attributes.marginal(groups, 0)
+    direct = segment_gradients(net, real, labels, labels * 3 + fg, 30)
+    counts = torch.bincount(labels * 3 + fg, minlength=30)
+    want = dc_matching_loss(direct, counts, class_gradients(net, x, syn_labels, 10, create_graph=True), 3,
+                            objective="fairdd")
+    torch.testing.assert_close(losses["fg"], want.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_dc_runs_over_every_choice_and_refuses_unknown_attributes() -> None:
+    ds = data.load("cdigits-fgbg", fg_colours=2, bg_colours=2)
+    base = distill.DistillConfig(dataset="cdigits-fgbg", method="dc", objective="fairdd", ipc=1, width=4, depth=1,
+                                 batch_real=8, outer_loop=1, inner_loop=1, iterations=1)
+    for over in ("intersection", "marginal", "fg", "bg"):
+        res = distill.run(dataclasses.replace(base, fair_over=over), ds, device="cpu", progress=False)
+        assert torch.isfinite(res.images).all()
+    with pytest.raises(ValueError, match="unknown attribute 'age'"):
+        distill.run(dataclasses.replace(base, fair_over="age"), ds, device="cpu", progress=False)
+    one = data.load("synthetic", num_classes=3, num_groups=2, image_size=8, n_per_class=10)
+    with pytest.raises(ValueError, match="unknown attribute 'fg'"):
+        distill.run(dataclasses.replace(base, dataset="synthetic", fair_over="fg"), one, device="cpu",
+                    progress=False)
+
+
+def test_attribute_reports_equal_reports_on_marginal_groups() -> None:
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    groups = torch.randint(0, 6, (300,), generator=g)
+    pred = torch.where(torch.rand(300, generator=g) < 0.6, labels, torch.randint(0, 4, (300,), generator=g))
+    reps = attribute_reports(pred, labels, groups, 4, ATTRS)
+    assert set(reps) == {"fg", "bg"}
+    for k, name in enumerate(("fg", "bg")):
+        want = fairness_report(pred, labels, ATTRS.marginal(groups, k), 4, ATTRS.sizes[k])
+        for key in ("deo_m", "deo_a", "suf_m"):
+            assert reps[name][key] == pytest.approx(want[key])
+    assert attribute_reports(pred, labels, groups, 4, Attributes.single(list("abcdef"))) == {}
