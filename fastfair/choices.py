@@ -12,7 +12,8 @@ OBJECTIVES = ("vanilla", "fairdd", "fairdd-mean", "cobra", "fairdd-iw", "fairdd-
 METHODS = ("dm", "dc", "dsa", "idc", "dream")
 PRESETS = ("fairdd", "cobra")
 BUDGETS = ("paper", "cpu", "cpu-20min", "cpu-short", "tiny")
-TABLES = ("fairdd-cmnist", "fairdd-cfmnist", "fairdd", "cobra-cifar10s", "cobra-cmnist", "cdigits")
+TABLES = ("fairdd-cmnist", "fairdd-cfmnist", "fairdd", "cobra-cifar10s", "cobra-cmnist", "intersectional",
+          "cdigits-intersectional", "cdigits")
 INITS = ("real", "noise")
 GROUP_SOURCES = ("true", "pseudo")
 DC_METRICS = ("ours", "mse", "cos")

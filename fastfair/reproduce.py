@@ -98,6 +98,8 @@ class Table:
 
 
 _CMNIST_CELLS = (("dm", "vanilla"), ("dm", "fairdd"), ("dm", "cobra"), ("dc", "vanilla"), ("dc", "fairdd"))
+_INTERSECTIONAL_CELLS = tuple((m, o) for m in ("dm", "dc") for o in (
+    "vanilla", "fairdd@fg", "fairdd@bg", "fairdd@marginal", "fairdd@intersection", "cobra@intersection"))
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table("fairdd-cmnist", ("cmnist-fg", "cmnist-bg"), 10, _CMNIST_CELLS, "fairdd",
           "FairDD Tables 1-2, C-MNIST FG and BG rows at IPC 10 (DM, DM+FairDD, DC, DC+FairDD), plus DM+COBRA"),
@@ -109,6 +111,12 @@ TABLES: dict[str, Table] = {t.name: t for t in (
           "COBRA, CIFAR10-S DM at IPC 100 (COBRA's protocol)"),
     Table("cobra-cmnist", ("cmnist-bg",), 50, (("dm", "vanilla"), ("dm", "fairdd"), ("dm", "cobra")), "cobra",
           "COBRA, C-MNIST (BG) DM at IPC 50 (COBRA's protocol)"),
+    Table("intersectional", ("cmnist-fgbg", "cfmnist-fgbg"), 10, _INTERSECTIONAL_CELLS, "fairdd",
+          "fastfair's two-attribute C-MNIST / C-FMNIST (digit colour x background colour, 10 x 10 groups) at IPC "
+          "10: vanilla, FairDD over fg only, over bg only, over the marginals, over the intersection, COBRA over "
+          "the intersection (no published numbers: no paper defines these sets)"),
+    Table("cdigits-intersectional", ("cdigits-fgbg",), 10, _INTERSECTIONAL_CELLS, "fairdd",
+          "the intersectional cells on the embedded cdigits-fgbg (4 x 4 groups; needs no download)"),
     Table("cdigits", ("cdigits-fg", "cdigits-bg"), 10, _CMNIST_CELLS, "fairdd",
           "the C-MNIST cells on the embedded cdigits datasets (no published numbers; needs no download)"),
 )}
@@ -192,7 +200,7 @@ def _family(method: str) -> str:
 
 
 def cell_name(method: str, objective: str, ipc: int) -> str:
-    return f"{method}_{objective}_ipc{ipc}"
+    return f"{method}_{objective.replace('@', '_over_')}_ipc{ipc}"
 
 
 def cell_settings(table: Table, budget: Budget, dataset: str, method: str, objective: str,
@@ -200,8 +208,13 @@ def cell_settings(table: Table, budget: Budget, dataset: str, method: str, objec
     """Everything that defines a cell's result (a finished cell is reused
     only when these are equal)."""
     fam = _family(method)
-    distill = {"dataset": dataset, "method": method, "objective": objective, "ipc": table.ipc,
+    # "fairdd@fg": the objective fair over one attribute (or "marginal"); the
+    # several-attribute tables name their cells so.
+    obj, _, over = objective.partition("@")
+    distill = {"dataset": dataset, "method": method, "objective": obj, "ipc": table.ipc,
                "preset": table.preset, "seed": seed, **budget.distill.get(fam, {})}
+    if over:
+        distill["fair_over"] = over
     net = {"width": budget.width} if budget.width is not None else {}
     if "depth" in distill:
         net["depth"] = distill["depth"]
@@ -446,6 +459,12 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
               + (f"; {info['note']}" if info.get("note") else "") + ".", ""]
     lines += ["| dataset | IPC | method | objective | DEO_M | DEO_A | Acc | SUF_M | SUF_A | worst cell "
               "| paper DEO_M / DEO_A / Acc | source | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    # Several protected attributes: each attribute's marginal DEO_M beside the intersectional one.
+    attrs = list(dict.fromkeys(a for r in results for a in r.get("per_attribute", {})))
+    if attrs:
+        lines[-2] = lines[-2].replace(" | worst cell |", " | " + " | ".join(f"{a} DEO_M" for a in attrs)
+                                      + " | worst cell |")
+        lines[-1] = lines[-1] + "---|" * len(attrs)
     order = {c: i for i, c in enumerate(t.cells)}
     rows = sorted(results, key=lambda r: (t.datasets.index(r["dataset"]) if r["dataset"] in t.datasets else 99,
                                           order.get((r["method"], r["objective"]), 99)))
@@ -456,7 +475,9 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
         lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r['objective']} | "
                      f"{_fmt(r['deo_m'], r['deo_m_std'])} | {_fmt(r['deo_a'], r['deo_a_std'])} | "
                      f"{_fmt(r['acc'], r['acc_std'])} | {_fmt(r.get('suf_m'), r.get('suf_m_std'))} | "
-                     f"{_fmt(r.get('suf_a'), r.get('suf_a_std'))} | {_fmt(r['worst_group_acc'])} | {paper} | "
+                     f"{_fmt(r.get('suf_a'), r.get('suf_a_std'))} | "
+                     + "".join(f"{_fmt(r.get('per_attribute', {}).get(a, {}).get('deo_m'))} | " for a in attrs)
+                     + f"{_fmt(r['worst_group_acc'])} | {paper} | "
                      f"{p[3] if p else '-'} | {mins:.1f} |")
     whole = [(d, PAPER.get((d, t.ipc, "whole", "-"))) for d in t.datasets if (d, t.ipc, "whole", "-") in PAPER]
     if whole:

@@ -117,3 +117,12 @@ def test_tiny_run_on_real_cmnist(tmp_path, capsys):
     assert "17.04 / 7.95 / 94.61" in (out / "results.md").read_text()
     assert sorted(os.walk(REAL_ROOT)) == before  # nothing written into the data root
     capsys.readouterr()
+
+
+def test_intersectional_cells_carry_what_they_are_fair_over() -> None:
+    t, b = reproduce.TABLES["intersectional"], reproduce.BUDGETS["tiny"]
+    assert ("dm", "fairdd@marginal") in t.cells and ("dc", "cobra@intersection") in t.cells
+    s = reproduce.cell_settings(t, b, "cmnist-fgbg", "dm", "fairdd@fg", 0)["distill"]
+    assert s["objective"] == "fairdd" and s["fair_over"] == "fg"
+    assert "fair_over" not in reproduce.cell_settings(t, b, "cmnist-fgbg", "dm", "vanilla", 0)["distill"]
+    assert reproduce.cell_name("dm", "fairdd@fg", 10) == "dm_fairdd_over_fg_ipc10"
