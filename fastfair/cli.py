@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastfair", formatter_class=_FMT,
                 description="Fair dataset distillation (DM, DC, IDC, DREAM x vanilla / FairDD / COBRA) "
                             "with one-pass per-group statistics.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"fastfair {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # ---------------------------------------------------------------- demo
@@ -160,10 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation method: dm (Zhao & Bilen, WACV'23), dc (Zhao et al., ICLR'21), dsa (DC with "
                         "DSA, Zhao & Bilen, ICML'21), idc (Kim et al., ICML'22), dream (Liu et al., ICCV'23); "
                         "case-insensitive" + _family("--method DC / DSA / DM"))
-    s.add_argument("--objective", default="fairdd", choices=list(OBJECTIVES),
+    s.add_argument("--objective", default=None, choices=list(OBJECTIVES),
                    help="matching objective: vanilla, fairdd (FairDD, sum over groups), fairdd-mean (COBRA's "
                         "re-implementation of the FairDD DC baseline: the mean over the groups present), cobra "
-                        "(COBRA barycenter), fairdd-iw / -ldam / -groupdro (FairDD's Table 7 ablations)")
+                        "(COBRA barycenter), fairdd-iw / -ldam / -groupdro (FairDD's Table 7 ablations). Default: "
+                        "fairdd; but a command line in the DC/DM family's spelling (--Iteration, --num_eval, ...) "
+                        "means what it means in FairDD's code: vanilla unless it says --FairDD")
+    s.add_argument("--FairDD", dest="fairdd_flag", action="store_true",
+                   help="FairDD's switch: --objective fairdd [alias of FairDD's code]")
+    s.add_argument("--mode", default=None, choices=["vanilla", "fairdd", "cobra"],
+                   help="COBRA's switch: the objective under COBRA's protocol (implies --preset cobra; its "
+                        "fairdd of a DC-family method is fairdd-mean) [alias of COBRA's code]")
+    s.add_argument("--num_exp", type=int, default=1,
+                   help="the family's number of experiments: 1 (run the command again with another --seed for "
+                        "more) [alias of the family's --num_exp]")
+    s.add_argument("--eval_mode", default="S", metavar="MODE",
+                   help="the family's evaluation pool: S (the distillation network, ConvNet) only; other pools: "
+                        "one fastfair eval --model per network [alias of the family's --eval_mode]")
     s.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="paper protocol for the options left unset: fairdd (the FairDD code: DM 20000 iterations, "
                         "batch_real 256, lr_img 1 (10 at IPC >= 100); DC 1000, 256, 0.1) or cobra (COBRA's "
@@ -218,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inner-loop", type=int, default=None,
                    help="DC family: network epochs between steps; default by IPC: 1, 50, 25, 20, 15, 10 at "
                         "IPC 1, 10, 20, 30, 40, 50; 10 above")
-    s.add_argument("--lr-net", type=float, default=0.01, help="SGD lr of the DC inner loop and COBRA warm-up")
+    s.add_argument("--lr-net", "--lr_net", type=float, default=0.01,
+                   help="SGD lr of the DC inner loop and COBRA warm-up" + _family("--lr_net"))
+    s.add_argument("--batch-train", "--batch_train", type=int, default=256,
+                   help="synthetic images per batch of the DC inner loop and COBRA warm-up" + _family("--batch_train"))
     s.add_argument("--model", default="ConvNet", help="distillation network")
     s.add_argument("--width", type=int, default=128, help="ConvNet width")
     s.add_argument("--depth", type=int, default=3, help="ConvNet depth")
@@ -428,16 +447,17 @@ def cmd_distill(a: argparse.Namespace) -> int:
     from .augment import parse_strategy
     from .data.registry import canonical_name
 
+    objective, preset = _family_objective(a)
     options = _parse_options(a.data_option)
     dsa_off = a.no_dsa or a.dsa_strategy.lower() in ("", "none")
     if not dsa_off:
         parse_strategy(a.dsa_strategy)  # ValueError naming the bad op, before any data are loaded
     cfg = distill.DistillConfig(
-        dataset=canonical_name(a.dataset), method=a.method, objective=a.objective, ipc=a.ipc,
+        dataset=canonical_name(a.dataset), method=a.method, objective=objective, ipc=a.ipc,
         iterations=a.iterations, lr_img=a.lr_img, momentum=a.momentum, batch_real=a.batch_real,
         real_chunk=a.real_chunk, dc_block_classes=a.dc_block_classes, outer_loop=a.outer_loop,
-        inner_loop=a.inner_loop, lr_net=a.lr_net, dsa=False if dsa_off else _dsa_flag(a),
-        dsa_per_sample=a.dsa_per_sample, preset=a.preset,
+        inner_loop=a.inner_loop, lr_net=a.lr_net, batch_train=a.batch_train, dsa=False if dsa_off else _dsa_flag(a),
+        dsa_per_sample=a.dsa_per_sample, preset=preset,
         dsa_strategy=DSA_STRATEGY if dsa_off else a.dsa_strategy, dc_metric=a.dc_metric, init=a.init,
         model=a.model, width=a.width, depth=a.depth, norm=a.norm, cobra_warmup_epochs=a.cobra_warmup_epochs,
         group_noise=a.group_noise, groups=a.groups, sample_per_group=a.sample_per_group, fair_over=a.fair_over,
@@ -475,6 +495,45 @@ def cmd_distill(a: argparse.Namespace) -> int:
             print(f"{cfg.method}+{cfg.objective} on {cfg.dataset}, IPC {cfg.ipc}: {res.config.iterations} "
                   f"iterations in {res.seconds:.1f} s; synthetic set in {os.path.join(a.out, 'synset.pt')}")
     return 0
+
+
+# The DC/DM family's own spellings: a command line using any of them is one
+# of their scripts' lines, and means what it means in their code.
+FAMILY_FLAGS = ("--Iteration", "--num_eval", "--lr_img", "--batch_real", "--epoch_eval_train", "--save_path",
+                "--data_path", "--dsa_strategy", "--dis_metric", "--num_exp", "--lr_net", "--batch_train",
+                "--eval_mode", "--FairDD", "--mode")
+
+
+def _family_objective(a: argparse.Namespace) -> tuple[str, str | None]:
+    """(objective, preset) from fastfair's --objective or the family's
+    switches, never silently a different objective than the line asks for:
+    --objective wins; COBRA's --mode names it (under COBRA's preset); FairDD's
+    --FairDD means fairdd; a family line without either is vanilla, as in
+    FairDD's code (said on stderr); else fastfair's default, fairdd."""
+    if a.num_exp != 1:
+        raise UsageError(f"--num_exp {a.num_exp}: fastfair runs one experiment per command; run it again with "
+                         "another --seed")
+    if a.eval_mode != "S":
+        raise UsageError(f"--eval_mode {a.eval_mode}: fastfair evaluates the distillation network (S); for "
+                         "other networks run fastfair eval --model NAME on the synthetic set")
+    asked = [name for name, given in (("--objective", a.objective), ("--mode", a.mode),
+                                      ("--FairDD", a.fairdd_flag or None)) if given is not None]
+    if len(asked) > 1 and len({a.objective, a.mode, "fairdd" if a.fairdd_flag else None} - {None}) > 1:
+        raise UsageError(f"{' and '.join(asked)} ask for different objectives; give one")
+    preset = a.preset
+    if a.mode is not None and preset is None:
+        preset = "cobra"
+    if a.objective is not None:
+        return a.objective, preset
+    if a.mode is not None:
+        return a.mode, preset
+    if a.fairdd_flag:
+        return "fairdd", preset
+    if getattr(a, "family_line", False):
+        print("fastfair distill: a DC/DM-family command line without --FairDD: objective vanilla, as in "
+              "FairDD's code (pass --FairDD or --objective fairdd for FairDD)", file=sys.stderr)
+        return "vanilla", preset
+    return "fairdd", preset
 
 
 def _tensorboard_writer_class() -> Any:
@@ -732,7 +791,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.family_line = any(tok.split("=", 1)[0] in FAMILY_FLAGS for tok in argv)
     # SIGTERM (a job scheduler, `timeout`, `kill`) ends a command as Ctrl-C
     # does: distill saves its checkpoint, every output's temporary file is
     # removed on the way out, exit code 130.

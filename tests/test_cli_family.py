@@ -224,3 +224,67 @@ def test_real_tensorboard_writes_event_files(tmp_path):
     logger({"iteration": 1, "loss": 0.5, "seconds": 0.1})
     logger.close()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+
+
+# The authors' script lines, as data. FairDD's scripts/main_DM.sh and
+# main_DC.sh (zqhang/FairDD), with their shell variables filled in as the
+# scripts set them (dataset, save path and data path are the user's):
+FAIRDD_DM = ("--dataset {ds} --ipc 10 --batch_real 256 --num_exp 1 --model ConvNet --save_path {out} "
+             "--num_eval 10 --lr_img 1 --Iteration {it}")
+FAIRDD_DC = "--dataset {ds} --ipc 10 --batch_real 256 --num_exp 1 --model ConvNet --save_path {out} --num_eval 10"
+# COBRA's switch and protocol as REFERENCE.md records them (train_dm.py: DM
+# batch_real 600, 2600 iterations; --mode vanilla | fairdd | cobra).
+COBRA_DM = "--dataset {ds} --ipc 10 --batch_real 600 --Iteration {it} --mode {mode} --save_path {out}"
+
+
+def _line(template: str, tmp_path, extra: str = "", **kw) -> list[str]:
+    return ["distill", "--method", "DM" if "Iteration" in template else "DC",
+            *template.format(ds="cdigits-fg", out=str(tmp_path / "o"), **kw).split(), *extra.split()]
+
+
+@pytest.mark.parametrize("line, flag, objective, preset", [
+    (FAIRDD_DM, "", "vanilla", None), (FAIRDD_DM, "--FairDD", "fairdd", None),
+    (FAIRDD_DC, "", "vanilla", None), (FAIRDD_DC, "--FairDD", "fairdd", None),
+    (COBRA_DM, "", "vanilla", "cobra"), (COBRA_DM, "", "cobra", "cobra"), (COBRA_DM, "", "fairdd", "cobra"),
+])
+def test_authors_script_lines_select_the_objective_they_name(tmp_path, capsys, line, flag, objective,
+                                                             preset) -> None:
+    mode = objective if line is COBRA_DM else None
+    argv = _line(line, tmp_path, flag, it=20000, mode=mode)
+    a = cli.build_parser().parse_args(argv)
+    a.family_line = True
+    assert cli._family_objective(a) == (objective, preset)
+    if objective == "vanilla" and line is not COBRA_DM:  # the silent change of meaning is said
+        assert "objective vanilla, as in FairDD's code" in capsys.readouterr().err
+
+
+def test_a_fairdd_script_line_runs_unchanged(tmp_path) -> None:
+    # Their line, only the iterations cut for the test, and fastfair's size knobs appended.
+    argv = _line(FAIRDD_DM, tmp_path, "--FairDD --width 8 --depth 1 --no-progress --device cpu", it=1)
+    assert run_cli(argv) == 0
+    saved = torch.load(tmp_path / "o" / "synset.pt", weights_only=True)
+    assert saved["config"]["objective"] == "fairdd" and saved["config"]["batch_real"] == 256
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("--num_exp 5", "--num_exp 5"), ("--eval_mode M", "--eval_mode M"),
+    ("--objective cobra --FairDD", "ask for different objectives"),
+])
+def test_family_flags_fastfair_cannot_honour_stop_in_one_line(tmp_path, capsys, extra, message) -> None:
+    argv = _line(FAIRDD_DM, tmp_path, extra + " --width 8 --depth 1 --no-progress --device cpu", it=1)
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_fastfair_spelling_keeps_fairdd_as_the_default(tmp_path) -> None:
+    a = cli.build_parser().parse_args(["distill", "--dataset", "cdigits-fg", "--out", str(tmp_path)])
+    a.family_line = False
+    assert cli._family_objective(a) == ("fairdd", None)
+
+
+def test_version(capsys) -> None:
+    import fastfair
+
+    assert run_cli(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fastfair {fastfair.__version__}"
