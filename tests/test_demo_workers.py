@@ -64,3 +64,12 @@ def test_demo_stops_promptly_and_keeps_the_finished_cells(tmp_path, how: str) ->
         assert line.startswith("fastfair demo: error: a worker process died") and "unfinished cells:" in line
     else:
         assert p.returncode == 130 and "interrupted" in err
+
+
+def test_demo_with_workers_shows_each_cells_iterations(tmp_path) -> None:
+    p = subprocess.run([sys.executable, "-m", "fastfair", "demo", "--tiny", "--jobs", "2", "--out",
+                        str(tmp_path / "demo")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    shown = p.stderr.replace("\r", "\n")
+    for cell in ("dm+vanilla", "dm+fairdd", "dm+cobra", "dc+vanilla", "dc+fairdd"):
+        assert f"{cell}: " in shown and "it/s" in shown, cell  # a bar per cell, not only a cell count

@@ -103,7 +103,7 @@ def bar_chart(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def _run_cell(method: str, objective: str, p: dict[str, Any], seed: int, device: str, out_dir: str,
-              progress: bool, threads: int | None, ds: Any = None) -> dict[str, Any]:
+              progress: bool, threads: int | None, ds: Any = None, report: Any = None) -> dict[str, Any]:
     """Distil and evaluate one (method, objective) cell and save its grid; the
     row of the results table. Top level so that a worker process can run it
     (``ds`` None: load the dataset here); its result depends only on its
@@ -119,7 +119,12 @@ def _run_cell(method: str, objective: str, p: dict[str, Any], seed: int, device:
         ds = data.load(DATASET)
     cfg = _config(method, objective, p, seed)
     t0 = time.perf_counter()
-    res = run(cfg, ds, device=dev, progress=progress)
+    on_log = None
+    if report is not None:  # a worker: its iterations go to the parent's per-cell bars
+        def on_log(entry: dict[str, Any]) -> None:
+            if "iteration" in entry:
+                report.put((f"{method}+{objective}", int(entry["iteration"]), cfg.iterations))
+    res = run(cfg, ds, device=dev, progress=progress, on_log=on_log)
     t_distil = time.perf_counter() - t0
     # method=: DM sets are evaluated with DSA, DC sets without (the reference's evaluation).
     ev = evaluate_synset(res.images, res.labels, ds, epochs=p["eval_epochs"], runs=p["eval_runs"], seed=seed,
@@ -129,7 +134,8 @@ def _run_cell(method: str, objective: str, p: dict[str, Any], seed: int, device:
     save_grid(res.images, res.labels, ds.num_classes, ds.denormalize,
               os.path.join(out_dir, f"grid_{method}_{objective}.png"))
     return {"method": method, "objective": objective,
-            **{k: ev[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std", "suf_m", "suf_m_std", "suf_a", "suf_a_std")},
+            **{k: ev[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std", "suf_m",
+                                  "suf_m_std", "suf_a", "suf_a_std")},
             "seconds": round(t_distil, 2), "eval_seconds": round(t_eval, 2)}
 
 
@@ -171,12 +177,17 @@ def _run_cells(plan: list[tuple[str, str]], p: dict[str, Any], seed: int, dev: t
 
     # spawn, not fork: a forked child of a process with OpenMP threads can hang.
     rows: dict[int, dict[str, Any]] = {}
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_ignore_sigint)
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_ignore_sigint)
+    # Per-cell progress: the workers put (cell, iteration, total) on a queue
+    # that a thread here turns into one bar per running cell.
+    cell_bars = _CellBars(ctx, file=sys.stderr) if progress else None
+    report = cell_bars.queue if cell_bars else None
     # Longest first (DM+COBRA, whose warm-up doubles a DM step, then DM, then DC), so that no
     # worker is left with a long cell at the end.
     order = sorted(range(len(plan)), key=lambda i: (plan[i] != ("dm", "cobra"), plan[i][0] != "dm", i))
-    futures = {pool.submit(_run_cell, *plan[i], p, seed, str(dev), out_dir, False, threads): i for i in order}
+    futures = {pool.submit(_run_cell, *plan[i], p, seed, str(dev), out_dir, False, threads, None, report): i
+               for i in order}
     bar = tqdm(total=len(plan), desc=f"demo cells ({jobs} processes)", unit="cell", disable=not progress,
                file=sys.stderr)
 
@@ -199,8 +210,51 @@ def _run_cells(plan: list[tuple[str, str]], p: dict[str, Any], seed: int, dev: t
         raise
     finally:
         bar.close()
+        if cell_bars is not None:
+            cell_bars.close()
     pool.shutdown()
     return [rows[i] for i in range(len(plan))]
+
+
+class _CellBars:
+    """One tqdm bar per cell, fed by the workers through a manager queue
+    (spawned workers cannot share a plain one) and drawn by a thread here."""
+
+    def __init__(self, ctx: Any, file: Any) -> None:
+        import threading
+
+        self._manager = ctx.Manager()
+        self.queue = self._manager.Queue()
+        self._file = file
+        self._bars: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        from tqdm import tqdm
+
+        while True:
+            try:
+                item = self.queue.get()
+            except (EOFError, OSError):  # the manager is gone
+                return
+            if item is None:
+                return
+            name, it, total = item
+            bar = self._bars.get(name)
+            if bar is None:
+                bar = self._bars[name] = tqdm(total=total, desc=name, unit="it", position=len(self._bars) + 1,
+                                              leave=False, file=self._file)
+            bar.update(max(0, it - bar.n))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.queue.put(None)
+            self._thread.join(timeout=5)
+        for bar in self._bars.values():
+            bar.close()
+        with contextlib.suppress(Exception):
+            self._manager.shutdown()
 
 
 class CellsStopped(Exception):
