@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import objectives, ops
+from .attributes import Attributes, regroup
 
 Reduction = Literal["sum", "mean", "none"]
 
@@ -63,22 +64,48 @@ class FairDMLoss(nn.Module):
     num_classes / num_groups: any integer type. A label or group out of range
     raises ValueError naming it (``real_labels[7] = 9 is outside [0,
     num_classes = 8)``).
+
+    Several protected attributes (fastfair's extension): pass ``attributes``
+    (a :class:`fastfair.attributes.Attributes`, e.g. ``dataset.attributes``)
+    and give each row its intersectional group id, the mixed-radix index of
+    its values (``Attributes.group``: ``g = fg * K_bg + bg`` for two); then
+    ``fair_over`` chooses the groups the objective is fair over:
+    ``"intersection"`` (the default), ``"marginal"`` (the sum over attributes
+    of each attribute's terms) or an attribute's name. ``last_terms`` then
+    holds the per-(class, chosen group) distances.
     """
 
     def __init__(self, num_classes: int, num_groups: int, objective: str = "fairdd",
-                 reduction: Reduction = "sum") -> None:
+                 reduction: Reduction = "sum", attributes: Attributes | None = None,
+                 fair_over: str = "intersection") -> None:
         super().__init__()
         self.num_classes = ops._as_size(num_classes, "num_classes", "FairDMLoss")
         self.num_groups = ops._as_size(num_groups, "num_groups", "FairDMLoss")
         self.objective = objectives.get_objective(objective)
         self.reduction = _check_reduction(reduction)
+        if attributes is not None:
+            attributes.check_fair_over(fair_over)
+            if attributes.num_groups != self.num_groups:
+                raise ValueError(f"FairDMLoss: the attributes have {attributes.num_groups} intersectional "
+                                 f"groups, num_groups is {self.num_groups}")
+        elif fair_over != "intersection":
+            raise ValueError(f"FairDMLoss: fair_over={fair_over!r} needs the attributes")
+        self.attributes, self.fair_over = attributes, fair_over
         self.last_terms: objectives.MatchTerms | None = None
 
     def terms(self, real_emb: Tensor, real_labels: Tensor, real_groups: Tensor, syn_emb: Tensor,
               syn_labels: Tensor) -> objectives.MatchTerms:
         """The loss's terms (carrying autograd), without storing them."""
-        return ops.fair_dm_terms(real_emb, real_labels, real_groups, syn_emb, syn_labels,
-                                 self.num_classes, self.num_groups, self.objective, group_terms=True)
+        if self.fair_over == "intersection":
+            return ops.fair_dm_terms(real_emb, real_labels, real_groups, syn_emb, syn_labels,
+                                     self.num_classes, self.num_groups, self.objective, group_terms=True)
+        C, G = self.num_classes, self.num_groups
+        seg = ops.segment_ids(real_labels, real_groups, C, G)
+        real_sum = ops.segment_sum(real_emb.detach(), seg, C * G)
+        real_count = ops.segment_count(seg, C * G)
+        real_sum, real_count, g2 = regroup(real_sum, real_count, C, self.attributes, self.fair_over)
+        return objectives.dm_matching_terms(real_sum, real_count, ops.segment_mean(syn_emb, syn_labels, C),
+                                            ops.segment_count(syn_labels, C), g2, self.objective, True)
 
     def forward(self, real_emb: Tensor, real_labels: Tensor, real_groups: Tensor, syn_emb: Tensor,
                 syn_labels: Tensor) -> Tensor:
@@ -89,7 +116,8 @@ class FairDMLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_groups={self.num_groups}, "
-                f"objective={self.objective.name!r}, reduction={self.reduction!r}")
+                f"objective={self.objective.name!r}, reduction={self.reduction!r}"
+                + (f", fair_over={self.fair_over!r}" if self.attributes is not None else ""))
 
 
 class FairGradientMatching(nn.Module):

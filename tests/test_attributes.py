@@ -174,3 +174,24 @@ def test_attribute_reports_equal_reports_on_marginal_groups() -> None:
         for key in ("deo_m", "deo_a", "suf_m"):
             assert reps[name][key] == pytest.approx(want[key])
     assert attribute_reports(pred, labels, groups, 4, Attributes.single(list("abcdef"))) == {}
+
+
+@pytest.mark.parametrize("over", ["intersection", "marginal", "fg", "bg"])
+def test_fair_dm_loss_module_fair_over_equals_the_loop(over: str) -> None:
+    from fastfair.nn import FairDMLoss
+
+    g = torch.Generator().manual_seed(5)
+    C, n, d = 3, 80, 4
+    labels = torch.randint(0, C, (n,), generator=g)
+    groups = torch.randint(0, 6, (n,), generator=g)
+    real = torch.randn(n, d, generator=g, dtype=torch.float64)
+    syn_labels = torch.arange(C).repeat_interleave(2)
+    syn = torch.randn(6, d, generator=g, dtype=torch.float64, requires_grad=True)
+    got = FairDMLoss(C, 6, "fairdd", attributes=ATTRS, fair_over=over)(real, labels, groups, syn, syn_labels)
+    parts = {"intersection": [(groups, 6)], "fg": [(ATTRS.marginal(groups, 0), 3)],
+             "bg": [(ATTRS.marginal(groups, 1), 2)],
+             "marginal": [(ATTRS.marginal(groups, 0), 3), (ATTRS.marginal(groups, 1), 2)]}[over]
+    want = _loop_dm(real, labels, groups, syn, syn_labels, C, parts)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="needs the attributes"):
+        FairDMLoss(C, 6, fair_over="fg")
