@@ -55,8 +55,20 @@ def backend() -> str:
     return "cuda" if "cuda" in _KERNEL_DEVICES["segment_sum"] else "cpu"
 
 
-def _use_kernel(op: str, t: Tensor) -> bool:
+def _under_func_transform(*tensors: Tensor) -> bool:
+    """True inside torch.func.grad / jacrev / jvp / vmap: torch's generated
+    autograd for a custom op (torch.library.register_autograd) has no
+    functorch support, so the ops then run their pure-PyTorch reference (the
+    same math, with torch's own derivative and batching rules)."""
+    if torch.compiler.is_compiling():  # a traced graph sees plain (fake) tensors
+        return False
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _use_kernel(op: str, t: Tensor, *others: Tensor) -> bool:
     global _warned
+    if _under_func_transform(t, *others):
+        return False
     if t.device.type in _KERNEL_DEVICES[op]:
         return True
     if not _warned:
@@ -345,7 +357,7 @@ def segment_sum(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
     int64, any order. Returns [num_segments, D] in x's dtype. Differentiable in x.
     """
     num_segments = _check_args(x, ids, num_segments, "segment_sum")
-    if _use_kernel("segment_sum", x):
+    if _use_kernel("segment_sum", x, ids):
         out = torch.ops.fastfair.segment_sum(x, ids, num_segments)
         _after_kernel(x.device, "segment_sum")
         return out
@@ -355,7 +367,7 @@ def segment_sum(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
 def segment_mean(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
     """Row means per segment; an empty segment gives a zero row (never NaN)."""
     num_segments = _check_args(x, ids, num_segments, "segment_mean")
-    if _use_kernel("segment_mean", x):
+    if _use_kernel("segment_mean", x, ids):
         out = torch.ops.fastfair.segment_mean(x, ids, num_segments)
         _after_kernel(x.device, "segment_mean")
         return out
@@ -718,7 +730,7 @@ def segment_linear_weight_grad(grad_out: Tensor, input: Tensor, ids: Tensor, num
     """
     op = "segment_linear_weight_grad"
     num_segments = _check_weight_grad_args(grad_out, input, ids, num_segments, op, 2)
-    if _use_kernel(op, input):
+    if _use_kernel(op, input, grad_out, ids):
         out = torch.ops.fastfair.segment_linear_weight_grad(grad_out, input, ids, num_segments)
         _after_kernel(input.device, op)
         return out
@@ -748,7 +760,7 @@ def segment_conv2d_weight_grad(
     pd, dl = _pair(padding, "padding", op), _pair(dilation, "dilation", op)
     num_segments = _check_weight_grad_args(grad_out, input, ids, num_segments, op, 4)
     _check_conv_geometry(grad_out, input, ks, st, pd, dl, op)
-    if _use_kernel(op, input):
+    if _use_kernel(op, input, grad_out, ids):
         out = torch.ops.fastfair.segment_conv2d_weight_grad(
             grad_out, input, ids, num_segments, list(ks), list(st), list(pd), list(dl)
         )
