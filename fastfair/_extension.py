@@ -10,9 +10,11 @@ running torch. Three outcomes:
 - no ``_C`` in the package (a source checkout without a build, or
   ``FASTFAIR_EXTENSION=0``): the pure-PyTorch reference ops, with the warning
   of ``fastfair.ops`` at first use;
-- a ``_C`` that cannot be loaded or was built for another torch: ImportError
-  that names both versions and says how to rebuild (never a silent fallback
-  to ops that are orders of magnitude slower);
+- a ``_C`` that cannot be loaded or was built for another torch (a user
+  who keeps their own torch and installed a wheel built for another one):
+  the package still imports and runs on the reference ops, and says once, at
+  import, which torch the extension was built for and how to rebuild it (never
+  a silent fallback: the reference ops are orders of magnitude slower);
 - otherwise the compiled kernels.
 """
 from __future__ import annotations
@@ -47,7 +49,17 @@ def check_versions(built: str | None, running: str, where: str) -> None:
 
 
 def load(package: str = "fastfair") -> tuple[bool, str | None]:
-    """(loaded, why not) for ``package._C``; raises ImportError as described above."""
+    """(loaded, why not) for ``package._C``: a mismatched or unloadable
+    extension is (False, the reason), said once as a RuntimeWarning."""
+    try:
+        return _load(package)
+    except ImportError as exc:
+        warnings.warn(f"{exc}; running on the pure-PyTorch reference ops until then", RuntimeWarning,
+                      stacklevel=3)
+        return False, str(exc)
+
+
+def _load(package: str) -> tuple[bool, str | None]:
     import torch
 
     name = f"{package}._C"

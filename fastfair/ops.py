@@ -21,11 +21,13 @@ from torch import Tensor
 
 from ._extension import load as _load_extension
 
-# Loads fastfair._C; an extension built for another torch is an ImportError
-# that says how to rebuild, not a silent fallback to the reference ops.
+# Loads fastfair._C; an extension built for another torch warns once at import
+# (how to rebuild it) and the reference ops run instead.
 _LOADED, _LOAD_ERROR = _load_extension(__package__)
 
-_warned = False
+# A mismatched extension has said so at import already (its message starts
+# with "fastfair:"); the first-use warning is for a missing one.
+_warned = bool(_LOAD_ERROR and _LOAD_ERROR.startswith("fastfair:"))
 _validate_ids = True
 
 _OPS = ("segment_sum", "segment_mean", "segment_count", "segment_linear_weight_grad",
