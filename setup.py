@@ -76,8 +76,11 @@ setup(
     package_data={"fastfair": ["py.typed"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    # _C is bound to the torch it is compiled against (fastfair/_extension.py
-    # checks at import), so the package requires exactly that torch.
-    install_requires=[torch_requirement(torch.__version__), "torchvision", "numpy", "scikit-learn", "tqdm",
-                      "matplotlib", "pillow"],
+    # Any supported torch: the user's is kept. _C serves the torch it was
+    # compiled against; with another, fastfair/_extension.py falls back to the
+    # reference ops and says how to rebuild. torchvision only fetches datasets
+    # (--download): an extra. scikit-learn (the embedded digits, DBSCAN) and
+    # matplotlib (the plots) stay: `pip install . && fastfair demo` needs them.
+    install_requires=[torch_requirement(torch.__version__), "numpy", "scikit-learn", "tqdm", "matplotlib",
+                      "pillow"],
 )

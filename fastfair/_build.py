@@ -87,7 +87,13 @@ def compile_flags(env: Mapping[str, str], cuda: bool, torch_version: str, openmp
     return args
 
 
+# The oldest torch fastfair supports (tested in CI: 2.13.0 and 2.14.1).
+MIN_TORCH = "2.13"
+
+
 def torch_requirement(torch_version: str) -> str:
-    """The torch a built wheel runs with: the version it was compiled against
-    (public part; the local tag such as +cu130 names the variant)."""
-    return f"torch=={torch_version.split('+', 1)[0]}"
+    """The torch a built wheel asks for: any supported one, so that installing
+    fastfair keeps the user's torch. Its compiled extension serves the torch
+    it was built against (``torch_version``) and, with any other, the package
+    runs on the reference ops and says how to rebuild (fastfair/_extension.py)."""
+    return f"torch>={MIN_TORCH}"

@@ -71,9 +71,9 @@ def test_release_builds_carry_no_debug_info():
     assert "-DFASTFAIR_TORCH_VERSION=unknown" in odd
 
 
-def test_wheel_requires_the_torch_it_was_built_with():
-    assert _build.torch_requirement("2.14.1+cu130") == "torch==2.14.1"
-    assert _build.torch_requirement("2.11.0") == "torch==2.11.0"
+def test_wheel_keeps_the_users_torch():
+    # Any supported torch, whatever the build's: installing fastfair never replaces the user's torch.
+    assert _build.torch_requirement("2.14.1+cu130") == _build.torch_requirement("2.13.0") == "torch>=2.13"
 
 
 def test_version_check():

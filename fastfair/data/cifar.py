@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .bias import GRAY_GROUPS, grayscale_skew
-from .core import Raw, missing_files
+from .core import Raw, missing_files, torchvision_for_download
 from .safe_pickle import load_batch
 
 FOLDER = "cifar-10-batches-py"
@@ -55,7 +55,7 @@ def load_cifar10_s(root: str, bias_ratio: float, seed: int, download: bool) -> R
     folder = os.path.join(root, FOLDER)
     expected = [os.path.join(folder, n) for n in TRAIN + TEST]
     if not all(os.path.isfile(p) for p in expected) and download:
-        import torchvision
+        torchvision = torchvision_for_download()
 
         torchvision.datasets.CIFAR10(root, train=True, download=True)
     missing = [p for p in expected if not os.path.isfile(p)]

@@ -141,3 +141,13 @@ def missing_files(dataset: str, expected: list[str], hint: str) -> FileNotFoundE
     to get it."""
     lines = "\n  ".join(expected)
     return FileNotFoundError(f"{dataset}: expected files not found:\n  {lines}\n{hint}")
+
+
+def torchvision_for_download() -> object:
+    """torchvision, which only ``download=True`` needs (the ``download`` extra)."""
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise ValueError(f"downloading a dataset needs torchvision, which does not import here ({exc}); "
+                         "pip install 'fastfair[download]', or place the files by hand") from None
+    return torchvision

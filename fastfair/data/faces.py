@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .bias import TEST_SEED, generator
-from .core import Raw, missing_files
+from .core import Raw, missing_files, torchvision_for_download
 from .images import list_images, read_images
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -77,7 +77,7 @@ def load_celeba(root: str, download: bool, target_attr: str, group_attr: str, im
     expected = [os.path.join(folder, n) for n in CELEBA_FILES] + [os.path.join(folder, "img_align_celeba") + os.sep]
     present = lambda: all(os.path.exists(p) for p in expected)  # noqa: E731
     if not present() and download:
-        import torchvision
+        torchvision = torchvision_for_download()
 
         torchvision.datasets.CelebA(root, split="all", target_type="attr", download=True)
     if not present():

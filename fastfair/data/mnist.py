@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .bias import COLOUR_NAMES, TEST_SEED, balanced_groups, colourise, generator, reference_groups, skewed_groups
-from .core import Raw, missing_files
+from .core import Raw, missing_files, torchvision_for_download
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -102,7 +102,7 @@ def _find(raw_dir: str, stem: str) -> str | None:
 
 
 def _download(root: str, source: str) -> None:
-    import torchvision
+    torchvision = torchvision_for_download()
 
     cls = torchvision.datasets.MNIST if source == "mnist" else torchvision.datasets.FashionMNIST
     cls(root, train=True, download=True)

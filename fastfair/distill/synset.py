@@ -86,9 +86,9 @@ def init_images(class_pools: list[Tensor], train_images: Tensor, ipc: int, init:
 
 
 def save_grid(images: Tensor, labels: Tensor, num_classes: int, denormalize: Any, path: str) -> None:
-    """PNG grid, one row per class (images in label order), denormalised to [0, 1]."""
-    from torchvision.utils import make_grid, save_image
-
+    """PNG grid, one row per class (images in label order), denormalised to
+    [0, 1], tiles separated by 1 px of white (PIL only: the loss and the
+    driver need no torchvision)."""
     imgs = images.detach().float().cpu()
     labs = labels.detach().cpu()
     order = torch.argsort(labs, stable=True)
@@ -104,8 +104,24 @@ def save_grid(images: Tensor, labels: Tensor, num_classes: int, denormalize: Any
     if denormalize is not None:
         grid = denormalize(grid)
     grid = torch.nan_to_num(grid, nan=1.0).clamp(0, 1)
-    picture = make_grid(grid, nrow=per_class, padding=1, pad_value=1.0)
-    atomic_write(path, lambda f: save_image(picture, f, format="png"))
+    picture = _tile(grid, per_class)
+    atomic_write(path, lambda f: picture.save(f, format="png"))
+
+
+def _tile(grid: Tensor, ncol: int) -> Any:
+    """[N, C, H, W] in [0, 1] -> a PIL image of ceil(N / ncol) x ncol tiles."""
+    from PIL import Image
+
+    n, ch, h, w = grid.shape
+    nrow = -(-n // max(1, ncol))
+    canvas = torch.ones(ch, nrow * (h + 1) + 1, ncol * (w + 1) + 1)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        canvas[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = grid[i]
+    pixels = (canvas * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    if ch == 1:
+        return Image.fromarray(pixels[0].numpy(), mode="L")
+    return Image.fromarray(pixels[:3].permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
 
 def atomic_save(obj: Any, path: str) -> None:
