@@ -1,5 +1,5 @@
 """Several protected attributes at once (fastfair's extension: neither the
-FairDD nor the COBRA paper defines it; REFERENCE.md "Several protected
+FairDD nor the COBRA paper defines it; docs/methods.md "Several protected
 attributes").
 
 A dataset declares its attributes (a name and the names of its values each);

@@ -1,7 +1,7 @@
 """Train-on-synthetic evaluation: accuracy and fairness of networks trained on a
 (distilled or baseline) training set and tested on the balanced test split.
 
-Protocol of the DC/DM/FairDD code (REFERENCE.md): a fresh network per run, SGD
+Protocol of the DC/DM/FairDD code (docs/methods.md): a fresh network per run, SGD
 lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, cross-entropy, and the
 reference's schedule: ``Epoch + 1`` epochs, the lr x0.1 (with a fresh SGD
 optimizer, as the reference re-creates it) after epoch ``Epoch // 2 + 1``.

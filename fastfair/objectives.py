@@ -212,7 +212,7 @@ def dm_matching_terms(
 
 
 # ---------------------------------------------------------------------------
-# DC: gradient matching (match_loss of the DC code family, REFERENCE.md).
+# DC: gradient matching (match_loss of the DC code family, docs/methods.md).
 
 Metric = Literal["ours", "mse", "cos"]
 
@@ -272,7 +272,7 @@ def dc_matching_loss(
     the count-weighted mean of the group gradients (the class gradient),
     ``fairdd`` sums the match against each group gradient (weighted by the
     ablations), ``cobra`` matches the unweighted mean of the group gradients.
-    metric (match_loss of the DC code family, REFERENCE.md), summed over
+    metric (match_loss of the DC code family, docs/methods.md), summed over
     parameter tensors:
       'ours': per parameter with more than one dimension, the gradient is
         reshaped to (out_units, -1) (out_units = its first dimension) and the

@@ -5,7 +5,7 @@ When the compiled extension is missing (or has no kernel for the tensor's
 device) the same functions run on pure-PyTorch reference implementations, so
 ``import fastfair`` never fails; :func:`backend` says which path is active.
 
-Contracts (DESIGN.md): the caller passes ``num_segments``; ids are int32 or
+Contracts (docs/architecture.md): the caller passes ``num_segments``; ids are int32 or
 int64 in any order; empty segments give zeros; half/bfloat16 accumulate in
 float32; the kernels are deterministic (no atomics, fixed reduction order).
 """
@@ -536,7 +536,7 @@ def fair_dm_loss(
 
 
 # ===========================================================================
-# Segmented weight gradients (one-pass per-group DC; DESIGN.md op 3).
+# Segmented weight gradients (one-pass per-group DC; docs/architecture.md op 3).
 # segment_linear_weight_grad / segment_conv2d_weight_grad: out[s] is the SUM
 # over the rows i of segment s of the weight gradient of row i alone, given
 # the layer's input A and the gradient B at its output from one backward of

@@ -3,7 +3,7 @@
 FairDD's DC runs one extra backward pass per group; COBRA's DC needs the same
 per-group gradients. Here ONE forward and ONE backward of the summed
 per-sample losses over the whole real batch (all classes, all groups) give
-every segment's gradient (DESIGN.md, op 3): hooks capture each layer's input A
+every segment's gradient (docs/architecture.md, op 3): hooks capture each layer's input A
 and, from the one backward, the gradient B at its output; then
 
 - Linear / Conv2d weight: sum_{i in s} B_i^T A_i, by the segmented kernels

@@ -2,7 +2,7 @@
 numbers beside the published ones.
 
 A *table* names datasets, an IPC and the (method, objective) cells of a
-published table (FairDD Tables 1-2, COBRA's reported numbers; REFERENCE.md
+published table (FairDD Tables 1-2, COBRA's reported numbers; docs/methods.md
 "Headline results"). A *budget* says how much of the protocol is run:
 
 - ``paper``: the full protocol (the preset's distillation settings, width-128
@@ -74,7 +74,7 @@ def _fairdd_rows() -> None:
 
 
 def _cobra_rows() -> None:
-    # COBRA reports "EOD" (shown in the DEO_M column) and Acc, as summarised in REFERENCE.md.
+    # COBRA reports "EOD" (shown in the DEO_M column) and Acc, as summarised in docs/methods.md.
     src = "COBRA (EOD as DEO_M)"
     for o, (eod, acc) in {"vanilla": (82.87, 45.4), "fairdd": (25.17, 61.2), "cobra": (9.37, 62.4)}.items():
         PAPER[("cifar10-s", 100, "dm", o)] = (eod, None, acc, src)

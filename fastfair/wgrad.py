@@ -1,4 +1,4 @@
-"""Per-segment weight gradients on a vendor grouped GEMM (DESIGN.md, op 3).
+"""Per-segment weight gradients on a vendor grouped GEMM (docs/architecture.md, op 3).
 
 For a layer with input A and output gradient B, segment s needs
 sum_{i in s} B_i^T A_i (Linear) or the same over the im2col columns of every

@@ -232,7 +232,7 @@ def test_real_tensorboard_writes_event_files(tmp_path):
 FAIRDD_DM = ("--dataset {ds} --ipc 10 --batch_real 256 --num_exp 1 --model ConvNet --save_path {out} "
              "--num_eval 10 --lr_img 1 --Iteration {it}")
 FAIRDD_DC = "--dataset {ds} --ipc 10 --batch_real 256 --num_exp 1 --model ConvNet --save_path {out} --num_eval 10"
-# COBRA's switch and protocol as REFERENCE.md records them (train_dm.py: DM
+# COBRA's switch and protocol as docs/methods.md records them (train_dm.py: DM
 # batch_real 600, 2600 iterations; --mode vanilla | fairdd | cobra).
 COBRA_DM = "--dataset {ds} --ipc 10 --batch_real 600 --Iteration {it} --mode {mode} --save_path {out}"
 

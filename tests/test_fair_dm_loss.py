@@ -99,7 +99,7 @@ def test_real_side_is_constant():
 
 
 def test_fairdd_is_group_count_times_barycenter_gradient():
-    # REFERENCE.md: sum_a ||mu_a - s||^2 = |A| ||b - s||^2 + const.
+    # docs/methods.md: sum_a ||mu_a - s||^2 = |A| ||b - s||^2 + const.
     g = torch.Generator().manual_seed(5)
     labels = torch.arange(60) % 2
     groups = (torch.arange(60) // 2) % 3  # every group present in each class

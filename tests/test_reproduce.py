@@ -25,7 +25,7 @@ def test_names_agree_with_the_torch_free_choices():
 
 
 def test_paper_numbers_are_the_reference_tables():
-    # Spot checks against REFERENCE.md (FairDD Tables 1-2, COBRA).
+    # Spot checks against docs/methods.md (FairDD Tables 1-2, COBRA).
     assert reproduce.PAPER[("cmnist-fg", 10, "dm", "fairdd")][:3] == (17.04, 7.95, 94.61)
     assert reproduce.PAPER[("cmnist-bg", 10, "dc", "vanilla")][:3] == (100.0, 73.60, 65.91)
     assert reproduce.PAPER[("cmnist-bg", 50, "dm", "cobra")][0] == 7.46

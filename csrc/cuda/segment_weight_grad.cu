@@ -1,5 +1,5 @@
 // CUDA kernels for the segmented weight gradients of one-pass per-group DC
-// (DESIGN.md, op 3):
+// (docs/architecture.md, op 3):
 //   segment_linear_weight_grad(B [N, O], A [N, K], ids, S)  -> [S, O, K]
 //   segment_conv2d_weight_grad(B [N, O, H', W'], A [N, I, H, W], ids, S, ...)
 //                                                       -> [S, O, I*kh*kw]

@@ -1,6 +1,6 @@
 """The reference-style FairDD steps of the step-time benchmark, written the
 way the papers' public code computes the per-group statistics: one group at a
-time, with a host sync per class (REFERENCE.md, "Cost of the reference
+time, with a host sync per class (docs/methods.md, "Cost of the reference
 implementation"). :mod:`fastfair.bench.step_time` times them against the
 driver's one-pass steps and checks that both give the same image gradient.
 """

@@ -13,7 +13,7 @@ update) and no inner network training (``outer_loop=1``). Implementations:
                    compute G-segment statistics for nothing and flatter the
                    ratios (vanilla DC matches one segment per class anyway).
   loop fairdd      reference-style FairDD written here the way the papers'
-                   public code does it (REFERENCE.md, "Cost of the reference
+                   public code does it (docs/methods.md, "Cost of the reference
                    implementation"): per class a forward of that class's real
                    and synthetic rows; then per group present in the class
                    (found with a host sync) DM masks the group's rows and takes

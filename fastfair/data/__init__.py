@@ -5,7 +5,7 @@
     >>> ds.train.images.shape, ds.num_groups
     (torch.Size([1258, 3, 32, 32]), 10)
 
-Datasets (``names()``; recipes in /work/shared/REFERENCE.md "Datasets"):
+Datasets (``names()``; recipes in docs/datasets.md):
 
 =====================  ===================================  =====================
 name                   classes / groups                     source under ``root``

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 # C-MNIST colour map (RGB), index = colour = majority colour of that class
-# (FairDD paper, Sec. 5; REFERENCE.md "Datasets").
+# (FairDD paper, Sec. 5; docs/datasets.md).
 COLOURS = [
     (255, 0, 0), (255, 128, 0), (255, 255, 0), (255, 255, 128), (0, 255, 0),
     (0, 255, 255), (0, 0, 255), (128, 0, 255), (255, 0, 255), (255, 255, 255),
@@ -80,7 +80,7 @@ def skewed_groups(labels: Tensor, majority: Tensor, num_groups: int, bias_ratio:
 def reference_groups(labels: Tensor, majority: Tensor, num_groups: int, bias_ratio: float,
                      gen: torch.Generator) -> Tensor:
     """The C-MNIST recipe of the FairDD reference (colour_mnist.py;
-    REFERENCE.md "Datasets"): in class c, ``floor(bias_ratio * n)`` rows (in
+    docs/datasets.md): in class c, ``floor(bias_ratio * n)`` rows (in
     a random order) get group ``majority[c]``; the other groups, in a shuffled
     order, take the rest in chunks of ``ceil(rest / (num_groups - 1))`` rows,
     so the last groups of the order may get fewer rows or none. The test set
@@ -237,7 +237,7 @@ GRAY_GROUPS = ["grayscale", "colour"]
 def grayscale_skew(train_images: Tensor, train_labels: Tensor, test_images: Tensor,
                    test_labels: Tensor, num_classes: int, bias_ratio: float, seed: int
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The CIFAR10-S recipe (FairDD paper; REFERENCE.md): the first half of
+    """The CIFAR10-S recipe (FairDD paper; docs/methods.md): the first half of
     the classes is grayscale for a fraction BR of its training images, the
     second half in colour for a fraction BR; every test image appears twice,
     grayscale (group 0) and in colour (group 1).

@@ -1,5 +1,5 @@
 """CIFAR10-S: CIFAR-10 with a grayscale / colour skew (FairDD paper;
-REFERENCE.md "Datasets").
+docs/datasets.md).
 
 Source files: torchvision's layout, root/cifar-10-batches-py/{data_batch_1..5,
 test_batch, batches.meta} (Python pickles of {'data': uint8 [N, 3072] as R,

@@ -1,5 +1,5 @@
 """Face datasets with a natural bias: CelebA, UTKFace, bFFHQ (FairDD paper;
-REFERENCE.md "Datasets"). The bias is the one in the data, so ``bias_ratio``
+docs/datasets.md). The bias is the one in the data, so ``bias_ratio``
 and ``seed`` do not apply; the test subsets are drawn with a fixed seed.
 All are centre-cropped squares resized to ``image_size`` (64), mean = std = 0.5.
 """

@@ -1,5 +1,5 @@
 """ImageNet subsets-S and Tiny-ImageNet-S: the CIFAR10-S grayscale skew on
-ImageNet-derived data (FairDD paper; REFERENCE.md "Datasets").
+ImageNet-derived data (FairDD paper; docs/datasets.md).
 
 The subsets are the 10-class ImageNet subsets of the dataset-distillation
 literature (ImageNette and ImageWoof from fast.ai; ImageFruit, ImageMeow,

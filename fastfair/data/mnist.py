@@ -1,5 +1,5 @@
 """C-MNIST and C-FMNIST (FG / BG): MNIST or Fashion-MNIST coloured with a
-class-correlated colour (FairDD paper, Sec. 5; REFERENCE.md "Datasets").
+class-correlated colour (FairDD paper, Sec. 5; docs/datasets.md).
 
 Source files: torchvision's on-disk layout, root/MNIST/raw/*-ubyte and
 root/FashionMNIST/raw/*-ubyte (plain or .gz), read directly as IDX files.

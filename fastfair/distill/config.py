@@ -1,6 +1,6 @@
 """Distillation settings: one dataclass, paper defaults, per-IPC rules, presets, validation.
 
-Defaults follow REFERENCE.md ("Distillation hyper-parameters"), per method:
+Defaults follow docs/cli.md ("Paper defaults"), per method:
 - DM (Zhao & Bilen, WACV'23; FairDD main_DM.py): 20000 iterations, lr_img 1
   (10 at IPC >= 100), SGD momentum 0.5, real batch 256 per class, init from
   real images, DSA on.
