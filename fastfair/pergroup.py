@@ -238,7 +238,7 @@ def _layer_sums(c: _Call, ids: Tensor, s: int) -> list[tuple[nn.Parameter, Tenso
                     b.reshape(-1, b.shape[-1]), a.reshape(-1, a.shape[-1]), ids.repeat_interleave(t), s)
             out.append((m.weight, w.reshape(s, -1)))
         if want(m.bias):
-            out.append((m.bias, ops.segment_sum(b.reshape(n, -1, b.shape[-1]).sum(1), ids, s)))
+            out.append((m.bias, _segment_sum(b.reshape(n, -1, b.shape[-1]).sum(1), ids, s)))
     elif isinstance(m, nn.Conv2d):
         if a.dim() != 4:
             raise ValueError(f"segment_gradients: Conv2d '{c.name}' needs a batched input [N, C, H, W]")
@@ -247,7 +247,7 @@ def _layer_sums(c: _Call, ids: Tensor, s: int) -> list[tuple[nn.Parameter, Tenso
             w = ops.segment_conv2d_weight_grad(b, a_pad, ids, s, m.kernel_size, m.stride, padding, m.dilation)
             out.append((m.weight, w.reshape(s, -1)))
         if want(m.bias):
-            out.append((m.bias, ops.segment_sum(_spatial_sum(b), ids, s)))
+            out.append((m.bias, _segment_sum(_spatial_sum(b), ids, s)))
     else:  # normalisation layers: y = xhat * weight + bias
         if isinstance(m, nn.LayerNorm):  # affine over the trailing normalized_shape
             d = len(m.normalized_shape)
@@ -255,10 +255,18 @@ def _layer_sums(c: _Call, ids: Tensor, s: int) -> list[tuple[nn.Parameter, Tenso
         else:  # GroupNorm, eval-mode BatchNorm: affine per channel (dim 1)
             per = _spatial_sum
         if want(m.weight):
-            out.append((m.weight, ops.segment_sum(_norm_scale_grad(m, a, b, per), ids, s)))
+            out.append((m.weight, _segment_sum(_norm_scale_grad(m, a, b, per), ids, s)))
         if want(m.bias):
-            out.append((m.bias, ops.segment_sum(per(b), ids, s)))
+            out.append((m.bias, _segment_sum(per(b), ids, s)))
     return out
+
+
+def _segment_sum(x: Tensor, ids: Tensor, s: int) -> Tensor:
+    """Segment sums of a layer's bias / norm terms: from the pass's shared
+    sorted layout where there is one (GPUs: no per-layer sort), else
+    ops.segment_sum."""
+    shared = wgrad.sorted_segment_sum(x, ids, s)
+    return ops.segment_sum(x, ids, s) if shared is None else shared
 
 
 # Rows per chunk of the normalised input are capped at this many elements.

@@ -98,12 +98,15 @@ class SegmentLayout:
     num_segments: int
     ends: Tensor
     key: tuple
+    lengths: Tensor | None = None  # rows per segment (int64), for sorted_segment_sum
 
     @staticmethod
     def of_sorted(ids: Tensor, num_segments: int) -> "SegmentLayout":
         """Layout of ids that are already in segment order (no sort)."""
-        return SegmentLayout(ids, num_segments, _ends(_bucket(ids, num_segments), num_segments),
-                             _key(ids, num_segments))
+        ends = _ends(_bucket(ids, num_segments), num_segments)
+        e64 = ends.to(torch.int64)
+        return SegmentLayout(ids, num_segments, ends, _key(ids, num_segments),
+                             torch.diff(e64, prepend=e64.new_zeros(1)))
 
 
 def _key(ids: Tensor, num_segments: int) -> tuple:
@@ -151,6 +154,21 @@ def _layout(ids: Tensor, num_segments: int) -> tuple[Tensor | None, Tensor]:
     bucket = _bucket(ids, num_segments)
     perm = torch.argsort(bucket, stable=True)
     return perm, _ends(bucket[perm], num_segments)
+
+
+def sorted_segment_sum(x: Tensor, ids: Tensor, num_segments: int) -> Tensor | None:
+    """Per-segment sums [S, D] of rows already in segment order, from the
+    layout that :func:`sorted_segments` shares (its ends give the segment
+    lengths): one deterministic ``torch.segment_reduce`` over contiguous runs,
+    no sort and no host sync. None when no shared layout covers ``ids``
+    (then the caller's segment_sum sorts on its own)."""
+    h = _hint
+    if (h is None or h.lengths is None or h.key != _key(ids, num_segments)
+            or x.dtype not in (torch.float32, torch.float64)):  # half / bf16: segment_sum accumulates in fp32
+        return None
+    # unsafe: no check that the lengths cover every row (a host sync); rows
+    # past the last end (out-of-range ids, sorted last) are not reduced.
+    return torch.segment_reduce(x, "sum", lengths=h.lengths, axis=0, unsafe=True)
 
 
 # ---------------------------------------------------------------------------

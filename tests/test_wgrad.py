@@ -332,3 +332,16 @@ def test_deterministic_mode_without_cublas_workspace_refuses_in_one_line(monkeyp
     finally:
         torch.use_deterministic_algorithms(old)
     torch.testing.assert_close(got, wgrad.per_segment_weight_grad(b, a, ids, 3), rtol=1e-5, atol=1e-6)
+
+
+def test_sorted_segment_sum_from_the_shared_layout_equals_segment_sum():
+    # The bias / norm sums of segment_gradients reuse the pass's sorted layout
+    # (no per-layer sort on GPUs); empty segments, a long one, odd sizes.
+    ids = torch.tensor([0, 0, 0, 2, 2, 5, 5, 5, 5, 5, 6])
+    x = torch.randn(11, 7, dtype=torch.float64)
+    assert wgrad.sorted_segment_sum(x, ids, 8) is None  # no shared layout: the caller's segment_sum
+    with wgrad.sorted_segments(wgrad.SegmentLayout.of_sorted(ids, 8)):
+        got = wgrad.sorted_segment_sum(x, ids, 8)
+        assert wgrad.sorted_segment_sum(x.half(), ids, 8) is None
+        assert wgrad.sorted_segment_sum(x, ids.clone(), 8) is None  # another ids tensor: not this layout
+    torch.testing.assert_close(got, ops.segment_sum(x, ids, 8), rtol=1e-12, atol=1e-12)
