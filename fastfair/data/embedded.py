@@ -62,13 +62,20 @@ def _stratified_split(labels: Tensor, fraction: float, gen: torch.Generator) -> 
     return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(test)).values
 
 
-def load_cdigits(background: bool, bias_ratio: float, seed: int) -> Raw:
+def _cdigits_gray() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The digits upscaled to 28x28 and padded to 32x32 as the reference pads
+    MNIST (uint8 [N, 32, 32]), their labels, and the fixed train / test rows."""
     images, target = _digits()
     img = torch.tensor(images, dtype=torch.float32) * (255.0 / 16.0)
     img = F.interpolate(img.unsqueeze(1), size=(28, 28), mode="bilinear", align_corners=False).squeeze(1)
     gray = pad32(img.round().clamp(0, 255).to(torch.uint8), "reference")
     labels = torch.from_numpy(target)
     tr, te = _stratified_split(labels, TRAIN_FRACTION, generator(SPLIT_SEED, "cdigits-split"))
+    return gray, labels, tr, te
+
+
+def load_cdigits(background: bool, bias_ratio: float, seed: int) -> Raw:
+    gray, labels, tr, te = _cdigits_gray()
     mode = "bg" if background else "fg"
     raw = coloured(gray[tr], labels[tr], gray[te], labels[te], mode, bias_ratio, seed,
                    [str(i) for i in range(10)], recipe="even")
@@ -133,12 +140,7 @@ def load_cdigits_fgbg(bias_ratio: float, seed: int, fg_colours: int = 4, bg_colo
     default (10 x 10 would render 54 000 test images for 20 per cell)."""
     from .mnist import fgbg
 
-    images, target = _digits()
-    img = torch.tensor(images, dtype=torch.float32) * (255.0 / 16.0)
-    img = F.interpolate(img.unsqueeze(1), size=(28, 28), mode="bilinear", align_corners=False).squeeze(1)
-    gray = pad32(img.round().clamp(0, 255).to(torch.uint8), "reference")
-    labels = torch.from_numpy(target)
-    tr, te = _stratified_split(labels, TRAIN_FRACTION, generator(SPLIT_SEED, "cdigits-split"))
+    gray, labels, tr, te = _cdigits_gray()
     return fgbg(gray[tr], labels[tr], gray[te], labels[te], False, fg_colours, bg_colours,
                 bias_ratio if fg_bias is None else float(fg_bias), bias_ratio if bg_bias is None else float(bg_bias),
                 seed, [str(i) for i in range(10)], recipe="even", min_test_per_cell=min_test_per_cell)

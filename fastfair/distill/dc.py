@@ -79,18 +79,12 @@ MEMORY_SHARE = 0.25
 
 def free_memory_bytes(device: torch.device) -> int:
     """Bytes free on ``device`` now: the CUDA allocator's view of the GPU
-    (cudaMemGetInfo), or the kernel's MemAvailable on a CPU (4 GiB where it
-    cannot be read)."""
+    (cudaMemGetInfo), or the memory available to a new allocation on a CPU."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 4 << 30
+    from ..sizes import available_bytes
+
+    return available_bytes()
 
 
 def block_classes(cfg_block: int | None, num_classes: int, num_groups: int, param_bytes: int,
