@@ -790,9 +790,13 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    try:  # a Ctrl-C while the parser is built or reads the line: one line, not a traceback
+        parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("fastfair: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
     args.family_line = any(tok.split("=", 1)[0] in FAMILY_FLAGS for tok in argv)
     # SIGTERM (a job scheduler, `timeout`, `kill`) ends a command as Ctrl-C
     # does: distill saves its checkpoint, every output's temporary file is

@@ -98,3 +98,14 @@ def test_sigterm_during_reproduce_leaves_no_temporary(tmp_path) -> None:
     assert p.returncode == 130 and "Traceback" not in err, err
     left = [str(f) for f in out.rglob("*") if ".tmp" in f.name]
     assert not left, left
+
+
+def test_ctrl_c_while_the_command_line_is_parsed_is_one_line(monkeypatch, capsys) -> None:
+    from fastfair import cli
+
+    def interrupted(*a, **k):  # noqa: ANN002, ANN003, ANN202 - where a Ctrl-C in the first 0.3 s lands
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["demo"]) == cli.EXIT_INTERRUPT
+    assert capsys.readouterr().err.strip() == "fastfair: interrupted"
