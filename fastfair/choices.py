@@ -9,7 +9,7 @@ tables; tests/test_cli.py checks that the two agree.
 from __future__ import annotations
 
 OBJECTIVES = ("vanilla", "fairdd", "fairdd-mean", "cobra", "fairdd-iw", "fairdd-ldam", "fairdd-groupdro")
-METHODS = ("dm", "dc", "dsa", "idc", "dream")
+METHODS = ("dm", "dc", "dsa", "idc", "dream", "cafe")
 PRESETS = ("fairdd", "cobra")
 BUDGETS = ("paper", "cpu", "cpu-20min", "cpu-short", "tiny")
 TABLES = ("fairdd-cmnist", "fairdd-cfmnist", "fairdd", "cobra-cifar10s", "cobra-cmnist", "intersectional",

@@ -19,7 +19,10 @@ networks (FairDD's scripts/main_DM.sh and main_DC.sh pass ``--num_eval 10``;
 its argparse default is 20); ``cobra`` evaluates DM sets for 1500 epochs
 (with DSA) and DC sets for 1000 (without augmentation), as COBRA's code
 does, with 5 networks (COBRA's DM/DC scripts were not available to us: 5 is
-fastfair's choice, the papers' usual count; its run_cafe.sh uses 2).
+fastfair's choice, the papers' usual count), except CAFE: 2 networks, as
+its run_cafe.sh passes. CAFE sets are evaluated 1000 epochs without
+augmentation under both presets (COBRA's train_cafe.py: epoch_eval_train
+1000, no DSA strategy; FairDD has no CAFE).
 
 ``dataset`` is duck-typed (``fastfair.data.BiasedDataset``): ``train`` / ``test``
 splits with ``.images`` [N, C, H, W] float, ``.labels`` [N] and ``.groups`` [N]
@@ -42,11 +45,13 @@ from .nets import get_network
 DEFAULT_EPOCHS = 1000
 # method -> (epochs, DSA) of the reference's evaluation (module docstring).
 METHOD_PROTOCOL = {"dm": (1000, True), "dc": (300, False), "dsa": (1000, True), "idc": (1000, True),
-                   "dream": (1000, True)}
+                   "dream": (1000, True), "cafe": (1000, False)}
 # preset -> method -> (epochs, DSA); preset -> trained networks (module docstring).
 PRESET_PROTOCOL = {"fairdd": METHOD_PROTOCOL,
                    "cobra": {**METHOD_PROTOCOL, "dm": (1500, True), "dc": (1000, False)}}
 PRESET_RUNS = {"fairdd": 10, "cobra": 5}
+# Per-method exceptions: COBRA's run_cafe.sh trains 2 networks (--num_eval 2).
+PRESET_METHOD_RUNS = {("cobra", "cafe"): 2}
 _EVAL_BATCH = 1024
 _METRICS = ("acc", "deo_m", "deo_a", "suf_m", "suf_a")
 
@@ -106,9 +111,11 @@ def method_protocol(method: str | None, preset: str | None = None) -> tuple[int,
     return PRESET_PROTOCOL[_preset(preset)].get(method or "", (DEFAULT_EPOCHS, True))
 
 
-def preset_runs(preset: str | None = None) -> int:
-    """Networks the preset's reference scripts train per evaluation (None: FairDD's 10)."""
-    return PRESET_RUNS[_preset(preset)]
+def preset_runs(preset: str | None = None, method: str | None = None) -> int:
+    """Networks the preset's reference scripts train per evaluation (None:
+    FairDD's 10; COBRA's CAFE script: 2)."""
+    p = _preset(preset)
+    return PRESET_METHOD_RUNS.get((p, method or ""), PRESET_RUNS[p])
 
 
 def lr_drop_epoch(epochs: int) -> int:
@@ -178,7 +185,7 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "
     _check_synset(images, labels, dataset)
     ref_epochs, ref_dsa = method_protocol(method, preset)
     epochs = ref_epochs if epochs is None else int(epochs)
-    runs = preset_runs(preset) if runs is None else int(runs)
+    runs = preset_runs(preset, method) if runs is None else int(runs)
     dsa = ref_dsa if dsa is None else bool(dsa)
     if epochs < 1 or runs < 1 or batch_size < 1:
         raise ValueError(f"epochs, runs and batch_size must be >= 1, got {epochs}, {runs}, {batch_size}")

@@ -305,3 +305,22 @@ def get_network(name: str, channels: int, num_classes: int, image_size: int, wid
                               pooling, **kw)
     except TypeError as e:
         raise TypeError(f"bad keyword argument for network {name!r}: {e}") from e
+
+
+def layer_features(net: nn.Module, x: Tensor) -> list[Tensor]:
+    """The maps CAFE aligns (fastfair.cafe): the output of every ReLU directly
+    in ``net.features`` (a ConvNet's block activations, before pooling), shallow
+    to deep, then the embedding ``net.embed(x)``, from ONE forward. Each map is
+    flattened to [N, F]."""
+    feats = getattr(net, "features", None)
+    if not isinstance(feats, nn.Sequential):
+        raise ValueError(f"CAFE aligns the layers of a network with a 'features' nn.Sequential (ConvNet, "
+                         f"AlexNet, VGG11, ResNet18); {type(net).__name__} has none")
+    out: list[Tensor] = []
+    h = x
+    for m in feats:
+        h = m(h)
+        if isinstance(m, nn.ReLU):
+            out.append(h.flatten(1))
+    out.append(h.flatten(1))  # features end in Flatten: the embedding
+    return out

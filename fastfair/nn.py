@@ -211,3 +211,132 @@ class FairGradientMatching(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_groups={self.num_groups}, "
                 f"objective={self.objective.name!r}, metric={self.metric!r}, reduction={self.reduction!r}")
+
+
+class FairCAFELoss(nn.Module):
+    """CAFE's loss (layer-wise feature alignment plus the discrimination loss;
+    :mod:`fastfair.cafe`) with a fair objective over all classes at once.
+
+    ``forward(real_features, real_labels [N], real_groups [N], syn_features,
+    syn_labels [M])``: the feature maps of the real and synthetic batches, one
+    list entry per aligned layer ([N, ...] each, flattened here), as a CAFE
+    network returns them (CAFE's ConvNet: ``out, feats = net(x)``; fastfair's:
+    :func:`fastfair.nets.layer_features`). ``weights``: one per list entry, in
+    the same order (None: the objective's reference for fastfair's order:
+    block 1, block 2, block 3, embedding); ``embedding``: the index of the
+    embedding, which the discrimination loss classifies by the synthetic class
+    centres, with weight ``inner_weight`` (None: the objective's reference:
+    0.01, COBRA's mode 0). ``class_mean``: divide each class term by C (None:
+    COBRA's mode only). Per layer, every (class, group) segment's real mean
+    comes from one segment reduction over all rows; the real side is a
+    constant and gradients flow to the synthetic features.
+
+    ``attributes`` / ``fair_over``: several protected attributes, as in
+    :class:`FairDMLoss`. ``reduction`` as there.
+    """
+
+    def __init__(self, num_classes: int, num_groups: int, objective: str = "fairdd",
+                 weights: list[float] | None = None, inner_weight: float | None = None,
+                 class_mean: bool | None = None, embedding: int = -1, reduction: Reduction = "sum",
+                 attributes: Attributes | None = None, fair_over: str = "intersection") -> None:
+        super().__init__()
+        from . import cafe
+
+        op = "FairCAFELoss"
+        self.num_classes = ops._as_size(num_classes, "num_classes", op)
+        self.num_groups = ops._as_size(num_groups, "num_groups", op)
+        self.objective = objectives.get_objective(objective)
+        ref = cafe.reference_weights(self.objective)
+        self.weights = [float(w) for w in (ref.layers if weights is None else weights)]
+        self.inner_weight = float(ref.inner_weight if inner_weight is None else inner_weight)
+        self.class_mean = bool(ref.class_mean if class_mean is None else class_mean)
+        if self.inner_weight > 0 and self.objective.weighting == "max":
+            raise ValueError(f"{op}: the discrimination loss has no GroupDRO (max) form; pass inner_weight=0")
+        self.embedding = int(embedding)
+        self.reduction = _check_reduction(reduction)
+        if attributes is not None:
+            attributes.check_fair_over(fair_over)
+            if attributes.num_groups != self.num_groups:
+                raise ValueError(f"{op}: the attributes have {attributes.num_groups} intersectional groups, "
+                                 f"num_groups is {self.num_groups}")
+        elif fair_over != "intersection":
+            raise ValueError(f"{op}: fair_over={fair_over!r} needs the attributes")
+        self.attributes, self.fair_over = attributes, fair_over
+        self.last_per_class: Tensor | None = None
+
+    def _partitions(self, groups: Tensor) -> list[tuple[Tensor, int]]:
+        a, over = self.attributes, self.fair_over
+        if a is None or over == "intersection":
+            return [(groups, self.num_groups)]
+        ks = range(len(a.names)) if over == "marginal" else [a.index(over)]
+        return [(a.marginal(groups, k), a.sizes[k]) for k in ks]
+
+    def per_class(self, real_features: list[Tensor], real_labels: Tensor, real_groups: Tensor,
+                  syn_features: list[Tensor], syn_labels: Tensor) -> Tensor:
+        """The [C] per-class terms (carrying autograd)."""
+        from . import cafe
+
+        op = "FairCAFELoss"
+        C, G = self.num_classes, self.num_groups
+        n_layers = len(self.weights)
+        if len(real_features) != n_layers or len(syn_features) != n_layers:
+            raise ValueError(f"{op}: {n_layers} layer weights but {len(real_features)} real and "
+                             f"{len(syn_features)} synthetic feature maps; give one weight per map")
+        if not -n_layers <= self.embedding < n_layers:
+            raise ValueError(f"{op}: embedding index {self.embedding} is outside the {n_layers} feature maps")
+        for name, t in (("real_labels", real_labels), ("real_groups", real_groups), ("syn_labels", syn_labels)):
+            ops._check_rows_1d(op, name, t)
+        for r, s in zip(real_features, syn_features):
+            if r.shape[0] != real_labels.shape[0] or s.shape[0] != syn_labels.shape[0] or r.shape[1:] != s.shape[1:]:
+                raise ValueError(f"{op}: a real map {tuple(r.shape)} and a synthetic map {tuple(s.shape)} do not "
+                                 f"match {real_labels.shape[0]} real and {syn_labels.shape[0]} synthetic rows")
+        real = [r.detach().flatten(1) for r in real_features]
+        syn = [s.flatten(1) for s in syn_features]
+        per_group = self.objective.target != "pooled"
+        seg = ops.segment_ids(real_labels, real_groups, C, G)
+        if not per_group:
+            seg = torch.where(seg >= 0, torch.div(seg, G, rounding_mode="floor"), seg)
+        S = C * G if per_group else C
+        checks = [("real_labels", real_labels, C, "num_classes"), ("real_groups", real_groups, G, "num_groups"),
+                  ("syn_labels", syn_labels, C, "num_classes")]
+
+        def real_side() -> tuple[list[Tensor], Tensor]:
+            ops.segment_count(syn_labels, C)
+            return [ops.segment_sum(r, seg, S) for r in real], ops.segment_count(seg, S)
+
+        sums, counts = ops._naming_bad_rows(op, checks, real_side)
+        fg = 1
+        if per_group:
+            fg = G
+            if self.attributes is not None:
+                parts = [regroup(s, counts, C, self.attributes, self.fair_over) for s in sums]
+                sums, counts, fg = [p[0] for p in parts], parts[0][1], parts[0][2]
+        syn_means = [ops.segment_mean(s, syn_labels, C) for s in syn]
+        syn_count = ops.segment_count(syn_labels, C)
+        terms = cafe.cafe_layer_terms(sums, counts, syn_means, syn_count, fg, self.objective, self.weights,
+                                      self.class_mean)
+        if self.inner_weight > 0:
+            labels = real_labels.long()
+            w = None
+            if per_group:
+                w_obj = "fairdd-mean" if self.objective.target == "barycenter" else self.objective
+                w = cafe.row_weights(labels, self._partitions(real_groups.long()), C, objective=w_obj)
+            centres = syn_means[self.embedding]
+            ce = torch.nn.functional.cross_entropy(real[self.embedding].to(centres.dtype) @ centres.t(), labels,
+                                                   reduction="none")
+            if w is not None:
+                ce = ce * w.to(ce.dtype)
+            terms = terms + self.inner_weight * ops.segment_sum(ce.unsqueeze(1), labels, C).squeeze(1)
+        return terms
+
+    def forward(self, real_features: list[Tensor], real_labels: Tensor, real_groups: Tensor,
+                syn_features: list[Tensor], syn_labels: Tensor) -> Tensor:
+        terms = self.per_class(real_features, real_labels, real_groups, syn_features, syn_labels)
+        if not torch.compiler.is_compiling():
+            self.last_per_class = terms.detach()
+        return _reduce(terms, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, num_groups={self.num_groups}, "
+                f"objective={self.objective.name!r}, weights={self.weights}, inner_weight={self.inner_weight}, "
+                f"class_mean={self.class_mean}, reduction={self.reduction!r}")

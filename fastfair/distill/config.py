@@ -13,6 +13,13 @@ Defaults follow docs/cli.md ("Paper defaults"), per method:
   DC settings with DSA on (both distil with DSA).
 - COBRA's DM warm-up (Moslemi et al., ICML'26, train_dm.py): 50 epochs if
   IPC == 50, 100 if IPC == 100, else 10.
+- CAFE (Wang et al., CVPR'22) as COBRA's train_cafe.py / run_cafe.sh run it:
+  2000 iterations, lr_img 0.1 (x0.5 at 1200, 1600, 1800), momentum 0.5, real
+  batch 256 per class, (outer_loop, inner_loop) by IPC as DC, inner network
+  SGD lr 0.01, no DSA; layer weights, discrimination weight and class scaling
+  per objective (fastfair.cafe.REFERENCE; fastfair's ``fairdd`` keeps
+  vanilla's). Neither FairDD nor COBRA has a CAFE+FairDD mode, so ``fairdd``
+  stays fastfair's summed rule under both presets.
 
 Presets (``preset``) name a paper's protocol and fill only the fields left
 ``None`` (an explicit value always wins): ``fairdd`` is the FairDD code's
@@ -39,10 +46,12 @@ from ..augment import DEFAULT_STRATEGY
 from ..evaluate import preset_runs
 from ..objectives import OBJECTIVES
 
-METHODS = ("dm", "dc", "dsa", "idc", "dream")
+METHODS = ("dm", "dc", "dsa", "idc", "dream", "cafe")
 DC_FAMILY = ("dc", "dsa", "idc", "dream")
+# Methods with an outer matching loop and a network trained between its steps.
+OUTER_LOOP_METHODS = (*DC_FAMILY, "cafe")
 # Whether a method distils with DSA when ``dsa`` is left None (module docstring).
-DSA_DEFAULT = {"dm": True, "dc": False, "dsa": True, "idc": True, "dream": True}
+DSA_DEFAULT = {"dm": True, "dc": False, "dsa": True, "idc": True, "dream": True, "cafe": False}
 PRESETS = ("fairdd", "cobra")
 INITS = ("real", "noise")
 GROUP_SOURCES = ("true", "pseudo")
@@ -85,6 +94,8 @@ def preset_values(preset: str, method: str, ipc: int) -> dict[str, Any]:
     """The fields a named paper protocol sets for a method and IPC (as data:
     iterations, batch_real, lr_img; the warm-up rule is COBRA's in both)."""
     dm = method == "dm"
+    if method == "cafe":  # COBRA's run_cafe.sh, the only reference protocol, under both presets
+        return {"iterations": 2000, "batch_real": 256, "lr_img": 0.1}
     if preset == "fairdd":
         if dm:
             return {"iterations": 20000, "batch_real": 256, "lr_img": dm_lr_img(ipc)}
@@ -144,6 +155,10 @@ class DistillConfig:
     dream_interval: int = 10             # DREAM: re-cluster every this many matching steps
     dream_pool: int = 1024               # DREAM: per-class pool that is clustered
     dream_kmeans_iters: int = 10
+    cafe_weights: list[float] | None = None   # CAFE: layer weights, shallow to deep, embedding last;
+                                              # None: the objective's reference (fastfair.cafe.REFERENCE)
+    cafe_inner_weight: float | None = None    # CAFE discrimination weight; None: 0.01 (cobra: 0)
+    cafe_class_mean: bool | None = None       # CAFE: divide each class term by C; None: cobra only
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
@@ -200,10 +215,10 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     for name, value in preset_values(c.preset, c.method, c.ipc).items():
         if getattr(c, name) is None:
             setattr(c, name, value)
-    if c.preset == "cobra" and not dm and c.objective == "fairdd":
+    if c.preset == "cobra" and c.method in DC_FAMILY and c.objective == "fairdd":
         c.objective = "fairdd-mean"  # COBRA's --mode fairdd (module docstring)
     if c.eval_runs is None:
-        c.eval_runs = preset_runs(c.preset)
+        c.eval_runs = preset_runs(c.preset, c.method)
     if c.dsa is None:
         c.dsa = DSA_DEFAULT[c.method]
     if not dm:
@@ -212,6 +227,8 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
         c.inner_loop = inner if c.inner_loop is None else c.inner_loop
     if c.cobra_warmup_epochs is None:
         c.cobra_warmup_epochs = cobra_warmup(c.ipc) if (dm and c.objective == "cobra") else 0
+    if c.method == "cafe":
+        _resolve_cafe(c)
     _positive(c, "ipc", "iterations", "batch_real", "batch_train", "width", "depth", "log_every",
               "checkpoint_every", "eval_runs", "pseudo_min_samples", "dream_interval", "dream_pool",
               "dream_kmeans_iters")
@@ -238,6 +255,31 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     if c.pseudo_max_groups is not None and c.pseudo_max_groups < 1:
         raise ValueError(f"pseudo_max_groups must be >= 1, got {c.pseudo_max_groups}")
     return c
+
+
+def _resolve_cafe(c: DistillConfig) -> None:
+    from ..cafe import reference_weights
+
+    ref = reference_weights(c.objective)
+    if c.cafe_weights is None:
+        c.cafe_weights = list(ref.layers)
+    try:
+        c.cafe_weights = [float(w) for w in c.cafe_weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"cafe_weights must be a list of numbers, got {c.cafe_weights!r}") from None
+    if not c.cafe_weights or any(not (w >= 0) or w == float("inf") for w in c.cafe_weights):
+        raise ValueError(f"cafe_weights must be finite numbers >= 0, one per aligned layer, got {c.cafe_weights}")
+    if c.cafe_inner_weight is None:
+        c.cafe_inner_weight = ref.inner_weight
+    if not (0 <= c.cafe_inner_weight < float("inf")):
+        raise ValueError(f"cafe_inner_weight must be a finite number >= 0, got {c.cafe_inner_weight}")
+    if c.cafe_inner_weight > 0 and c.objective == "fairdd-groupdro":
+        raise ValueError("CAFE's discrimination loss has no GroupDRO (max) form: set cafe_inner_weight 0 "
+                         "with objective fairdd-groupdro")
+    if c.cafe_class_mean is None:
+        c.cafe_class_mean = ref.class_mean
+    if c.groups == "pseudo":
+        raise ValueError("CAFE takes true group labels; groups='pseudo' is supported by DM and the DC family")
 
 
 def resume_mismatch(saved: dict[str, Any], current: DistillConfig) -> list[str]:

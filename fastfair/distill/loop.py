@@ -31,6 +31,7 @@ from . import checkpoint as ck
 from . import outdir
 from . import rng
 from .config import RESUMABLE_CHANGES, DistillConfig, resolve, resume_mismatch
+from .cafe import cafe_iteration
 from .context import build_context
 from .dc import RandomBatches, dc_iteration
 from .dm import dm_iteration
@@ -140,7 +141,7 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
         os.makedirs(out_dir, exist_ok=True)
 
     source = DreamSelector() if cfg.method == "dream" else RandomBatches()
-    step = dm_iteration if cfg.method == "dm" else partial(dc_iteration, source=source)
+    step = {"dm": dm_iteration, "cafe": cafe_iteration}.get(cfg.method) or partial(dc_iteration, source=source)
 
     if saved is not None:
         if not isinstance(saved.get("config"), dict):

@@ -1,0 +1,150 @@
+"""CAFE's loss (Wang et al., CVPR'22, "CAFE: Learning to Condense Dataset by
+Aligning Features") with any objective, from per-(class, group) segment
+statistics of every aligned layer.
+
+CAFE matches, per class, the mean real and synthetic features at several
+layers (squared L2 summed over the features: ``nn.MSELoss(reduction='sum')``
+in both codes), and adds a *discrimination* loss: every real embedding is
+classified by the synthetic class centres (logits = real_emb @ centres^T,
+cross-entropy summed over the real rows) with weight ``inner_weight``.
+
+The layers (:func:`fastfair.nets.layer_features`): each ConvNet block's
+activation before its pooling, shallow to deep, then the embedding (the last
+pooled map, flattened). CAFE's ConvNet returns five maps for depth 3, ``[f5,
+f4, f3, f2, f1]`` (f5 the embedding, f4 the last pooled map, f3..f1 the block
+activations); f4 and f5 hold the same numbers, so their two terms are one
+term here with the two weights added. Weights are listed shallow to deep:
+``(block 1, block 2, block 3, embedding)``.
+
+What each objective matches (fastfair/docs/methods.md "CAFE"):
+
+- ``vanilla``: CAFE as COBRA's train_cafe.py runs it (``--mode vanilla``):
+  the class mean of every layer, weights first..fourth_weight = 1 plus the
+  embedding's own term, so (1, 1, 1, 2); summed over classes; discrimination
+  weight 0.01. (CAFE's own distill.py defaults differ: fourth/third 0.1,
+  second/first 1; ``cafe_weights`` takes any.)
+- ``cobra``: COBRA's train_cafe.py ``--mode cobra``: per class the uniform
+  barycenter of the present groups' means at every layer, weight 1 on f5, f1,
+  f2 and 0.1 on f3, f4, so (1, 1, 0.1, 1.1); each class term divided by the
+  number of classes; NO discrimination loss (that mode computes none).
+- ``fairdd`` (fastfair's, neither paper defines CAFE+FairDD): FairDD's rule
+  applied to vanilla CAFE: every layer's class-mean term becomes the sum over
+  the present groups of the group-mean term (the vanilla weights), and the
+  discrimination loss becomes the sum over the present groups of the vanilla
+  term computed as if the group's rows were the whole class batch: each real
+  row weighted by n_c / n_cg. With one group it is vanilla CAFE exactly.
+- the other objectives of :data:`fastfair.objectives.OBJECTIVES` (the FairDD
+  ablations, ``fairdd-mean``) follow ``fairdd``'s layer and discrimination
+  rule with their own group weights.
+
+CAFE's layer distance is squared L2 for every objective (COBRA's DM uses L1
+for ``cobra``; its CAFE does not).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .objectives import Objective, dm_matching_terms, get_objective, group_weights
+
+
+@dataclass(frozen=True)
+class CafeWeights:
+    """The reference values of one objective: layer weights (shallow to deep,
+    the embedding last, for a depth-3 ConvNet), the discrimination weight and
+    whether each class term is divided by the number of classes."""
+
+    layers: tuple[float, ...]
+    inner_weight: float
+    class_mean: bool
+
+
+# COBRA's train_cafe.py (module docstring).
+REFERENCE: dict[str, CafeWeights] = {
+    "vanilla": CafeWeights((1.0, 1.0, 1.0, 2.0), 0.01, False),
+    "cobra": CafeWeights((1.0, 1.0, 0.1, 1.1), 0.0, True),
+}
+FAIRDD_RULE = REFERENCE["vanilla"]  # fastfair's CAFE+FairDD keeps vanilla CAFE's weights
+# CAFE's image learning-rate schedule (both codes): x0.5 at each of these iterations.
+LR_MILESTONES = (1200, 1600, 1800)
+
+
+def reference_weights(objective: str | Objective) -> CafeWeights:
+    """The reference values for an objective (``FAIRDD_RULE`` for the per-group ones)."""
+    return REFERENCE.get(get_objective(objective).name, FAIRDD_RULE)
+
+
+def lr_at(lr_img: float, iteration: int) -> float:
+    """CAFE's image learning rate at ``iteration`` (halved at each milestone)."""
+    return lr_img * 0.5 ** sum(iteration >= m for m in LR_MILESTONES)
+
+
+def layer_objective(objective: str | Objective) -> Objective:
+    """The objective with CAFE's distance (squared L2) on every layer."""
+    return dataclasses.replace(get_objective(objective), dm_distance="l2sq")
+
+
+def cafe_layer_terms(real_sums: Sequence[Tensor], real_count: Tensor, syn_means: Sequence[Tensor],
+                     syn_count: Tensor, num_groups: int, objective: str | Objective,
+                     weights: Sequence[float], class_mean: bool = False) -> Tensor:
+    """The feature-alignment part of CAFE's loss, per class [C].
+
+    real_sums: per layer [C*G, F_l] segment sums of the real features
+    (constants, flattened); real_count [C*G]; syn_means: per layer [C, F_l]
+    class means of the synthetic features (carrying autograd); syn_count [C].
+    Each layer's per-class term is :func:`fastfair.objectives.dm_matching_terms`
+    with the squared L2 distance; weighted by ``weights`` and summed over the
+    layers; divided by C when ``class_mean``.
+    """
+    if len(real_sums) != len(syn_means) or len(weights) != len(syn_means) or not syn_means:
+        raise ValueError(f"CAFE needs one real sum, one synthetic mean and one weight per layer, got "
+                         f"{len(real_sums)}, {len(syn_means)} and {len(weights)}")
+    obj = layer_objective(objective)
+    total: Tensor | None = None
+    for r, s, w in zip(real_sums, syn_means, weights):
+        if w == 0:
+            continue
+        t = dm_matching_terms(r, real_count, s, syn_count, num_groups, obj).per_class * w
+        total = t if total is None else total + t
+    if total is None:
+        total = syn_means[0].reshape(syn_means[0].shape[0], -1).sum(1) * 0
+    return total / syn_count.shape[0] if class_mean else total
+
+
+def row_weights(labels: Tensor, partitions: Sequence[tuple[Tensor, int]], num_classes: int,
+                class_counts: Tensor | None = None, part_counts: Sequence[Tensor] | None = None,
+                objective: str | Objective = "fairdd") -> Tensor:
+    """Per real row, its weight in the discrimination loss of a per-group
+    objective: the sum over ``partitions`` (each: the row's group id [N] and
+    the number of groups P) of ``w_cg * n_c / n_cg``, where ``w_cg`` is the
+    objective's group weight (1 for FairDD). ``class_counts`` [C] and
+    ``part_counts`` (per partition [C*P]): global counts when the rows are one
+    rank's share (None: counted from these rows). No host sync."""
+    obj = get_objective(objective)
+    labels = labels.long()
+    n_c = ops.segment_count(labels, num_classes) if class_counts is None else class_counts
+    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+    for k, (part, p) in enumerate(partitions):
+        seg = labels * p + part.long()
+        n_cg = ops.segment_count(seg, num_classes * p) if part_counts is None else part_counts[k]
+        w = group_weights(n_cg.view(num_classes, p), obj).reshape(-1)
+        if obj.weighting == "max":
+            raise ValueError("the discrimination loss has no 'max' (GroupDRO) form; use cafe inner weight 0")
+        out = out + (w * n_c.repeat_interleave(p).to(w.dtype) / n_cg.clamp(min=1).to(w.dtype))[seg]
+    return out
+
+
+def discrimination_loss(real_emb: Tensor, labels: Tensor, syn_centres: Tensor,
+                        weights: Tensor | None = None) -> Tensor:
+    """CAFE's discrimination loss: the real embeddings [N, D] (constants)
+    classified by the synthetic class centres [C, D] (carrying autograd),
+    cross-entropy summed over the rows (each times ``weights`` [N] when given)."""
+    logits = real_emb.detach().to(syn_centres.dtype) @ syn_centres.t()
+    ce = F.cross_entropy(logits, labels.long(), reduction="none")
+    return (ce if weights is None else ce * weights.to(ce.dtype)).sum()
