@@ -57,6 +57,30 @@ FAMILY_NOTE = ("Aliases in square brackets are the DC/DM code family's spellings
                "(FairDD's and COBRA's scripts); a note says where the meaning differs.")
 
 
+class _CafeWeight(argparse.Action):
+    """Collects CAFE's --first_weight .. --fourth_weight by name."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: object,
+                 option: str | None = None) -> None:
+        got = dict(getattr(ns, self.dest, None) or {})
+        got[str(option).lstrip("-").split("_")[0]] = float(value)  # type: ignore[arg-type]
+        setattr(ns, self.dest, got)
+
+
+def _cafe_weights(a: argparse.Namespace) -> list[float] | None:
+    if a.cafe_weights is not None and a.cafe_family:
+        raise UsageError("give either --cafe-weights or CAFE's --first_weight .. --fourth_weight, not both")
+    if a.cafe_weights is not None:
+        try:
+            return [float(w) for w in a.cafe_weights.split(",")]
+        except ValueError:
+            raise UsageError(f"--cafe-weights takes comma-separated numbers, got {a.cafe_weights!r}") from None
+    if a.cafe_family:
+        w = {"first": 1.0, "second": 1.0, "third": 1.0, "fourth": 1.0, **a.cafe_family}
+        return [w["fourth"], w["third"], w["second"], 1.0 + w["first"]]
+    return None
+
+
 def _family(flag: str, note: str = "") -> str:
     return f" [alias {flag}{': ' + note if note else ''}]"
 
@@ -161,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     # type=str.lower: the family's scripts spell the methods DC / DSA / DM.
     s.add_argument("--method", default="dm", choices=list(METHODS), type=str.lower,
                    help="distillation method: dm (Zhao & Bilen, WACV'23), dc (Zhao et al., ICLR'21), dsa (DC with "
-                        "DSA, Zhao & Bilen, ICML'21), idc (Kim et al., ICML'22), dream (Liu et al., ICCV'23); "
+                        "DSA, Zhao & Bilen, ICML'21), idc (Kim et al., ICML'22), dream (Liu et al., ICCV'23), "
+                        "cafe (Wang et al., CVPR'22, as COBRA's train_cafe.py runs it: 2000 iterations, lr_img "
+                        "0.1, batch_real 256, loops as DC, no DSA, evaluation 1000 epochs without augmentation; "
+                        "objectives vanilla, cobra, and fastfair's fairdd); "
                         "case-insensitive" + _family("--method DC / DSA / DM"))
     s.add_argument("--objective", default=None, choices=list(OBJECTIVES),
                    help="matching objective: vanilla, fairdd (FairDD, sum over groups), fairdd-mean (COBRA's "
@@ -229,10 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "same up to float rounding (default: as many classes as fit in a quarter of the free "
                         "memory, one block whenever all classes fit, e.g. every C-MNIST run)")
     s.add_argument("--outer-loop", type=int, default=None,
-                   help="DC family: matching steps per iteration; default by IPC: 1, 10, 20, 30, 40, 50 at "
+                   help="DC family and CAFE: matching steps per iteration; default by IPC: 1, 10, 20, 30, 40, 50 at "
                         "IPC 1, 10, 20, 30, 40, 50; 100 above")
     s.add_argument("--inner-loop", type=int, default=None,
-                   help="DC family: network epochs between steps; default by IPC: 1, 50, 25, 20, 15, 10 at "
+                   help="DC family and CAFE: network epochs between steps; default by IPC: 1, 50, 25, 20, 15, 10 at "
                         "IPC 1, 10, 20, 30, 40, 50; 10 above")
     s.add_argument("--lr-net", "--lr_net", type=float, default=0.01,
                    help="SGD lr of the DC inner loop and COBRA warm-up" + _family("--lr_net"))
@@ -275,6 +302,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "attributes of each attribute's FairDD terms) or one attribute by name (fg, bg), as the "
                         "papers do with their one attribute; all from the same one pass [fastfair's extension; "
                         "no paper defines it]")
+    s.add_argument("--cafe-weights", default=None, metavar="W,W,...",
+                   help="CAFE: weights of the aligned layers, shallow to deep, the embedding last (ConvNet depth "
+                        "3: block 1, block 2, block 3, embedding). Default: the objective's reference, COBRA's "
+                        "train_cafe.py: vanilla and fastfair's fairdd 1,1,1,2 (first..fourth_weight = 1, plus "
+                        "the embedding's own term; CAFE's f4 and f5 are the same map), cobra 1,1,0.1,1.1 (its "
+                        "cobra mode's fixed weights)")
+    s.add_argument("--first_weight", "--second_weight", "--third_weight", "--fourth_weight", dest="cafe_family",
+                   type=float, default=None, action=_CafeWeight,
+                   help="CAFE's per-layer weights in CAFE's order (first: the last pooled map, second..fourth: "
+                        "block 3..1), default 1 (COBRA's train_cafe.py); they build --cafe-weights as "
+                        "fourth,third,second,1+first. COBRA's cobra mode ignores them, as its code does "
+                        "[alias of CAFE's code]")
+    s.add_argument("--inner-weight", "--inner_weight", type=float, default=None,
+                   help="CAFE: weight of the discrimination loss (real embeddings classified by the synthetic "
+                        "class centres, summed over real rows); default 0.01, cobra 0 (COBRA's cobra mode has "
+                        "none)" + _family("--inner_weight"))
+    s.add_argument("--cafe-class-mean", default=None, choices=["on", "off"],
+                   help="CAFE: divide each class's layer terms by the number of classes (default: on for cobra, "
+                        "as COBRA's cobra mode does; off otherwise, as vanilla CAFE sums over classes)")
+    s.add_argument("--lambda_1", "--lambda_2", dest="cafe_lambda", type=float, default=None,
+                   help="CAFE's early-stop thresholds: accepted and ignored, because COBRA's train_cafe.py "
+                        "resets its watcher every outer step, so they never stop a loop [alias of CAFE's code]")
     s.add_argument("--log-every", type=int, default=10, help="log the loss every N iterations")
     s.add_argument("--tensorboard", default=None, metavar="DIR",
                    help="also log the loss and the evaluations to TensorBoard event files in DIR (needs the "
@@ -461,11 +510,21 @@ def cmd_distill(a: argparse.Namespace) -> int:
         dsa_strategy=DSA_STRATEGY if dsa_off else a.dsa_strategy, dc_metric=a.dc_metric, init=a.init,
         model=a.model, width=a.width, depth=a.depth, norm=a.norm, cobra_warmup_epochs=a.cobra_warmup_epochs,
         group_noise=a.group_noise, groups=a.groups, sample_per_group=a.sample_per_group, fair_over=a.fair_over,
-        seed=a.seed,
+        seed=a.seed, cafe_inner_weight=a.inner_weight,
+        cafe_class_mean=None if a.cafe_class_mean is None else a.cafe_class_mean == "on",
         log_every=a.log_every, checkpoint_every=a.checkpoint_every, eval_every=a.eval_every,
         eval_model=a.eval_model, eval_epochs=a.eval_epochs, eval_runs=a.eval_runs, root=a.root,
         bias_ratio=a.bias_ratio, extra={"data_options": options} if options else {},
     )
+    weights = _cafe_weights(a)
+    if a.method != "cafe" and (weights is not None or a.inner_weight is not None or a.cafe_class_mean is not None):
+        raise UsageError("--cafe-weights, --first_weight .. --fourth_weight, --inner-weight and --cafe-class-mean "
+                         "are CAFE's options; add --method cafe")
+    if a.cafe_family and objective == "cobra":
+        print("note: COBRA's cobra mode of CAFE ignores --first_weight .. --fourth_weight (its weights are fixed); "
+              "so does fastfair: use --cafe-weights to change them", file=sys.stderr)
+        weights = None
+    cfg.cafe_weights = weights
     cfg = distill.resolve(cfg)  # bad settings fail before the data are loaded
     _check_device(a.device)
     outdir.check_writable_dir(a.out)

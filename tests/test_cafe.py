@@ -220,3 +220,29 @@ def test_wrong_depth_needs_weights() -> None:
     r = distill.run(dataclasses.replace(_tiny("vanilla", depth=2, cafe_weights=[1, 1, 2]), iterations=1), ds,
                     progress=False)
     assert torch.isfinite(r.images).all()
+
+
+def test_cli_family_weights(tmp_path, capsys) -> None:
+    from fastfair import cli
+
+    base = ["distill", "--dataset", "cdigits-fg", "--method", "CAFE", "--ipc", "2", "--iterations", "1",
+            "--width", "8", "--batch-real", "8", "--outer-loop", "1", "--inner-loop", "1", "--no-progress"]
+    assert cli.main(base + ["--objective", "vanilla", "--first_weight", "0.5", "--fourth_weight", "0.1",
+                            "--lambda_1", "0.04", "--out", str(tmp_path / "a")]) == 0
+    cfg = torch.load(tmp_path / "a" / "synset.pt")["config"]
+    assert cfg["cafe_weights"] == [0.1, 1.0, 1.0, 1.5] and cfg["cafe_inner_weight"] == 0.01
+    assert cli.main(base + ["--objective", "cobra", "--cafe-weights", "1,2,3,4", "--cafe-class-mean", "off",
+                            "--out", str(tmp_path / "b")]) == 0
+    cfg = torch.load(tmp_path / "b" / "synset.pt")["config"]
+    assert cfg["cafe_weights"] == [1.0, 2.0, 3.0, 4.0] and cfg["cafe_class_mean"] is False
+    capsys.readouterr()
+    for argv, msg in ((["--method", "dm", "--inner-weight", "1"], "add --method cafe"),
+                      (["--cafe-weights", "1,x"], "comma-separated numbers"),
+                      (["--cafe-weights", "1,1,1,1", "--third_weight", "2"], "not both")):
+        args = base + ["--out", str(tmp_path / "c")] + argv
+        try:
+            rc = cli.main(args)
+        except SystemExit as e:
+            rc = e.code
+        assert rc == 2
+        assert msg in capsys.readouterr().err
