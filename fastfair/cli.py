@@ -394,16 +394,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "           (-> dc_step_<device>.json)\n"
                     "  step     end-to-end distillation step time and peak memory vs G, DM and DC\n"
                     "           (-> step_time_<device>.json)\n"
-                    "  all      segment, dc, step in this order\n\n"
+                    "  cafe     one CAFE matching step at G = 1, 10, 100: vanilla / FairDD / COBRA, one pass\n"
+                    "           vs the per-class, per-group reference loop (-> cafe_step_<device>.json)\n"
+                    "  all      segment, dc, step, cafe in this order\n\n"
                     "Each also runs on its own with more options: python -m fastfair.bench.segment --help,\n"
-                    "python -m fastfair.bench.dc_step --help, python -m fastfair.bench.step_time --help.\n"
+                    "python -m fastfair.bench.dc_step --help, python -m fastfair.bench.step_time --help,\n"
+                    "python -m fastfair.bench.cafe_step --help.\n"
                     "Full runs are long on a CPU (the reference loops at large G); --quick is shorter.")
-    b.add_argument("which", choices=["segment", "dc", "step", "all"], metavar="BENCHMARK",
-                   help="segment, dc, step or all (see above)")
+    b.add_argument("which", choices=["segment", "dc", "step", "cafe", "all"], metavar="BENCHMARK",
+                   help="segment, dc, step, cafe or all (see above)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     b.add_argument("--quick", action="store_true",
                    help="smaller sizes: fewer rows and G up to 10^4 (segment), 40 real images per class "
-                        "instead of 256 (dc), the scripts' quick settings (step)")
+                        "instead of 256 (dc), 64 (cafe), the scripts' quick settings (step)")
     b.add_argument("--out", default=os.path.join("benchmarks", "results"),
                    help="directory of the JSON and PNG files (default: benchmarks/results under the current "
                         "directory)")
@@ -767,10 +770,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from .bench.timing import check_device
 
     # benchmark -> (module of fastfair.bench, stem of its result files)
-    plan = {"segment": ("segment", "segment_ops"), "dc": ("dc_step", "dc_step"), "step": ("step_time", "step_time")}
+    plan = {"segment": ("segment", "segment_ops"), "dc": ("dc_step", "dc_step"), "step": ("step_time", "step_time"),
+            "cafe": ("cafe_step", "cafe_step")}
     device = check_device(a.device)  # ValueError: one line, exit 2
     status = 0
-    for name in (["segment", "dc", "step"] if a.which == "all" else [a.which]):
+    for name in (["segment", "dc", "step", "cafe"] if a.which == "all" else [a.which]):
         module, stem = plan[name]
         full = f"{__package__}.bench.{module}"
         try:  # lazily: a benchmark's imports (matplotlib, ...) cost nothing until it runs

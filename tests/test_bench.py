@@ -140,13 +140,16 @@ def test_cli_bench_runs_the_modules_with_out_paths(monkeypatch, tmp_path):
     seen: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(segment, "main", lambda argv: seen.append(("segment", argv)) or [])
     monkeypatch.setattr(dc_step, "main", lambda argv: seen.append(("dc", argv)) or [])
+    from fastfair.bench import cafe_step
+
+    monkeypatch.setattr(cafe_step, "main", lambda argv: seen.append(("cafe", argv)) or [])
     assert cli.main(["bench", "dc", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     assert seen == [("dc", ["--device", "cpu", "--json", str(tmp_path / "dc_step_cpu.json"), "--quick"])]
     seen.clear()
-    # `all` runs segment, dc, step in order; a missing step module is one line and exit 2.
+    # `all` runs segment, dc, step, cafe in order; a missing step module is one line and exit 2.
     monkeypatch.setitem(sys.modules, "fastfair.bench.step_time", None)
     assert cli.main(["bench", "all", "--device", "cpu", "--out", str(tmp_path)]) == 2
-    assert [name for name, _ in seen] == ["segment", "dc"]
+    assert [name for name, _ in seen] == ["segment", "dc", "cafe"]
     assert seen[0][1] == ["--device", "cpu", "--json", str(tmp_path / "segment_ops_cpu.json")]
 
 
@@ -162,5 +165,36 @@ def test_cli_bench_help_explains_each(capsys):
         cli.main(["bench", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for word in ("segment", "dc", "step", "all", "--quick", "--out", "--device"):
+    for word in ("segment", "dc", "step", "cafe", "all", "--quick", "--out", "--device"):
         assert word in out
+
+
+TINY_CAFE = ["--device", "cpu", "--batch", "6", "--width", "4", "--image-size", "16", "--repeats", "1"]
+
+
+def test_cafe_step_tiny_writes_json_and_png(tmp_path):
+    from fastfair.bench import cafe_step
+
+    path = str(tmp_path / "cafe.json")
+    rows = cafe_step.main(TINY_CAFE + ["--groups", "1,10", "--json", path])
+    payload = _load(path)
+    assert payload["rows"] == rows and payload["complete"]
+    assert {(r["impl"], r["objective"], r["groups"]) for r in rows} == {
+        (i, o, g) for i in ("fastfair", "loop") for o in ("vanilla", "fairdd", "cobra") for g in (1, 10)}
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(e <= 1e-4 for errs in payload["check_max_rel_err"].values() for e in errs.values())
+    assert "fastfair fairdd / fastfair vanilla at G=10" in payload["ratios"]
+    assert os.path.getsize(tmp_path / "cafe.png") > 0
+
+
+def test_cafe_step_check_catches_a_different_computation(tmp_path, monkeypatch):
+    from fastfair.bench import cafe_step
+
+    real = cafe_step.FNS["fastfair"]
+
+    def wrong(net, real_x, labels, groups, syn, syn_labels, C, G, objective):  # every objective as vanilla
+        return real(net, real_x, labels, groups, syn, syn_labels, C, G, "vanilla")
+
+    monkeypatch.setitem(cafe_step.FNS, "fastfair", wrong)
+    with pytest.raises(AssertionError, match="G=10 fairdd: fastfair and the loop differ"):
+        cafe_step.main(TINY_CAFE + ["--groups", "10", "--json", str(tmp_path / "c.json")])
