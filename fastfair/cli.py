@@ -153,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fairdd-cmnist: C-MNIST FG and BG at IPC 10, DM / DM+FairDD / DM+COBRA / DC / DC+FairDD "
                         "(FairDD Tables 1-2); fairdd-cfmnist: the same cells on C-FMNIST FG and BG; fairdd: every "
                         "Table 1-2 dataset; cobra-cifar10s, cobra-cmnist: "
-                        "COBRA's DM numbers under COBRA's preset")
+                        "COBRA's DM numbers under COBRA's preset; intersectional: fastfair's two-attribute "
+                        "C-MNIST / C-FMNIST; cobra-cafe: CAFE vanilla / FairDD / COBRA on C-MNIST and C-FMNIST "
+                        "FG and BG under COBRA's preset; cdigits, cdigits-intersectional, cdigits-cafe: the same "
+                        "cells on the embedded digits (no download)")
     r.add_argument("--budget", default="cpu", choices=list(BUDGETS),
                    help="paper: the full protocol (GPU hours); cpu: a stated reduced protocol for a 2-core CPU "
                         "(about 50 min per C-MNIST dataset, 1 thread; the summary is in the "

@@ -98,6 +98,7 @@ class Table:
 
 
 _CMNIST_CELLS = (("dm", "vanilla"), ("dm", "fairdd"), ("dm", "cobra"), ("dc", "vanilla"), ("dc", "fairdd"))
+_CAFE_CELLS = (("cafe", "vanilla"), ("cafe", "fairdd"), ("cafe", "cobra"))
 _INTERSECTIONAL_CELLS = tuple((m, o) for m in ("dm", "dc") for o in (
     "vanilla", "fairdd@fg", "fairdd@bg", "fairdd@marginal", "fairdd@intersection", "cobra@intersection"))
 TABLES: dict[str, Table] = {t.name: t for t in (
@@ -117,6 +118,12 @@ TABLES: dict[str, Table] = {t.name: t for t in (
           "the intersection (no published numbers: no paper defines these sets)"),
     Table("cdigits-intersectional", ("cdigits-fgbg",), 10, _INTERSECTIONAL_CELLS, "fairdd",
           "the intersectional cells on the embedded cdigits-fgbg (4 x 4 groups; needs no download)"),
+    Table("cobra-cafe", ("cmnist-fg", "cmnist-bg", "cfmnist-fg", "cfmnist-bg"), 10, _CAFE_CELLS, "cobra",
+          "COBRA's CAFE backbone (train_cafe.py, run_cafe.sh) at IPC 10 on C-MNIST and C-FMNIST FG and BG: "
+          "vanilla CAFE, fastfair's CAFE+FairDD, CAFE+COBRA, under COBRA's protocol (no published numbers "
+          "are available to us)"),
+    Table("cdigits-cafe", ("cdigits-fg",), 10, _CAFE_CELLS, "cobra",
+          "the CAFE cells on the embedded cdigits-fg (needs no download)"),
     Table("cdigits", ("cdigits-fg", "cdigits-bg"), 10, _CMNIST_CELLS, "fairdd",
           "the C-MNIST cells on the embedded cdigits datasets (no published numbers; needs no download)"),
 )}
@@ -190,13 +197,14 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
     Budget("tiny", "seconds-long, for tests only",
            distill={"dm": {"iterations": 2, "batch_real": 8, "width": 8, "depth": 2, "cobra_warmup_epochs": 1},
                     "dc": {"iterations": 1, "outer_loop": 1, "inner_loop": 1, "batch_real": 8, "width": 8,
-                           "depth": 2}},
-           eval_epochs={"dm": 1, "dc": 1}, eval_runs=2, width=8),
+                           "depth": 2},
+                    "cafe": {"iterations": 1, "outer_loop": 2, "inner_loop": 1, "batch_real": 8, "width": 8}},
+           eval_epochs={"dm": 1, "dc": 1, "cafe": 1}, eval_runs=2, width=8),
 )}
 
 
 def _family(method: str) -> str:
-    return "dm" if method == "dm" else "dc"
+    return method if method in ("dm", "cafe") else "dc"
 
 
 def cell_name(method: str, objective: str, ipc: int) -> str:

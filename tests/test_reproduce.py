@@ -126,3 +126,17 @@ def test_intersectional_cells_carry_what_they_are_fair_over() -> None:
     assert s["objective"] == "fairdd" and s["fair_over"] == "fg"
     assert "fair_over" not in reproduce.cell_settings(t, b, "cmnist-fgbg", "dm", "vanilla", 0)["distill"]
     assert reproduce.cell_name("dm", "fairdd@fg", 10) == "dm_fairdd_over_fg_ipc10"
+
+
+def test_cafe_table_runs_every_objective(tmp_path, capsys) -> None:
+    out = tmp_path / "c"
+    argv = ["reproduce", "--table", "cdigits-cafe", "--budget", "tiny", "--out", str(out), "--threads", "1"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["objective"]) for r in res["results"]] == [
+        ("cafe", "vanilla"), ("cafe", "fairdd"), ("cafe", "cobra")]
+    for r in res["results"]:
+        s = r["settings"]
+        assert s["distill"]["preset"] == "cobra" and s["distill"]["outer_loop"] == 2
+        assert r["eval_dsa"] is False and r["eval_runs"] == 2 and 0 <= r["deo_m"] <= 100
+    capsys.readouterr()
