@@ -656,8 +656,6 @@ def _check_ipc(ds: Any, ipc: int) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    import torch
-
     from .distill import outdir
     from .evaluate import chance_note, evaluate_baseline, evaluate_synset
     from .metrics import COBRA_NAMES

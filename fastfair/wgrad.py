@@ -380,24 +380,6 @@ def per_segment_weight_grad(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segm
     return out
 
 
-# ---------------------------------------------------------------------------
-# The CUDA kernels of the custom ops.
-
-
-def _check(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int, op: str, dims: int,
-           geometry: tuple | None = None) -> None:
-    # The same argument errors as the CPU kernel, for callers of
-    # torch.ops.fastfair.* directly. The id range is left to the public
-    # wrappers (ops.py: one check per call, switched off in hot loops), and
-    # nothing here reads a device's error record: this runs once per layer on
-    # the bf16 DC path, which must not sync.
-    from . import ops
-
-    ops._check_weight_grad_args(grad_out, inp, ids, num_segments, op, dims, check_range=False)
-    if geometry is not None:
-        ops._check_conv_geometry(grad_out, inp, *geometry, op)
-
-
 # cuBLAS is deterministic only with one of these workspace settings, read when
 # CUDA starts (torch's "Reproducibility" notes).
 _CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
@@ -415,44 +397,3 @@ def _precision_for(op: str) -> str:
             f"CUBLAS_WORKSPACE_CONFIG={_CUBLAS_DETERMINISTIC[0]} in the environment before CUDA starts; set it, or "
             f"use the deterministic 'simt' path ({_ENV}=simt or fastfair.ops.weight_grad_precision('simt'))")
     return precision
-
-
-def _cuda_linear(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int) -> Tensor:
-    _check(grad_out, inp, ids, num_segments, "segment_linear_weight_grad", 2)
-    precision = _precision_for("segment_linear_weight_grad")
-    if precision == "simt" or inp.dtype == torch.float64:
-        return torch.ops.fastfair.segment_linear_weight_grad_simt(grad_out, inp, ids, num_segments)
-    if precision == "cudnn":
-        return per_segment_weight_grad(grad_out, inp, ids, num_segments).to(inp.dtype)
-    return grouped_linear_weight_grad(grad_out, inp, ids, num_segments, precision).to(inp.dtype)
-
-
-def _cuda_conv2d(grad_out: Tensor, inp: Tensor, ids: Tensor, num_segments: int, kernel_size: Sequence[int],
-                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
-    geometry = tuple(tuple(int(v) for v in t) for t in (kernel_size, stride, padding, dilation))
-    _check(grad_out, inp, ids, num_segments, "segment_conv2d_weight_grad", 4, geometry)
-    precision = _precision_for("segment_conv2d_weight_grad")
-    if precision == "simt" or inp.dtype == torch.float64:
-        return torch.ops.fastfair.segment_conv2d_weight_grad_simt(
-            grad_out, inp, ids, num_segments, kernel_size, stride, padding, dilation)
-    if precision == "cudnn":
-        return per_segment_weight_grad(grad_out, inp, ids, num_segments, geometry).to(inp.dtype)
-    return grouped_conv2d_weight_grad(grad_out, inp, ids, num_segments, kernel_size, stride, padding,
-                                      dilation, precision).to(inp.dtype)
-
-
-_lib: torch.library.Library | None = None
-
-
-def register_cuda_kernels(has_kernel) -> None:  # noqa: ANN001
-    """Make the functions above the CUDA kernels of the two ops (once; skipped
-    where a compiled CUDA kernel of the same name exists, e.g. an extension
-    built before the SIMT kernel moved to ``*_simt``)."""
-    global _lib
-    if _lib is not None or not has_kernel("segment_linear_weight_grad_simt", "CUDA"):
-        return
-    _lib = torch.library.Library("fastfair", "IMPL")  # noqa: TOR901 - kept alive for the process
-    if not has_kernel("segment_linear_weight_grad", "CUDA"):
-        _lib.impl("segment_linear_weight_grad", _cuda_linear, "CUDA")
-    if not has_kernel("segment_conv2d_weight_grad", "CUDA"):
-        _lib.impl("segment_conv2d_weight_grad", _cuda_conv2d, "CUDA")

@@ -129,8 +129,9 @@ def fake_cuda_record(monkeypatch):
         msg, state["msg"] = state["msg"], None
         return msg
 
-    monkeypatch.setattr(ops, "_take_id_error", take)
-    monkeypatch.setattr(ops, "_unchecked_devices", set())
+    # The id-error record lives in fastfair.ops._checks (the package's face re-exports functions only).
+    monkeypatch.setattr(ops._checks, "_take_id_error", take)
+    monkeypatch.setattr(ops._checks, "_unchecked_devices", set())
     return state
 
 
@@ -159,7 +160,7 @@ def test_validate_off_raises_at_exit_at_the_latest(fake_cuda_record):
         with ops.validate_ids(False):
             fake_cuda_record["msg"] = "segment_count: ids[2] = 5 is outside [0, num_segments = 4)"
             ops._after_kernel(torch.device("cuda", 0), "segment_sum")
-    assert ops._validate_ids is True
+    assert ops._checks._validate_ids is True
 
 
 def test_validate_off_exit_keeps_the_body_exception(fake_cuda_record):

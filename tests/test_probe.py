@@ -416,7 +416,7 @@ CASES = [
     Case("pergroup-bn-affine-false-train", code=_BN_NO_AFFINE, rc=1, exc="ValueError", err=("training mode",)),
     Case("pergroup-parameter-outside-module", code=_OUTSIDE_USE, rc=1, exc="ValueError",
          err=("'a.weight' enters the loss 2 time(s)",)),
-    # ops (13.2, 13.3, 13.14): the checks live in fastfair/ops.py and csrc/
+    # ops (13.2, 13.3, 13.14): the checks live in fastfair/ops/ and csrc/
     Case("op-ids-out-of-range", code=_op(_OPS["ids-out-of-range"]), rc=1, exc="ValueError", err=("ids[1] = 5",)),
     Case("op-num-segments-2**63", code=_op(_OPS["num-segments-2**63"]), rc=1, exc="ValueError",
          err=("num_segments",), other="ops (13.14)"),

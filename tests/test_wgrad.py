@@ -259,17 +259,17 @@ def test_weight_grad_argument_checks_read_no_device_error_record(monkeypatch):
     # checks of the weight-gradient kernels must not read it (each read is a
     # device-to-host sync on a GPU).
     reads = []
-    monkeypatch.setattr(ops, "_take_id_error", lambda dev: reads.append(dev))
+    monkeypatch.setattr(ops._checks, "_take_id_error", lambda dev: reads.append(dev))
     pending = torch.device("cuda", 0)
-    monkeypatch.setattr(ops, "_unchecked_devices", {pending})
+    monkeypatch.setattr(ops._checks, "_unchecked_devices", {pending})
     b, a = torch.randn(30, 4), torch.randn(30, 6)
     ids = ids_with_gaps(30, 6, seed=2)
-    wgrad._check(b, a, ids, 6, "segment_linear_weight_grad", 2)
+    ops.weight_grad._check(b, a, ids, 6, "segment_linear_weight_grad", 2)
     ks = (3, 3)
     a4, b4 = conv_case(12, 2, 3, 5, 5, ks, (1, 1), (1, 1), (1, 1), seed=5)
-    wgrad._check(b4.float(), a4.float(), torch.arange(12) % 4, 4, "segment_conv2d_weight_grad", 4,
+    ops.weight_grad._check(b4.float(), a4.float(), torch.arange(12) % 4, 4, "segment_conv2d_weight_grad", 4,
                  (ks, (1, 1), (1, 1), (1, 1)))
-    assert reads == [] and ops._unchecked_devices == {pending}
+    assert reads == [] and ops._checks._unchecked_devices == {pending}
     ops.raise_pending_errors()  # where the driver syncs anyway: read once
     assert reads == [pending]
 
@@ -315,7 +315,7 @@ def test_fallback_names_the_group_limit_and_lets_other_errors_through(monkeypatc
 
 
 def test_deterministic_mode_without_cublas_workspace_refuses_in_one_line(monkeypatch):
-    # The CUDA kernels' Python part (wgrad._cuda_linear) on CPU tensors: the
+    # The CUDA kernels' Python part (fastfair.ops.weight_grad._cuda_linear) on CPU tensors: the
     # refusal comes before any cuBLAS call.
     b, a = torch.randn(12, 4), torch.randn(12, 6)
     ids = torch.arange(12) % 3
@@ -325,10 +325,10 @@ def test_deterministic_mode_without_cublas_workspace_refuses_in_one_line(monkeyp
     try:
         with ops.weight_grad_precision("fp32"):
             with pytest.raises(RuntimeError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8.*'simt'") as info:
-                wgrad._cuda_linear(b, a, ids, 3)
+                ops.weight_grad._cuda_linear(b, a, ids, 3)
             assert "\n" not in str(info.value)
             monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            got = wgrad._cuda_linear(b, a, ids, 3)
+            got = ops.weight_grad._cuda_linear(b, a, ids, 3)
     finally:
         torch.use_deterministic_algorithms(old)
     torch.testing.assert_close(got, wgrad.per_segment_weight_grad(b, a, ids, 3), rtol=1e-5, atol=1e-6)

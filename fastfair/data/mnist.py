@@ -197,7 +197,7 @@ def fgbg(train_gray: Tensor, train_labels: Tensor, test_gray: Tensor, test_label
     Test: every test image rendered in enough (fg, bg) combinations that each
     (class, intersectional group) cell holds at least ``min_test_per_cell``
     images where the class has them (bias.combination_test)."""
-    from .bias import bg_palette, colourise_fgbg, combination_test
+    from .bias import colourise_fgbg, combination_test
 
     for what, k in (("fg_colours", fg_colours), ("bg_colours", bg_colours)):
         if not isinstance(k, int) or not 1 <= k <= len(COLOUR_NAMES):
