@@ -96,16 +96,9 @@ class FairDMLoss(nn.Module):
     def terms(self, real_emb: Tensor, real_labels: Tensor, real_groups: Tensor, syn_emb: Tensor,
               syn_labels: Tensor) -> objectives.MatchTerms:
         """The loss's terms (carrying autograd), without storing them."""
-        if self.fair_over == "intersection":
-            return ops.fair_dm_terms(real_emb, real_labels, real_groups, syn_emb, syn_labels,
-                                     self.num_classes, self.num_groups, self.objective, group_terms=True)
-        C, G = self.num_classes, self.num_groups
-        seg = ops.segment_ids(real_labels, real_groups, C, G)
-        real_sum = ops.segment_sum(real_emb.detach(), seg, C * G)
-        real_count = ops.segment_count(seg, C * G)
-        real_sum, real_count, g2 = regroup(real_sum, real_count, C, self.attributes, self.fair_over)
-        return objectives.dm_matching_terms(real_sum, real_count, ops.segment_mean(syn_emb, syn_labels, C),
-                                            ops.segment_count(syn_labels, C), g2, self.objective, True)
+        return ops.fair_dm_terms(real_emb, real_labels, real_groups, syn_emb, syn_labels, self.num_classes,
+                                 self.num_groups, self.objective, group_terms=True, attributes=self.attributes,
+                                 fair_over=self.fair_over)
 
     def forward(self, real_emb: Tensor, real_labels: Tensor, real_groups: Tensor, syn_emb: Tensor,
                 syn_labels: Tensor) -> Tensor:
@@ -143,12 +136,15 @@ class FairGradientMatching(nn.Module):
     draws a fresh one every outer iteration). ``chunk``: rows per real
     forward pass (see ``segment_gradients``). Under ``torchrun`` the real
     segment gradients are averaged over all ranks exactly (sums and counts
-    all-reduced, as the driver does).
+    all-reduced, as the driver does). ``attributes`` / ``fair_over``: several
+    protected attributes, as in :class:`FairDMLoss` (the per-(class,
+    intersectional group) gradients from the one pass, regrouped).
     """
 
     def __init__(self, model: nn.Module | None, num_classes: int, num_groups: int,
                  objective: str = "fairdd", metric: objectives.Metric = "ours",
-                 reduction: Reduction = "sum", chunk: int | str | None = "auto") -> None:
+                 reduction: Reduction = "sum", chunk: int | str | None = "auto",
+                 attributes: Attributes | None = None, fair_over: str = "intersection") -> None:
         super().__init__()
         op = "FairGradientMatching"
         self.model = model
@@ -160,6 +156,14 @@ class FairGradientMatching(nn.Module):
         self.metric = metric
         self.reduction = _check_reduction(reduction)
         self.chunk = chunk
+        if attributes is not None:
+            attributes.check_fair_over(fair_over)
+            if attributes.num_groups != self.num_groups:
+                raise ValueError(f"{op}: the attributes have {attributes.num_groups} intersectional groups, "
+                                 f"num_groups is {self.num_groups}")
+        elif fair_over != "intersection":
+            raise ValueError(f"{op}: fair_over={fair_over!r} needs the attributes")
+        self.attributes, self.fair_over = attributes, fair_over
         self.last_terms: objectives.MatchTerms | None = None
 
     def terms(self, real_images: Tensor, real_labels: Tensor, real_groups: Tensor, syn_images: Tensor,
@@ -198,8 +202,19 @@ class FairGradientMatching(nn.Module):
             return _global_segment_means(tuple(g.detach() for g in grads), seg, width)
 
         grads, counts = ops._naming_bad_rows(op, checks, real_side)
+        groups_out = G if per_group else 1
+        if per_group and self.attributes is not None:
+            # The groups the loss is fair over: segment means back to sums,
+            # summed over the intersectional groups each covers, divided again.
+            fair = []
+            for g in grads:
+                shape = (-1,) + (1,) * (g.dim() - 1)
+                sums, new_counts, groups_out = regroup(g * counts.to(g.dtype).view(shape), counts, C,
+                                                       self.attributes, self.fair_over)
+                fair.append(sums / new_counts.clamp(min=1).to(g.dtype).view(shape))
+            grads, counts = tuple(fair), new_counts
         syn_grads = class_gradients(net, syn_images, syn_labels.long(), C, create_graph=True)
-        return objectives.dc_matching_terms(grads, counts, syn_grads, G if per_group else 1, self.objective,
+        return objectives.dc_matching_terms(grads, counts, syn_grads, groups_out, self.objective,
                                             self.metric, group_terms=per_group)
 
     def forward(self, real_images: Tensor, real_labels: Tensor, real_groups: Tensor, syn_images: Tensor,

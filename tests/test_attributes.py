@@ -195,3 +195,63 @@ def test_fair_dm_loss_module_fair_over_equals_the_loop(over: str) -> None:
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="needs the attributes"):
         FairDMLoss(C, 6, fair_over="fg")
+
+
+@pytest.mark.parametrize("over", ["marginal", "fg"])
+def test_fair_dm_loss_function_fair_over(over: str) -> None:
+    from fastfair import ops
+    from fastfair.nn import FairDMLoss
+
+    g = torch.Generator().manual_seed(8)
+    labels, groups = torch.randint(0, 3, (60,), generator=g), torch.randint(0, 6, (60,), generator=g)
+    real, syn = torch.randn(60, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    syn_labels = torch.arange(3).repeat_interleave(2)
+    got = ops.fair_dm_loss(real, labels, groups, syn, syn_labels, 3, 6, attributes=ATTRS, fair_over=over)
+    want = FairDMLoss(3, 6, attributes=ATTRS, fair_over=over)(real, labels, groups, syn, syn_labels)
+    parts = {"fg": [(ATTRS.marginal(groups, 0), 3)],
+             "marginal": [(ATTRS.marginal(groups, 0), 3), (ATTRS.marginal(groups, 1), 2)]}[over]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, _loop_dm(real, labels, groups, syn, syn_labels, 3, parts), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="needs the attributes"):
+        ops.fair_dm_loss(real, labels, groups, syn, syn_labels, 3, 6, fair_over="fg")
+
+
+@pytest.mark.parametrize("over", ["marginal", "fg", "bg"])
+def test_gradient_matching_fair_over_is_the_sum_over_each_attribute(over: str) -> None:
+    """Over one attribute: the loss on that attribute's values as the groups;
+    marginal: the sum of the attributes' losses (FairDD's terms summed)."""
+    from fastfair.nets import ConvNet
+    from fastfair.nn import FairGradientMatching
+
+    torch.manual_seed(0)
+    net = ConvNet(3, 3, 8, width=4, depth=1).double()
+    g = torch.Generator().manual_seed(2)
+    real = torch.randn(40, 3, 8, 8, generator=g, dtype=torch.float64)
+    labels, groups = torch.randint(0, 3, (40,), generator=g), torch.randint(0, 6, (40,), generator=g)
+    syn = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+    syn_labels = torch.arange(3).repeat_interleave(2)
+    got = FairGradientMatching(net, 3, 6, attributes=ATTRS, fair_over=over)(real, labels, groups, syn, syn_labels)
+    names = ["fg", "bg"] if over == "marginal" else [over]
+    want = sum(FairGradientMatching(net, 3, ATTRS.sizes[ATTRS.index(a)])(
+        real, labels, ATTRS.marginal(groups, ATTRS.index(a)), syn, syn_labels) for a in names)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("over", ["marginal", "bg"])
+def test_cafe_loss_fair_over_is_the_sum_over_each_attribute(over: str) -> None:
+    from fastfair.nets import ConvNet, layer_features
+    from fastfair.nn import FairCAFELoss
+
+    torch.manual_seed(1)
+    net = ConvNet(3, 3, 8, width=4, depth=3).double()
+    g = torch.Generator().manual_seed(4)
+    real = torch.randn(50, 3, 8, 8, generator=g, dtype=torch.float64)
+    labels, groups = torch.randint(0, 3, (50,), generator=g), torch.randint(0, 6, (50,), generator=g)
+    syn = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+    syn_labels = torch.arange(3).repeat_interleave(2)
+    rf, sf = layer_features(net, real), layer_features(net, syn)
+    got = FairCAFELoss(3, 6, attributes=ATTRS, fair_over=over)(rf, labels, groups, sf, syn_labels)
+    names = ["fg", "bg"] if over == "marginal" else [over]
+    want = sum(FairCAFELoss(3, ATTRS.sizes[ATTRS.index(a)])(rf, labels, ATTRS.marginal(groups, ATTRS.index(a)), sf,
+                                                             syn_labels) for a in names)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

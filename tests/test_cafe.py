@@ -246,3 +246,29 @@ def test_cli_family_weights(tmp_path, capsys) -> None:
             rc = e.code
         assert rc == 2
         assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("over", ["marginal", "fg"])
+def test_driver_step_fair_over_equals_the_loss_module(over: str) -> None:
+    ds = data.load("cdigits-fgbg")
+    cfg = resolve(DistillConfig(dataset="cdigits-fgbg", method="cafe", objective="fairdd", ipc=2, width=6,
+                                batch_real=8, real_chunk=9, fair_over=over))
+    ctx = build_context(cfg, ds, torch.device("cpu"))
+    C, G = ctx.num_classes, ctx.num_groups
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.arange(C).repeat_interleave(5)
+    groups = torch.randint(0, G, (labels.numel(),), generator=gen)
+    real = torch.randn(labels.numel(), ds.channels, ds.image_size, ds.image_size, generator=gen, dtype=torch.float64)
+    syn = torch.randn(C * 2, ds.channels, ds.image_size, ds.image_size, generator=gen, dtype=torch.float64)
+    torch.manual_seed(2)
+    net = ConvNet(ds.channels, C, ds.image_size, width=6, depth=3).double()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = syn.clone().requires_grad_(True)
+    loss, grad = cafe_step_loss(ctx, net, x, real, labels, groups, 0, 0)
+    x2 = syn.clone().requires_grad_(True)
+    want = FairCAFELoss(C, G, "fairdd", attributes=ds.attributes, fair_over=over)(
+        layer_features(net, real), labels, groups, layer_features(net, x2), ctx.syn_labels)
+    (g2,) = torch.autograd.grad(want, x2)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, g2, rtol=1e-8, atol=1e-11 * float(g2.abs().max()))

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import objectives
+from ..attributes import Attributes, regroup
 from ._checks import _INT64_MAX, _as_size, _check_rows_1d, _naming_bad_rows
 from .segment import segment_count, segment_ids, segment_mean, segment_sum
 
@@ -51,28 +52,42 @@ def fair_dm_terms(
     num_groups: int,
     objective: str = "fairdd",
     group_terms: bool = False,
+    attributes: Attributes | None = None,
+    fair_over: str = "intersection",
 ) -> objectives.MatchTerms:
     """:func:`fair_dm_loss` before the sum over classes:
     :class:`fastfair.objectives.MatchTerms` (per-class terms [C], per-(class,
-    group) distances [C, G] for per-group objectives or with ``group_terms``,
-    real rows per segment [C, G])."""
+    group) distances [C, G'] for per-group objectives or with ``group_terms``,
+    real rows per segment [C, G'], G' the groups the loss is fair over)."""
     op = "fair_dm_loss"
     obj = objectives.get_objective(objective)
     C, G = _check_dm_args(real_emb, real_labels, real_groups, syn_emb, syn_labels, num_classes, num_groups, op)
+    if attributes is not None:
+        attributes.check_fair_over(fair_over)
+        if attributes.num_groups != G:
+            raise ValueError(f"{op}: the attributes have {attributes.num_groups} intersectional groups, "
+                             f"num_groups is {G}")
+    elif fair_over != "intersection":
+        raise ValueError(f"{op}: fair_over={fair_over!r} needs the attributes")
     checks = [("real_labels", real_labels, C, "num_classes"), ("real_groups", real_groups, G, "num_groups"),
               ("syn_labels", syn_labels, C, "num_classes")]
     return _naming_bad_rows(op, checks, _fair_dm_terms, real_emb, real_labels, real_groups, syn_emb, syn_labels,
-                           C, G, obj, group_terms)
+                           C, G, obj, group_terms, attributes, fair_over)
 
 
 def _fair_dm_terms(real_emb: Tensor, real_labels: Tensor, real_groups: Tensor, syn_emb: Tensor,
                    syn_labels: Tensor, C: int, G: int, obj: objectives.Objective,
-                   group_terms: bool) -> objectives.MatchTerms:
+                   group_terms: bool, attributes: Attributes | None = None,
+                   fair_over: str = "intersection") -> objectives.MatchTerms:
     num_segments = C * G
     seg = segment_ids(real_labels, real_groups, C, G)
     real = real_emb.detach()
     real_sum = segment_sum(real, seg, num_segments)
     real_count = segment_count(seg, num_segments)
+    if attributes is not None:
+        # Several attributes: the groups the loss is fair over, as sums of the
+        # intersectional segment sums (no second pass).
+        real_sum, real_count, G = regroup(real_sum, real_count, C, attributes, fair_over)
     syn_mean = segment_mean(syn_emb, syn_labels, C)
     syn_count = segment_count(syn_labels, C)
     return objectives.dm_matching_terms(real_sum, real_count, syn_mean, syn_count, G, obj, group_terms)
@@ -87,6 +102,8 @@ def fair_dm_loss(
     num_classes: int,
     num_groups: int,
     objective: str = "fairdd",
+    attributes: Attributes | None = None,
+    fair_over: str = "intersection",
 ) -> Tensor:
     """The DM matching loss of every class and group at once.
 
@@ -102,9 +119,17 @@ def fair_dm_loss(
     [0, num_groups) raises ValueError naming it (``real_labels[7] = 9 is
     outside [0, num_classes = 8)``); under torch.compile the ops' own range
     error is raised instead, still before any result is returned.
+
+    Several protected attributes (fastfair's extension): give each row its
+    intersectional group id, the mixed-radix index of its attribute values
+    (:meth:`fastfair.attributes.Attributes.group`: ``g = fg * K_bg + bg`` for
+    two attributes, the last varying fastest; ``num_groups`` = the product of
+    the attributes' sizes) and pass ``attributes``; ``fair_over`` is
+    ``"intersection"`` (every intersectional group), ``"marginal"`` (the sum
+    over attributes of each attribute's terms) or one attribute's name.
     """
     return fair_dm_terms(real_emb, real_labels, real_groups, syn_emb, syn_labels, num_classes, num_groups,
-                         objective).per_class.sum()
+                         objective, attributes=attributes, fair_over=fair_over).per_class.sum()
 
 
 # ===========================================================================
