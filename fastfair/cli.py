@@ -725,6 +725,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
                            group_names=ds.group_names,
                            title=f"{row['dataset']} {row['method']}+{row['objective']}: test accuracy per "
                                  f"(class, group), mean of {runs} runs")
+        if res["per_attribute_cells"]:  # several attributes: per attribute, and the worst intersections
+            from .heatmap import attribute_plots, worst_cells_plot
+
+            stem = os.path.splitext(png)[0]
+            title = f"{row['dataset']} {row['method']}+{row['objective']}"
+            pngs = attribute_plots(res["per_attribute_cells"], ds, stem, title)
+            pngs.append(worst_cells_plot(res["cell_acc"], f"{stem}_worst.png", class_names=ds.class_names,
+                                         group_names=ds.group_names, title=f"{title}: the 20 worst cells"))
+            _write_json(out_path, {**row, **cobra, **cells_payload(res, ds), "per_run": per_run,
+                                   "per_attribute_cells": res["per_attribute_cells"]})
+            png = ", ".join([png, *pngs])
         print(f"metrics written to {out_path}; per-cell heatmap in {png}")
     return 0
 

@@ -230,8 +230,18 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "
                for k, v in ((k, [rep["per_attribute"][name][k] for rep in per_run])
                             for k in ("deo_m", "deo_a", "suf_m", "suf_a", "worst_group_acc"))}
         for name in per_run[0]["per_attribute"]}
+    # ... and each attribute's (class, marginal group) accuracies, mean over runs (None: no test samples).
+    out["per_attribute_cells"] = {name: _mean_cells([rep["per_attribute"][name]["cell_acc"] for rep in per_run])
+                                  for name in per_run[0]["per_attribute"]}
     out.update(runs=per_run, model=model, epochs=epochs, dsa=dsa)
     return out
+
+
+def _mean_cells(mats: list) -> list:
+    """Mean over runs of [C][G] accuracy matrices whose empty cells are None."""
+    arr = np.array([[[np.nan if v is None else v for v in row] for row in m] for m in mats], dtype=np.float64)
+    mean = arr.mean(0)
+    return [[None if np.isnan(v) else float(v) for v in row] for row in mean]
 
 
 def chance_note(acc: float, num_classes: int) -> str | None:

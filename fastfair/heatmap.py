@@ -45,6 +45,59 @@ def cell_heatmap(cell_acc: Sequence[Sequence[float | None]], path: str, title: s
     return path
 
 
+def worst_cells_plot(cell_acc: Sequence[Sequence[float | None]], path: str, title: str = "",
+                     class_names: Sequence[str] | None = None, group_names: Sequence[str] | None = None,
+                     k: int = 20) -> str:
+    """The ``k`` (class, group) cells of lowest test accuracy as horizontal
+    bars, worst at the top: with 100 intersectional groups the full heatmap
+    is too dense to read, and these are the cells a fair set must lift."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [(float(v), c, a) for c, row in enumerate(cell_acc) for a, v in enumerate(row) if v is not None]
+    if not cells:
+        raise ValueError("cell_acc has no cell with test samples")
+    worst = sorted(cells)[:k]
+    cn = list(class_names) if class_names else None
+    gn = list(group_names) if group_names else None
+    labels = [f"{cn[c] if cn else c} / {gn[a] if gn else a}" for _, c, a in worst]
+    fig, ax = plt.subplots(figsize=(6.0, 0.9 + 0.26 * len(worst)))
+    ax.barh(range(len(worst)), [v for v, _, _ in worst], color="#4a6fa5")
+    ax.set_yticks(range(len(worst)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_title(title or f"the {len(worst)} worst (class, group) cells", fontsize=8)
+    for i, (v, _, _) in enumerate(worst):
+        ax.text(min(v + 1, 92), i, f"{v:.0f}", va="center", fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def attribute_plots(per_attribute_cells: dict[str, Sequence[Sequence[float | None]]], dataset: Any, stem: str,
+                    title: str) -> list[str]:
+    """Several protected attributes: one heatmap per attribute over its
+    marginal groups (``<stem>_<attribute>.png``) and the worst intersectional
+    cells are drawn by the caller from the intersectional matrix. Returns the
+    paths written ([] for a dataset of one attribute)."""
+    attrs = getattr(dataset, "attributes", None)
+    if attrs is None or not per_attribute_cells:
+        return []
+    out = []
+    for name, cells in per_attribute_cells.items():
+        values = attrs.values[attrs.index(name)]
+        out.append(cell_heatmap(cells, f"{stem}_{name}.png", title=f"{title}: over {name} (marginal groups)",
+                                class_names=getattr(dataset, "class_names", None), group_names=values))
+    return out
+
+
 def heatmap_path(json_path: str) -> str:
     """Where ``fastfair eval`` draws the heatmap of a metrics JSON: beside it."""
     stem, _ = os.path.splitext(json_path)

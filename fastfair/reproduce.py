@@ -341,6 +341,7 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
                                    "epochs", "dsa", "test_cells")}
         if one["per_attribute"]:  # several protected attributes: each one's marginal DEO / SUF
             rec["per_attribute"] = {n: {k: v[0] for k, v in m.items()} for n, m in one["per_attribute"].items()}
+            rec["per_attribute_cells"] = one["per_attribute_cells"]
         with open(runs_path, "a") as f:
             f.write(json.dumps({"settings": settings, "run": r, "result": rec}) + "\n")
             f.flush()
@@ -367,9 +368,19 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
     out.update(eval_epochs=runs[0]["epochs"], eval_dsa=runs[0]["dsa"], eval_runs=len(runs),
                distill_seconds=round(t_distil, 1), eval_seconds=round(t_eval, 1),
                wall_seconds=round(time.perf_counter() - t0, 1))
+    title = f"{dataset} {method}+{objective} IPC {table.ipc} ({budget.name} budget)"
     cell_heatmap(out["cell_acc"], os.path.join(out_dir, "cells.png"), class_names=ds.class_names,
-                 group_names=ds.group_names,
-                 title=f"{dataset} {method}+{objective} IPC {table.ipc} ({budget.name} budget)")
+                 group_names=ds.group_names, title=title)
+    if all("per_attribute_cells" in r for r in runs):
+        # Several attributes: a heatmap per attribute, and the worst intersections.
+        from .evaluate import _mean_cells
+        from .heatmap import attribute_plots, worst_cells_plot
+
+        out["per_attribute_cells"] = {n: _mean_cells([r["per_attribute_cells"][n] for r in runs])
+                                      for n in runs[0]["per_attribute_cells"]}
+        attribute_plots(out["per_attribute_cells"], ds, os.path.join(out_dir, "cells"), title)
+        worst_cells_plot(out["cell_acc"], os.path.join(out_dir, "cells_worst.png"), class_names=ds.class_names,
+                         group_names=ds.group_names, title=f"{title}: the 20 worst (class, intersection) cells")
     _write_json(os.path.join(out_dir, "cell.json"), out)
     return out
 

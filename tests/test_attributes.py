@@ -255,3 +255,25 @@ def test_cafe_loss_fair_over_is_the_sum_over_each_attribute(over: str) -> None:
     want = sum(FairCAFELoss(3, ATTRS.sizes[ATTRS.index(a)])(rf, labels, ATTRS.marginal(groups, ATTRS.index(a)), sf,
                                                              syn_labels) for a in names)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_reproduce_and_eval_draw_a_heatmap_per_attribute(tmp_path, capsys) -> None:
+    import json
+
+    from fastfair.cli import main
+
+    out = tmp_path / "r"
+    assert main(["reproduce", "--table", "cdigits-intersectional", "--budget", "tiny", "--cells",
+                 "dm:fairdd@marginal", "--out", str(out), "--threads", "1"]) == 0
+    cell = out / "cdigits-fgbg" / "dm_fairdd_over_marginal_ipc10"
+    for name in ("cells.png", "cells_fg.png", "cells_bg.png", "cells_worst.png"):
+        assert (cell / name).stat().st_size > 0, name
+    rec = json.loads((cell / "cell.json").read_text())
+    fg = rec["per_attribute_cells"]["fg"]
+    assert len(fg) == 10 and len(fg[0]) == 4  # classes x the fg attribute's values
+    assert main(["eval", str(cell), "--epochs", "1", "--runs", "1", "--width", "8", "--no-progress",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    for name in ("m_cells.png", "m_cells_fg.png", "m_cells_bg.png", "m_cells_worst.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert set(json.loads((tmp_path / "m.json").read_text())["per_attribute_cells"]) == {"fg", "bg"}
+    capsys.readouterr()
