@@ -595,3 +595,59 @@ def test_import_is_cheap():
             "print(sorted(m for m in ('torchvision', 'sklearn', 'PIL') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_celeba_several_group_attributes(tmp_path):
+    """group_attr="Male,Young": the group is the intersection, g = Male * 2 + Young."""
+    folder = os.path.join(tmp_path, "celeba")
+    rows = []  # (name, partition, Attractive, Male, Young)
+    i = 0
+    for part, reps in ((0, 1), (2, 2)):
+        for att in (0, 1):
+            for male in (0, 1):
+                for young in (0, 1):
+                    for _ in range(reps):
+                        i += 1
+                        rows.append((f"{i:06d}.jpg", part, att, male, young))
+    rows.append((f"{i + 1:06d}.jpg", 2, 1, 1, 1))  # one extra test image: cut by the balancing
+    for k, (name, *_) in enumerate(rows):
+        save_image(os.path.join(folder, "img_align_celeba", name), colour_of(k), size=(178, 218))
+    sign = lambda v: " 1" if v else "-1"  # noqa: E731
+    with open(os.path.join(folder, "list_attr_celeba.txt"), "w") as f:
+        f.write(f"{len(rows)}\nAttractive Male Young\n")
+        f.writelines(f"{n} {sign(a)} {sign(m)} {sign(y)}\n" for n, _, a, m, y in rows)
+    with open(os.path.join(folder, "list_eval_partition.txt"), "w") as f:
+        f.writelines(f"{n} {p}\n" for n, p, *_ in rows)
+    ds = data.load("celeba", root=str(tmp_path), group_attr="Male,Young", image_size=16)
+    assert ds.num_groups == 4 and ds.attributes.names == ("Male", "Young")
+    assert ds.group_names == ["not Male/not Young", "not Male/Young", "Male/not Young", "Male/Young"]
+    train = [r for r in rows if r[1] == 0]
+    assert ds.train.groups.tolist() == [m * 2 + y for *_, m, y in train]
+    assert torch.bincount(ds.test.labels * 4 + ds.test.groups, minlength=8).tolist() == [2] * 8
+    with pytest.raises(ValueError, match="must be distinct"):
+        data.load("celeba", root=str(tmp_path), group_attr="Male,Male", cache=False)
+    with pytest.raises(ValueError, match="no attribute 'Old'"):
+        data.load("celeba", root=str(tmp_path), group_attr="Male,Old", cache=False)
+
+
+def test_utkface_race_by_gender(tmp_path):
+    folder = tmp_path / "UTKFace"
+    k = 0
+    for bucket, age in enumerate((10, 30, 50)):
+        for race in range(4):
+            for gender in (0, 1):
+                for j in range(2):
+                    k += 1
+                    save_image(str(folder / f"{age + j}_{gender}_{race}_2017{k:08d}.jpg"), colour_of(k))
+    ds = data.load("utkface", root=str(tmp_path), n_test_per_cell=1, image_size=16, group_attr="race,gender")
+    assert ds.num_groups == 8 and ds.attributes.names == ("race", "gender")
+    assert ds.group_names[:3] == ["White/male", "White/female", "Black/male"]
+    for split in (ds.train, ds.test):
+        assert torch.bincount(split.labels * 8 + split.groups, minlength=24).eq(1).all()
+    by_gender = data.load("utkface", root=str(tmp_path), n_test_per_cell=1, image_size=16, group_attr="gender",
+                          cache=False)
+    assert by_gender.group_names == ["male", "female"]
+    both = torch.cat([by_gender.train.groups, by_gender.test.groups])
+    assert torch.bincount(both, minlength=2).tolist() == [24, 24]  # the gender field of the names
+    with pytest.raises(ValueError, match="group_attr must be one of"):
+        data.load("utkface", root=str(tmp_path), group_attr="age", cache=False)

@@ -72,7 +72,13 @@ def load_celeba(root: str, download: bool, target_attr: str, group_attr: str, im
     list_eval_partition.txt} (torchvision's layout). Class = ``target_attr``
     (1 if the attribute is present), group = ``group_attr``. Official splits:
     train = partition 0, test = partition 2 subsampled so every (class, group)
-    cell has the size of the smallest. CenterCrop 178, resize to image_size."""
+    cell has the size of the smallest. CenterCrop 178, resize to image_size.
+
+    ``group_attr`` may list several attributes, comma-separated
+    (``"Male,Young"``): the group is then their intersection (fastfair's
+    extension; fastfair.attributes), ``g = sum_k v_k 2^(A-1-k)`` with v_k = 1
+    where attribute k is present (the last attribute varies fastest), and the
+    dataset declares the attributes."""
     folder = os.path.join(root, "celeba")
     expected = [os.path.join(folder, n) for n in CELEBA_FILES] + [os.path.join(folder, "img_align_celeba") + os.sep]
     present = lambda: all(os.path.exists(p) for p in expected)  # noqa: E731
@@ -85,10 +91,17 @@ def load_celeba(root: str, download: bool, target_attr: str, group_attr: str, im
                             f"Pass download=True to fetch CelebA with torchvision into {root} "
                             "(Google Drive quotas may refuse it; then download it by hand).")
     names, attrs = _read_attributes(os.path.join(folder, CELEBA_FILES[0]))
-    for attr in (target_attr, group_attr):
+    group_attrs = [a.strip() for a in str(group_attr).split(",")]
+    for attr in (target_attr, *group_attrs):
         if attr not in names:
             raise ValueError(f"CelebA has no attribute {attr!r}; available: {', '.join(names)}")
-    t_col, g_col = names.index(target_attr), names.index(group_attr)
+    if len(set(group_attrs)) != len(group_attrs) or target_attr in group_attrs:
+        raise ValueError(f"CelebA: the group attributes {group_attrs} must be distinct and differ from the "
+                         f"class attribute {target_attr!r}")
+    t_col = names.index(target_attr)
+    g_cols = [names.index(a) for a in group_attrs]
+    A = len(g_cols)
+    G = 2 ** A
     split_of: dict[str, list[str]] = {"0": [], "2": []}
     with open(os.path.join(folder, CELEBA_FILES[1])) as f:
         for line in f:
@@ -101,11 +114,12 @@ def load_celeba(root: str, download: bool, target_attr: str, group_attr: str, im
         if missing_attr:
             raise ValueError(f"CelebA: {len(missing_attr)} {what} images lack attributes, e.g. {missing_attr[0]}")
         labels = torch.tensor([int(attrs[n][t_col] > 0) for n in files], dtype=torch.int64)
-        groups = torch.tensor([int(attrs[n][g_col] > 0) for n in files], dtype=torch.int64)
+        groups = torch.tensor([sum(int(attrs[n][c] > 0) << (A - 1 - k) for k, c in enumerate(g_cols))
+                               for n in files], dtype=torch.int64)
         if not files:
             raise ValueError(f"CelebA: the partition file lists no {what} images")
         if balance:
-            keep = _balanced_cells(labels, groups, 2, 2, None)
+            keep = _balanced_cells(labels, groups, 2, G, None)
             if keep.numel() == 0:
                 raise ValueError(f"CelebA: a ({target_attr}, {group_attr}) cell of the {what} split is empty")
             files, labels, groups = [files[i] for i in keep.tolist()], labels[keep], groups[keep]
@@ -113,8 +127,15 @@ def load_celeba(root: str, download: bool, target_attr: str, group_attr: str, im
         return read_images(paths, image_size, crop=178, desc=f"CelebA {what}"), labels, groups
 
     train, test = split(split_of["0"], "train", False), split(split_of["2"], "test", True)
-    return Raw(*train, *test, class_names=[f"not {target_attr}", target_attr],
-               group_names=[f"not {group_attr}", group_attr], mean=MEAN, std=STD)
+    values = [[f"not {a}", a] for a in group_attrs]
+    if A == 1:
+        return Raw(*train, *test, class_names=[f"not {target_attr}", target_attr], group_names=values[0],
+                   mean=MEAN, std=STD)
+    group_names = [""]
+    for vals in values:
+        group_names = [f"{a}/{b}" if a else b for a in group_names for b in vals]
+    return Raw(*train, *test, class_names=[f"not {target_attr}", target_attr], group_names=group_names,
+               mean=MEAN, std=STD, attributes=[(a, v) for a, v in zip(group_attrs, values)])
 
 
 # --------------------------------------------------------------------------- UTKFace
@@ -124,27 +145,37 @@ UTK_RACES = ["White", "Black", "Asian", "Indian"]  # race 4 ('Others') is droppe
 UTK_AGES = ["age<20", "20<=age<40", "age>=40"]
 
 
-def parse_utkface(filename: str) -> tuple[int, int] | None:
-    """``age_gender_race_date.jpg[.chip.jpg]`` -> (age bucket, race), or None
-    for race 4 ('Others') and for the few malformed names of the release."""
+UTK_GENDERS = ["male", "female"]  # the release's 0 and 1
+UTK_GROUPS = ("race", "gender", "race,gender")
+
+
+def parse_utkface(filename: str, with_gender: bool = False) -> tuple[int, ...] | None:
+    """``age_gender_race_date.jpg[.chip.jpg]`` -> (age bucket, race), or
+    (age bucket, race, gender) ``with_gender``; None for race 4 ('Others')
+    and for the few malformed names of the release."""
     fields = os.path.basename(filename).split("_")
     if len(fields) < 4:
         return None
     try:
-        age, race = int(fields[0]), int(fields[2])
+        age, gender, race = int(fields[0]), int(fields[1]), int(fields[2])
     except ValueError:
         return None
-    if race not in range(4) or age < 0:
+    if race not in range(4) or age < 0 or gender not in (0, 1):
         return None
-    return (0 if age < 20 else 1 if age < 40 else 2), race
+    bucket = 0 if age < 20 else 1 if age < 40 else 2
+    return (bucket, race, gender) if with_gender else (bucket, race)
 
 
-def load_utkface(root: str, n_test_per_cell: int, image_size: int) -> Raw:
+def load_utkface(root: str, n_test_per_cell: int, image_size: int, group_attr: str = "race") -> Raw:
     """A folder root/UTKFace of ``age_gender_race_date.jpg`` images (the
     aligned-and-cropped release; subfolders are searched too). Class = age
-    bucket (<20, 20-39, >=40), group = race (White, Black, Asian, Indian).
-    Test: ``n_test_per_cell`` random images of every (class, group) cell;
-    train: the rest."""
+    bucket (<20, 20-39, >=40), group = race (White, Black, Asian, Indian);
+    ``group_attr="gender"`` the gender, ``"race,gender"`` their intersection
+    (8 groups, ``g = race * 2 + gender``; fastfair's extension: the dataset
+    declares both attributes). Test: ``n_test_per_cell`` random images of
+    every (class, group) cell; train: the rest."""
+    if group_attr not in UTK_GROUPS:
+        raise ValueError(f"UTKFace: group_attr must be one of {', '.join(UTK_GROUPS)}, got {group_attr!r}")
     folder = next((os.path.join(root, f) for f in UTK_FOLDERS if os.path.isdir(os.path.join(root, f))), None)
     if folder is None:
         raise missing_files("UTKFace", [os.path.join(root, "UTKFace", "<age>_<gender>_<race>_<date>.jpg")],
@@ -152,20 +183,22 @@ def load_utkface(root: str, n_test_per_cell: int, image_size: int) -> Raw:
                             "https://susanqq.github.io/UTKFace/ and unpack it there.")
     paths, labels, groups = [], [], []
     for path in list_images(folder, recursive=True):
-        parsed = parse_utkface(path)
+        parsed = parse_utkface(path, with_gender=True)
         if parsed is not None:
+            bucket, race, gender = parsed
             paths.append(path)
-            labels.append(parsed[0])
-            groups.append(parsed[1])
+            labels.append(bucket)
+            groups.append({"race": race, "gender": gender, "race,gender": race * 2 + gender}[group_attr])
+    G = {"race": 4, "gender": 2, "race,gender": 8}[group_attr]
     if not paths:
         raise missing_files("UTKFace", [os.path.join(folder, "<age>_<gender>_<race>_<date>.jpg")],
                             "The folder holds no image named age_gender_race_date.jpg with race 0-3.")
     lab, grp = torch.tensor(labels), torch.tensor(groups)
-    counts = torch.bincount(lab * 4 + grp, minlength=12)
+    counts = torch.bincount(lab * G + grp, minlength=3 * G)
     if counts.min() <= n_test_per_cell:
-        raise ValueError(f"UTKFace: every (age bucket, race) cell needs more than n_test_per_cell="
+        raise ValueError(f"UTKFace: every (age bucket, {group_attr}) cell needs more than n_test_per_cell="
                          f"{n_test_per_cell} images, the smallest has {int(counts.min())}")
-    test = _balanced_cells(lab, grp, 3, 4, n_test_per_cell)
+    test = _balanced_cells(lab, grp, 3, G, n_test_per_cell)
     is_test = torch.zeros(len(paths), dtype=torch.bool)
     is_test[test] = True
     train = (~is_test).nonzero().flatten()
@@ -173,8 +206,12 @@ def load_utkface(root: str, n_test_per_cell: int, image_size: int) -> Raw:
     def split(idx: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor]:
         return read_images([paths[i] for i in idx.tolist()], image_size, desc=f"UTKFace {what}"), lab[idx], grp[idx]
 
+    if group_attr == "race,gender":
+        names = [f"{r}/{g}" for r in UTK_RACES for g in UTK_GENDERS]
+        return Raw(*split(train, "train"), *split(test, "test"), class_names=list(UTK_AGES), group_names=names,
+                   mean=MEAN, std=STD, attributes=[("race", list(UTK_RACES)), ("gender", list(UTK_GENDERS))])
     return Raw(*split(train, "train"), *split(test, "test"), class_names=list(UTK_AGES),
-               group_names=list(UTK_RACES), mean=MEAN, std=STD)
+               group_names=list(UTK_RACES if group_attr == "race" else UTK_GENDERS), mean=MEAN, std=STD)
 
 
 # --------------------------------------------------------------------------- bFFHQ

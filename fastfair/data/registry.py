@@ -112,7 +112,7 @@ SPECS: dict[str, Spec] = {
     "cfmnist-bg": _cmnist("fmnist", True),
     "cifar10-s": Spec(_cifar10_s),
     "celeba": Spec(_celeba, {"target_attr": "Attractive", "group_attr": "Male", "image_size": 64}, uses_bias=False),
-    "utkface": Spec(_utkface, {"n_test_per_cell": 100, "image_size": 64}, uses_bias=False),
+    "utkface": Spec(_utkface, {"n_test_per_cell": 100, "image_size": 64, "group_attr": "race"}, uses_bias=False),
     "bffhq": Spec(_bffhq, {"image_size": 64}, uses_bias=False),
     "imagenet-subset-s": Spec(_imagenet_subset, {"subset": "nette", "resolution": 64, "imagenet_dir": None}),
     "tinyimagenet-s": Spec(_tinyimagenet),
