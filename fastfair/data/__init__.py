@@ -13,7 +13,7 @@ name                   classes / groups                     source under ``root`
 cmnist-fg, cmnist-bg   digit / 10 colours                   MNIST/raw/*-ubyte
 cfmnist-fg, cfmnist-bg garment / 10 colours                 FashionMNIST/raw/*-ubyte
 cifar10-s              object / {grayscale, colour}         cifar-10-batches-py/
-celeba                 Attractive / Male (options; Male,Young) celeba/
+celeba                 Attractive / Male (or Male,Young)    celeba/
 utkface                age bucket / race (or race,gender)   UTKFace/
 bffhq                  age / gender                         bffhq/{0.5pct,test}/
 imagenet-subset-s      10 ImageNet classes / {gray, colour} imagenet/{train,val}/
