@@ -13,7 +13,7 @@ METHODS = ("dm", "dc", "dsa", "idc", "dream", "cafe")
 PRESETS = ("fairdd", "cobra")
 BUDGETS = ("paper", "cpu", "cpu-20min", "cpu-short", "tiny")
 TABLES = ("fairdd-cmnist", "fairdd-cfmnist", "fairdd", "cobra-cifar10s", "cobra-cmnist", "intersectional",
-          "cdigits-intersectional", "cobra-cafe", "cdigits-cafe", "cdigits")
+          "cdigits-intersectional", "cobra", "cobra-cafe", "cdigits-cafe", "cdigits")
 INITS = ("real", "noise")
 GROUP_SOURCES = ("true", "pseudo")
 DC_METRICS = ("ours", "mse", "cos")

@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(FairDD Tables 1-2); fairdd-cfmnist: the same cells on C-FMNIST FG and BG; fairdd: every "
                         "Table 1-2 dataset; cobra-cifar10s, cobra-cmnist: "
                         "COBRA's DM numbers under COBRA's preset; intersectional: fastfair's two-attribute "
-                        "C-MNIST / C-FMNIST; cobra-cafe: CAFE vanilla / FairDD / COBRA on C-MNIST and C-FMNIST "
+                        "C-MNIST / C-FMNIST; cobra: COBRA's table (DM, DC, IDC x vanilla / FairDD / COBRA, CAFE vanilla "
+                        "/ COBRA) under COBRA's preset; cobra-cafe: CAFE vanilla / FairDD / COBRA on C-MNIST and C-FMNIST "
                         "FG and BG under COBRA's preset; cdigits, cdigits-intersectional, cdigits-cafe: the same "
                         "cells on the embedded digits (no download)")
     r.add_argument("--budget", default="cpu", choices=list(BUDGETS),
