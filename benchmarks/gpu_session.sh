@@ -16,15 +16,17 @@
 #   build     pip install -e . for sm_90, 16 jobs (measured ~90 s)             cap  150 s
 #   tests     the CUDA tests that matter (ops contract, kernels, end-to-end    cap   75 s
 #             DC / DM paths), -rs lists skips, a traceback dump per 30 s test
-#   dc        per-group DC gradients vs one vanilla backward vs the loop,       cap  100 s
+#   dc        per-group DC gradients vs one vanilla backward vs the loop,       cap   90 s
 #             G = 1, 10, 100, checked in fp32, timed in bf16 (bench.dc_step)
-#   step      one DC step at G = 10 in one block and per class, DM at         cap   70 s
+#   step      one DC step at G = 10 in one block and per class, DM at         cap   60 s
 #             G = 1, 10, 100, bf16 (bench.step_time)
 #   segment   segment mean, device-made inputs: N = 2560 x 2048 (the <= 10 us  cap   60 s
 #             target, GPU time of back-to-back calls) and 2^20 x 512 over
 #             G = 1 .. 1e5 (bench.segment)
 #   wgrad     which weight-gradient implementation (bench.wgrad)             cap   35 s
 #   error     grouped-GEMM precision vs float64 and the DC loss (wgrad_error)  cap   15 s
+#   cafe      one CAFE matching step, vanilla / FairDD / COBRA vs the per-group  cap   20 s
+#             loop, G = 1, 10, 100, width 128 (bench.cafe_step)
 #
 # Every benchmark rewrites its JSON after every point and stops cleanly on
 # SIGTERM (the stage timeout), so a cut-off keeps every finished point. $OUT
@@ -54,8 +56,8 @@ capx=1
 [ "$dry" -eq 1 ] && capx=4
 deadline=$(( start + ${DEADLINE_S:-520} * capx ))
 if [ ${#stages[@]} -eq 0 ]; then
-  stages=(versions build tests dc step segment wgrad error)
-  [ "$dry" -eq 1 ] && stages=(versions tests dc step segment wgrad error)  # the installed package, no build
+  stages=(versions build tests dc step segment wgrad error cafe)
+  [ "$dry" -eq 1 ] && stages=(versions tests dc step segment wgrad error cafe)  # the installed package, no build
 fi
 if [ "$dry" -eq 1 ]; then
   # The same stages and files on the CPU at tiny sizes: proves the script
@@ -69,6 +71,7 @@ if [ "$dry" -eq 1 ]; then
   seg_scaling=(--n 512 --d 16 --groups 1,100 --repeats 2)
   wgrad_args=(--quick --groups 1,4 --parts layers --repeats 2)
   error_args=(--per 8)
+  cafe_args=(--groups 1,2 --batch 4 --width 4 --image-size 8 --repeats 1)
   tests_k=(-k "not cuda" tests/test_ops_contract.py)
 else
   dev=cuda
@@ -79,6 +82,7 @@ else
   seg_scaling=(--cases d512-scaling)
   wgrad_args=(--loop-budget 4)
   error_args=()
+  cafe_args=(--groups 1,10,100 --width 128 --repeats 5)
   tests_k=(-k cuda tests/test_ops_contract.py tests/test_wgrad.py tests/test_pergroup.py tests/test_ops.py
            tests/test_chunking.py tests/test_fair_dm_loss.py tests/test_dc_objectives.py tests/test_dc_blocks.py
            tests/test_nn.py tests/test_cuda_end_to_end.py)
@@ -148,12 +152,12 @@ for stage in "${stages[@]}"; do
       run_stage tests 75 "$py" -m pytest -q -rs -x -p no:cacheprovider -o faulthandler_timeout=30 "${tests_k[@]}"
       ;;
     dc)
-      run_stage dc 100 bash -c 'bench dc_step dc_step "$@"' _ "${dc_args[@]}"
+      run_stage dc 90 bash -c 'bench dc_step dc_step "$@"' _ "${dc_args[@]}"
       ;;
     step)
       # DC at G = 10 in one block, then one class per block (the former
       # default), then DM; each its own JSON.
-      run_stage step 70 bash -c 'n=$1; shift; dc=("${@:1:$n}"); dm=("${@:$((n + 1))}")
+      run_stage step 60 bash -c 'n=$1; shift; dc=("${@:1:$n}"); dm=("${@:$((n + 1))}")
         bench step_dc_one_block step_time "${dc[@]}" --dc-block-classes 10 || exit $?
         bench step_dc_per_class step_time "${dc[@]}" --dc-block-classes 1 || exit $?
         bench step_dm step_time "${dm[@]}"' _ "${#step_dc_args[@]}" "${step_dc_args[@]}" "${step_dm_args[@]}"
@@ -169,8 +173,11 @@ for stage in "${stages[@]}"; do
     error)
       run_stage error 15 bash -c 'bench wgrad_error wgrad_error "$@"' _ "${error_args[@]}"
       ;;
+    cafe)
+      run_stage cafe 20 bash -c 'bench cafe_step cafe_step "$@"' _ "${cafe_args[@]}"
+      ;;
     *)
-      echo "unknown stage $stage; stages: versions build tests dc step segment wgrad error" >&2
+      echo "unknown stage $stage; stages: versions build tests dc step segment wgrad error cafe" >&2
       exit 2
       ;;
   esac

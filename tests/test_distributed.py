@@ -183,6 +183,12 @@ DATA_OPTIONS = {"num_classes": 3, "num_groups": 3, "image_size": 8, "n_per_class
 RUN = dict(ipc=2, batch_real=11, dsa=False, width=16, depth=2, log_every=1, checkpoint_every=2, seed=3)
 
 
+# CAFE on the depth-2 net aligns 3 maps (2 blocks, the embedding); the
+# discrimination loss (a sum over real rows, each rank holding its share)
+# is on for fairdd, off for COBRA's mode.
+CAFE = {"cafe_weights": [1.0, 1.0, 2.0]}
+
+
 def _tiny_data():  # noqa: ANN202
     from fastfair import data
 
@@ -223,7 +229,8 @@ def _cli_distill(out: Path, iterations: int, resume: bool = False) -> torch.Tens
 
 def _worker_driver(out_dir: Path) -> None:
     r = fd.rank()
-    result = {"dm": _run("dm"), "dm_dsa": _run("dm", dsa=True), "dc": _run("dc"), "dc_dsa": _run("dc", dsa=True)}
+    result = {"dm": _run("dm"), "dm_dsa": _run("dm", dsa=True), "dc": _run("dc"), "dc_dsa": _run("dc", dsa=True),
+              "cafe": _run("cafe", **CAFE), "cafe_cobra": _run("cafe", objective="cobra", **CAFE)}
     # `fastfair distill` (the CLI, in this torchrun process group): 4 iterations
     # straight vs 2 iterations, then --resume to 4.
     result["straight"] = _cli_distill(out_dir / "straight", 4)
@@ -389,6 +396,15 @@ def test_distributed_dc_matches_one_process(driver_results: tuple[list[dict], Pa
     one = _run("dc")
     torch.testing.assert_close(results[0]["dc"], one, rtol=0, atol=DM_ATOL)
     assert (one - _run("dc", iterations=1)).abs().max() > 100 * DM_ATOL
+
+
+def test_distributed_cafe_matches_one_process(driver_results: tuple[list[dict], Path]) -> None:
+    results, _ = driver_results
+    for key, kw in (("cafe", {}), ("cafe_cobra", {"objective": "cobra"})):
+        assert torch.equal(results[0][key], results[1][key]), key
+        one = _run("cafe", **CAFE, **kw)
+        torch.testing.assert_close(results[0][key], one, rtol=0, atol=DM_ATOL)
+        assert (one - _run("cafe", **CAFE, **kw, iterations=1)).abs().max() > 100 * DM_ATOL, key
 
 
 def test_distributed_dm_with_dsa_matches_one_process(driver_results: tuple[list[dict], Path]) -> None:

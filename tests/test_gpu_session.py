@@ -32,10 +32,10 @@ def test_dry_run_writes_every_stage_file(tmp_path) -> None:
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = open(os.path.join(out, "session.log")).read()
-    for stage in ("versions", "tests", "dc", "step", "segment", "wgrad", "error"):
+    for stage in ("versions", "tests", "dc", "step", "segment", "wgrad", "error", "cafe"):
         assert f"== {stage}: rc 0" in log, (stage, log[-3000:])
     names = {"dc_step", "step_dc_one_block", "step_dc_per_class", "step_dm", "segment_emb", "segment_scaling",
-             "wgrad", "wgrad_error"}
+             "wgrad", "wgrad_error", "cafe_step"}
     assert {f[:-5] for f in os.listdir(out) if f.endswith(".json")} == names
     for name in names:
         payload = _read(os.path.join(out, name + ".json"))
