@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "DC 1000 (default: fairdd)")
     s.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
     s.add_argument("--iterations", "--Iteration", type=int, default=None,
-                   help="iterations; default: the preset's (DM 20000, COBRA's DM 2600, DC family 1000)"
+                   help="iterations; default: the preset's (DM 20000, COBRA's DM 2600, DC family 1000, CAFE 2000)"
                         + _family("--Iteration", "the family's loop runs Iteration + 1 image updates "
                                                  "(it = 0 .. Iteration), fastfair exactly N"))
     s.add_argument("--out", "--save_path", required=True,
@@ -238,12 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-model", default="ConvNet", help="network of the evaluations during the run")
     s.add_argument("--eval-epochs", "--epoch_eval_train", type=int, default=None,
                    help="epochs of those evaluations; default: the method's under the preset (fairdd: DM, DSA, "
-                        "IDC, DREAM 1000, DC 300; cobra: DM 1500, DC 1000)" + _family("--epoch_eval_train"))
+                        "IDC, DREAM 1000, DC 300; cobra: DM 1500, DC 1000; CAFE 1000 under both)" + _family("--epoch_eval_train"))
     s.add_argument("--eval-runs", "--num_eval", type=int, default=None,
                    help="trained networks per evaluation; default: the preset's (fairdd 10, as FairDD's scripts "
-                        "pass; cobra 5)" + _family("--num_eval", "the family's argparse default is 20"))
+                        "pass; cobra 5, and 2 for CAFE as COBRA's run_cafe.sh)" + _family("--num_eval", "the family's argparse default is 20"))
     s.add_argument("--lr-img", "--lr_img", type=float, default=None,
-                   help="image learning rate; default: the preset's (DM 1 (10 at IPC >= 100), DC family 0.1)"
+                   help="image learning rate; default: the preset's (DM 1 (10 at IPC >= 100), DC family and CAFE 0.1; "
+                        "CAFE halves it at iterations 1200, 1600, 1800)"
                         + _family("--lr_img"))
     s.add_argument("--momentum", type=float, default=0.5, help="SGD momentum of the image update")
     s.add_argument("--batch-real", "--batch_real", type=int, default=None,
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DC family and CAFE: network epochs between steps; default by IPC: 1, 50, 25, 20, 15, 10 at "
                         "IPC 1, 10, 20, 30, 40, 50; 10 above")
     s.add_argument("--lr-net", "--lr_net", type=float, default=0.01,
-                   help="SGD lr of the DC inner loop and COBRA warm-up" + _family("--lr_net"))
+                   help="SGD lr of the DC / CAFE inner loop and COBRA warm-up" + _family("--lr_net"))
     s.add_argument("--batch-train", "--batch_train", type=int, default=256,
                    help="synthetic images per batch of the DC inner loop and COBRA warm-up" + _family("--batch_train"))
     s.add_argument("--model", default="ConvNet", help="distillation network")
@@ -278,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "FairDD's and COBRA's DC and DM code default to real images too]")
     s.add_argument("--dsa", default=None, choices=["on", "off"],
                    help="DSA augmentation while distilling; default: the method's paper: on for dm, dsa, idc, "
-                        "dream; off for dc (FairDD main_DC.py and COBRA train_dc.py distil DC without DSA)")
+                        "dream; off for dc and cafe (FairDD main_DC.py and COBRA train_dc.py distil DC without DSA; COBRA's "
+                        "run_cafe.sh passes no DSA strategy)")
     s.add_argument("--no-dsa", action="store_true", help="the same as --dsa off")
     s.add_argument("--dsa-per-sample", action="store_true",
                    help="siamese DSA with one transform per real/synthetic row pair instead of the reference's "
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the embedding's own term; CAFE's f4 and f5 are the same map), cobra 1,1,0.1,1.1 (its "
                         "cobra mode's fixed weights)")
     s.add_argument("--first_weight", "--second_weight", "--third_weight", "--fourth_weight", dest="cafe_family",
-                   type=float, default=None, action=_CafeWeight,
+                   type=float, default=None, action=_CafeWeight, metavar="W",
                    help="CAFE's per-layer weights in CAFE's order (first: the last pooled map, second..fourth: "
                         "block 3..1), default 1 (COBRA's train_cafe.py); they build --cafe-weights as "
                         "fourth,third,second,1+first. COBRA's cobra mode ignores them, as its code does "
@@ -325,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cafe-class-mean", default=None, choices=["on", "off"],
                    help="CAFE: divide each class's layer terms by the number of classes (default: on for cobra, "
                         "as COBRA's cobra mode does; off otherwise, as vanilla CAFE sums over classes)")
-    s.add_argument("--lambda_1", "--lambda_2", dest="cafe_lambda", type=float, default=None,
+    s.add_argument("--lambda_1", "--lambda_2", dest="cafe_lambda", type=float, default=None, metavar="X",
                    help="CAFE's early-stop thresholds: accepted and ignored, because COBRA's train_cafe.py "
                         "resets its watcher every outer step, so they never stop a loop [alias of CAFE's code]")
     s.add_argument("--log-every", type=int, default=10, help="log the loss every N iterations")
