@@ -320,10 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "block 3..1), default 1 (COBRA's train_cafe.py); they build --cafe-weights as "
                         "fourth,third,second,1+first. COBRA's cobra mode ignores them, as its code does "
                         "[alias of CAFE's code]")
-    s.add_argument("--inner-weight", "--inner_weight", type=float, default=None,
+    s.add_argument("--inner-weight", type=float, default=None,
                    help="CAFE: weight of the discrimination loss (real embeddings classified by the synthetic "
                         "class centres, summed over real rows); default 0.01, cobra 0 (COBRA's cobra mode has "
-                        "none)" + _family("--inner_weight"))
+                        "none)")
+    s.add_argument("--inner_weight", dest="cafe_family_inner", type=float, default=None, metavar="W",
+                   help="CAFE's spelling of --inner-weight; COBRA's cobra mode ignores it, as its code does "
+                        "[alias of CAFE's code]")
     s.add_argument("--cafe-class-mean", default=None, choices=["on", "off"],
                    help="CAFE: divide each class's layer terms by the number of classes (default: on for cobra, "
                         "as COBRA's cobra mode does; off otherwise, as vanilla CAFE sums over classes)")
@@ -526,14 +529,21 @@ def cmd_distill(a: argparse.Namespace) -> int:
         bias_ratio=a.bias_ratio, extra={"data_options": options} if options else {},
     )
     weights = _cafe_weights(a)
-    if a.method != "cafe" and (weights is not None or a.inner_weight is not None or a.cafe_class_mean is not None):
+    if a.method != "cafe" and (weights is not None or a.inner_weight is not None or a.cafe_class_mean is not None
+                               or a.cafe_family_inner is not None):
         raise UsageError("--cafe-weights, --first_weight .. --fourth_weight, --inner-weight and --cafe-class-mean "
                          "are CAFE's options; add --method cafe")
+    if a.cafe_family_inner is not None and a.inner_weight is None:
+        a.inner_weight = a.cafe_family_inner
+        if a.method == "cafe" and objective == "cobra":
+            print("note: COBRA's cobra mode of CAFE computes no discrimination loss and ignores --inner_weight; "
+                  "so does fastfair: use --inner-weight to add one", file=sys.stderr)
+            a.inner_weight = None
     if a.cafe_family and objective == "cobra":
         print("note: COBRA's cobra mode of CAFE ignores --first_weight .. --fourth_weight (its weights are fixed); "
               "so does fastfair: use --cafe-weights to change them", file=sys.stderr)
         weights = None
-    cfg.cafe_weights = weights
+    cfg.cafe_weights, cfg.cafe_inner_weight = weights, a.inner_weight
     cfg = distill.resolve(cfg)  # bad settings fail before the data are loaded
     _check_device(a.device)
     outdir.check_writable_dir(a.out)

@@ -235,6 +235,15 @@ def test_cli_family_weights(tmp_path, capsys) -> None:
                             "--out", str(tmp_path / "b")]) == 0
     cfg = torch.load(tmp_path / "b" / "synset.pt")["config"]
     assert cfg["cafe_weights"] == [1.0, 2.0, 3.0, 4.0] and cfg["cafe_class_mean"] is False
+    # COBRA's line: its cobra mode ignores CAFE's --inner_weight and layer weights (with a note).
+    assert cli.main(base + ["--mode", "cobra", "--inner_weight", "0.01", "--first_weight", "2",
+                            "--out", str(tmp_path / "d")]) == 0
+    cfg = torch.load(tmp_path / "d" / "synset.pt")["config"]
+    assert cfg["objective"] == "cobra" and cfg["cafe_inner_weight"] == 0.0 and cfg["cafe_weights"] == [1, 1, 0.1, 1.1]
+    err = capsys.readouterr().err
+    assert "ignores --inner_weight" in err and "ignores --first_weight" in err
+    assert cli.main(base + ["--objective", "cobra", "--inner-weight", "0.5", "--out", str(tmp_path / "e")]) == 0
+    assert torch.load(tmp_path / "e" / "synset.pt")["config"]["cafe_inner_weight"] == 0.5
     capsys.readouterr()
     for argv, msg in ((["--method", "dm", "--inner-weight", "1"], "add --method cafe"),
                       (["--cafe-weights", "1,x"], "comma-separated numbers"),
