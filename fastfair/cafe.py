@@ -31,8 +31,8 @@ What each objective matches (fastfair/docs/methods.md "CAFE"):
   applied to vanilla CAFE: every layer's class-mean term becomes the sum over
   the present groups of the group-mean term (the vanilla weights), and the
   discrimination loss becomes the sum over the present groups of the vanilla
-  term computed as if the group's rows were the whole class batch: each real
-  row weighted by n_c / n_cg. With one group it is vanilla CAFE exactly.
+  term computed as if the group's rows were the whole class batch (n_c x the
+  group's mean cross-entropy). With one group it is vanilla CAFE exactly.
 - the other objectives of :data:`fastfair.objectives.OBJECTIVES` (the FairDD
   ablations, ``fairdd-mean``) follow ``fairdd``'s layer and discrimination
   rule with their own group weights.
@@ -44,14 +44,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .objectives import Objective, dm_matching_terms, get_objective, group_weights
+from .objectives import Objective, dm_matching_terms, get_objective, reduce_group_terms
 
 
 @dataclass(frozen=True)
@@ -117,34 +116,41 @@ def cafe_layer_terms(real_sums: Sequence[Tensor], real_count: Tensor, syn_means:
     return total / syn_count.shape[0] if class_mean else total
 
 
-def row_weights(labels: Tensor, partitions: Sequence[tuple[Tensor, int]], num_classes: int,
-                class_counts: Tensor | None = None, part_counts: Sequence[Tensor] | None = None,
-                objective: str | Objective = "fairdd") -> Tensor:
-    """Per real row, its weight in the discrimination loss of a per-group
-    objective: the sum over ``partitions`` (each: the row's group id [N] and
-    the number of groups P) of ``w_cg * n_c / n_cg``, where ``w_cg`` is the
-    objective's group weight (1 for FairDD). ``class_counts`` [C] and
-    ``part_counts`` (per partition [C*P]): global counts when the rows are one
-    rank's share (None: counted from these rows). No host sync."""
+def discrimination_terms(real_emb: Tensor, labels: Tensor, syn_centres: Tensor, num_classes: int,
+                         objective: str | Objective = "vanilla",
+                         partitions: Sequence[tuple[Tensor, int]] = (),
+                         segment_sum: Callable[[Tensor, Tensor, int], Tensor] = ops.segment_sum,
+                         segment_count: Callable[[Tensor, int], Tensor] = ops.segment_count) -> Tensor:
+    """CAFE's discrimination loss per class [C]: every real embedding [N, D]
+    (a constant) classified by the synthetic class centres [C, D] (carrying
+    autograd), logits = emb @ centres^T, cross-entropy summed over the rows.
+
+    ``vanilla``: the sum over the class's rows. A per-group objective: for
+    each partition of the rows into groups (``partitions``: per row its group
+    id [N] and the number of groups P; several for ``fair_over='marginal'``),
+    the term of group g of class c is the vanilla term computed as if the
+    group's rows were the whole class batch, n_c x (mean CE over the group's
+    rows), and the objective combines the groups present as it combines its
+    layer terms (fastfair.objectives.reduce_group_terms: FairDD sums them,
+    GroupDRO takes the largest, ...); a barycenter (COBRA) weighs the present
+    groups equally (their mean). ``segment_sum`` / ``segment_count``: global
+    ones (fastfair.distributed) when the rows are one rank's share."""
     obj = get_objective(objective)
     labels = labels.long()
-    n_c = ops.segment_count(labels, num_classes) if class_counts is None else class_counts
-    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
-    for k, (part, p) in enumerate(partitions):
-        seg = labels * p + part.long()
-        n_cg = ops.segment_count(seg, num_classes * p) if part_counts is None else part_counts[k]
-        w = group_weights(n_cg.view(num_classes, p), obj).reshape(-1)
-        if obj.weighting == "max":
-            raise ValueError("the discrimination loss has no 'max' (GroupDRO) form; use cafe inner weight 0")
-        out = out + (w * n_c.repeat_interleave(p).to(w.dtype) / n_cg.clamp(min=1).to(w.dtype))[seg]
-    return out
-
-
-def discrimination_loss(real_emb: Tensor, labels: Tensor, syn_centres: Tensor,
-                        weights: Tensor | None = None) -> Tensor:
-    """CAFE's discrimination loss: the real embeddings [N, D] (constants)
-    classified by the synthetic class centres [C, D] (carrying autograd),
-    cross-entropy summed over the rows (each times ``weights`` [N] when given)."""
     logits = real_emb.detach().to(syn_centres.dtype) @ syn_centres.t()
-    ce = F.cross_entropy(logits, labels.long(), reduction="none")
-    return (ce if weights is None else ce * weights.to(ce.dtype)).sum()
+    ce = F.cross_entropy(logits, labels, reduction="none").unsqueeze(1)
+    if obj.target == "pooled" or not partitions:
+        return segment_sum(ce, labels, num_classes).squeeze(1)
+    if obj.target == "barycenter":
+        obj = get_objective("fairdd-mean")
+    n_c = segment_count(labels, num_classes)
+    total: Tensor | None = None
+    for ids, p in partitions:
+        seg = labels * p + ids.long()
+        sums = segment_sum(ce, seg, num_classes * p).squeeze(1)
+        n = segment_count(seg, num_classes * p)
+        terms = n_c.repeat_interleave(p).to(sums.dtype) * sums / n.clamp(min=1).to(sums.dtype)
+        part = reduce_group_terms(terms.view(num_classes, p), n.view(num_classes, p), obj)
+        total = part if total is None else total + part
+    assert total is not None
+    return total

@@ -265,8 +265,6 @@ class FairCAFELoss(nn.Module):
         self.weights = [float(w) for w in (ref.layers if weights is None else weights)]
         self.inner_weight = float(ref.inner_weight if inner_weight is None else inner_weight)
         self.class_mean = bool(ref.class_mean if class_mean is None else class_mean)
-        if self.inner_weight > 0 and self.objective.weighting == "max":
-            raise ValueError(f"{op}: the discrimination loss has no GroupDRO (max) form; pass inner_weight=0")
         self.embedding = int(embedding)
         self.reduction = _check_reduction(reduction)
         if attributes is not None:
@@ -331,17 +329,9 @@ class FairCAFELoss(nn.Module):
         terms = cafe.cafe_layer_terms(sums, counts, syn_means, syn_count, fg, self.objective, self.weights,
                                       self.class_mean)
         if self.inner_weight > 0:
-            labels = real_labels.long()
-            w = None
-            if per_group:
-                w_obj = "fairdd-mean" if self.objective.target == "barycenter" else self.objective
-                w = cafe.row_weights(labels, self._partitions(real_groups.long()), C, objective=w_obj)
-            centres = syn_means[self.embedding]
-            ce = torch.nn.functional.cross_entropy(real[self.embedding].to(centres.dtype) @ centres.t(), labels,
-                                                   reduction="none")
-            if w is not None:
-                ce = ce * w.to(ce.dtype)
-            terms = terms + self.inner_weight * ops.segment_sum(ce.unsqueeze(1), labels, C).squeeze(1)
+            parts = self._partitions(real_groups.long()) if per_group else ()
+            terms = terms + self.inner_weight * cafe.discrimination_terms(
+                real[self.embedding], real_labels, syn_means[self.embedding], C, self.objective, parts)
         return terms
 
     def forward(self, real_features: list[Tensor], real_labels: Tensor, real_groups: Tensor,

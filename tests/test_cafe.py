@@ -176,8 +176,6 @@ def test_loss_module_errors() -> None:
     bad[4] = 2
     with pytest.raises(ValueError, match=r"real_groups\[4\] = 2"):
         FairCAFELoss(3, 2)(rf, labels, bad, sf, syn_labels)
-    with pytest.raises(ValueError, match="GroupDRO"):
-        FairCAFELoss(3, 2, "fairdd-groupdro")
 
 
 def test_lr_schedule_and_reference_weights() -> None:
@@ -213,13 +211,37 @@ def test_end_to_end_and_resume(tmp_path) -> None:
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_wrong_depth_needs_weights() -> None:
+def test_other_depths_and_networks() -> None:
     ds = data.load("cdigits-fg")
-    with pytest.raises(ValueError, match="aligns 3 layers"):
-        distill.run(_tiny("vanilla", depth=2), ds, progress=False)
-    r = distill.run(dataclasses.replace(_tiny("vanilla", depth=2, cafe_weights=[1, 1, 2]), iterations=1), ds,
-                    progress=False)
+    # No reference at depth 2: every block 1, the embedding as the reference's.
+    assert resolve(_tiny("vanilla", depth=2)).cafe_weights == [1.0, 1.0, 2.0]
+    assert resolve(_tiny("cobra", depth=4)).cafe_weights == [1.0, 1.0, 1.0, 1.0, 1.1]
+    r = distill.run(dataclasses.replace(_tiny("vanilla", depth=2), iterations=1), ds, progress=False)
     assert torch.isfinite(r.images).all()
+    with pytest.raises(ValueError, match="aligns 3 layers"):
+        distill.run(_tiny("vanilla", depth=2, cafe_weights=[1, 1, 1, 2]), ds, progress=False)
+    with pytest.raises(ValueError, match="for AlexNet give cafe_weights"):
+        resolve(_tiny("vanilla", model="AlexNet"))
+
+
+@pytest.mark.parametrize("objective,combine", [("fairdd-groupdro", "max"), ("fairdd-mean", "mean"),
+                                               ("cobra", "mean"), ("fairdd", "sum")])
+def test_discrimination_combines_groups_as_the_objective(objective: str, combine: str) -> None:
+    g = torch.Generator().manual_seed(9)
+    C, G, n = 3, 4, 40
+    labels = torch.arange(C).repeat_interleave(n // C + 1)[:n]
+    groups = torch.randint(0, G, (n,), generator=g)
+    emb = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    centres = torch.randn(C, 5, generator=g, dtype=torch.float64)
+    got = cafe.discrimination_terms(emb, labels, centres, C, objective, [(groups, G)])
+    ce = F.cross_entropy(emb @ centres.t(), labels, reduction="none")
+    for c in range(C):
+        rc = labels == c
+        terms = torch.stack([rc.sum() * ce[rc & (groups == k)].mean() for k in groups[rc].unique()])
+        want = {"max": terms.max(), "mean": terms.mean(), "sum": terms.sum()}[combine]
+        torch.testing.assert_close(got[c], want, rtol=1e-12, atol=1e-12)
+    plain = cafe.discrimination_terms(emb, labels, centres, C, "vanilla")
+    torch.testing.assert_close(plain, torch.stack([ce[labels == c].sum() for c in range(C)]))
 
 
 def test_cli_family_weights(tmp_path, capsys) -> None:

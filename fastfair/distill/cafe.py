@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .. import distributed as dist
 from .. import ops
-from ..cafe import cafe_layer_terms, discrimination_loss, lr_at, row_weights
+from ..cafe import cafe_layer_terms, discrimination_terms, lr_at
 from ..nets import layer_features
 from ..objectives import get_objective
 from . import rng
@@ -109,16 +109,12 @@ def cafe_step_loss(ctx: RunContext, net: torch.nn.Module, x: Tensor, real: Tenso
     if emb is None:
         (grad,) = torch.autograd.grad(layer, x)
         return layer.detach(), grad
-    if per_group:
-        parts = fair_partitions(ctx, groups)
-        n_c = dist.segment_count(labels, C)
-        part_counts = [dist.segment_count(labels * p + ids, C * p) for ids, p in parts]
-        # A barycenter weighs the present groups equally: as fairdd-mean's rows.
-        w_obj = "fairdd-mean" if obj.target == "barycenter" else obj
-        weights = row_weights(labels, parts, C, n_c, part_counts, w_obj)
-    else:
-        weights = None
-    disc = discrimination_loss(emb, labels, syn_means[-1], weights) * cfg.cafe_inner_weight
+    # Global segment sums (all-reduced forward, identity backward) when the
+    # rows are one rank's share: every rank sees the same loss, and its
+    # gradient holds its own rows' part (summed over the ranks below).
+    disc = discrimination_terms(emb, labels, syn_means[-1], C, obj, fair_partitions(ctx, groups) if per_group else (),
+                                segment_sum=dist.segment_sum, segment_count=dist.segment_count).sum()
+    disc = disc * cfg.cafe_inner_weight
     if ctx.world_size == 1:
         (grad,) = torch.autograd.grad(layer + disc, x)
     else:
@@ -126,7 +122,6 @@ def cafe_step_loss(ctx: RunContext, net: torch.nn.Module, x: Tensor, real: Tenso
         # covers this rank's rows only: sum its gradient over the ranks.
         g_layer, g_disc = (torch.autograd.grad(t, x, retain_graph=True)[0] for t in (layer, disc))
         grad = g_layer + dist.all_reduce_sum_(g_disc)
-        disc = dist.all_reduce_sum_(disc.detach().clone())
     return (layer + disc).detach(), grad
 
 

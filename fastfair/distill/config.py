@@ -261,8 +261,14 @@ def _resolve_cafe(c: DistillConfig) -> None:
     from ..cafe import reference_weights
 
     ref = reference_weights(c.objective)
+    if c.cafe_weights is None and c.model.lower() == "convnet":
+        # The references are for depth 3 (CAFE's ConvNet). At another depth no
+        # reference exists: every block weighs 1, the embedding as the
+        # reference's (fastfair's rule; docs/methods.md, "CAFE").
+        c.cafe_weights = list(ref.layers) if c.depth == 3 else [1.0] * c.depth + [ref.layers[-1]]
     if c.cafe_weights is None:
-        c.cafe_weights = list(ref.layers)
+        raise ValueError(f"CAFE's layer weights are defined for the ConvNet; for {c.model} give cafe_weights "
+                         "(--cafe-weights): one per ReLU of its features, shallow to deep, then the embedding")
     try:
         c.cafe_weights = [float(w) for w in c.cafe_weights]
     except (TypeError, ValueError):
@@ -273,9 +279,6 @@ def _resolve_cafe(c: DistillConfig) -> None:
         c.cafe_inner_weight = ref.inner_weight
     if not (0 <= c.cafe_inner_weight < float("inf")):
         raise ValueError(f"cafe_inner_weight must be a finite number >= 0, got {c.cafe_inner_weight}")
-    if c.cafe_inner_weight > 0 and c.objective == "fairdd-groupdro":
-        raise ValueError("CAFE's discrimination loss has no GroupDRO (max) form: set cafe_inner_weight 0 "
-                         "with objective fairdd-groupdro")
     if c.cafe_class_mean is None:
         c.cafe_class_mean = ref.class_mean
     if c.groups == "pseudo":
