@@ -46,6 +46,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -87,6 +88,55 @@ def lr_at(lr_img: float, iteration: int) -> float:
 def layer_objective(objective: str | Objective) -> Objective:
     """The objective with CAFE's distance (squared L2) on every layer."""
     return dataclasses.replace(get_objective(objective), dm_distance="l2sq")
+
+
+@torch.no_grad()
+def real_layer_sums(net: torch.nn.Module, real: Tensor, seg: Tensor, num_segments: int, rows: int,
+                    keep_embedding: bool = False, class_sizes: Sequence[int] | None = None,
+                    segments_per_class: int | None = None) -> tuple[list[Tensor], Tensor | None]:
+    """Per-segment sums [num_segments, F_l] of every aligned map
+    (fastfair.nets.layer_features) over the real rows, at most ``rows`` rows
+    per forward (each chunk's maps are reduced and dropped before the next:
+    the full batch's maps never exist at once, and on a CPU a chunk's maps
+    stay in cache); and the embeddings [N, D] when asked (the discrimination
+    loss needs each row). No graph: the real side is a constant.
+
+    ``class_sizes`` (host ints: the rows of each class, class-major, as the
+    sampler draws them) and ``segments_per_class`` (G): chunks then never
+    cross a class, and each chunk's segment sum covers only its class's G
+    segments, added in place, so the work per chunk does not grow with the
+    number of classes (without them every chunk writes a full
+    [num_segments, F] output, which dominates at C x G = 1000)."""
+    from .nets import layer_features
+
+    step = max(1, rows)
+    if class_sizes is None or segments_per_class is None:
+        blocks = [(start, min(start + step, real.shape[0]), 0, num_segments)
+                  for start in range(0, real.shape[0], step)]
+    else:
+        g = int(segments_per_class)
+        if g * len(class_sizes) != num_segments or sum(class_sizes) != real.shape[0]:
+            raise ValueError(f"real_layer_sums: {len(class_sizes)} classes x {g} segments and "
+                             f"{sum(class_sizes)} rows do not match {num_segments} segments and "
+                             f"{real.shape[0]} rows")
+        blocks, start = [], 0
+        for c, n in enumerate(class_sizes):
+            blocks += [(a, min(a + step, start + n), c * g, g) for a in range(start, start + n, step)]
+            start += n
+    sums: list[Tensor] | None = None
+    embs: list[Tensor] = []
+    for a, b, first, width in blocks:
+        taps = layer_features(net, real[a:b])
+        if sums is None:
+            sums = [t.new_zeros(num_segments, t.shape[1]) for t in taps]
+        ids = seg[a:b] - first if first else seg[a:b]
+        for total, t in zip(sums, taps):
+            total[first:first + width] += ops.segment_sum(t, ids, width)
+        if keep_embedding:
+            embs.append(taps[-1])
+    if sums is None:
+        raise ValueError("real_layer_sums needs at least one real row")
+    return sums, (torch.cat(embs) if keep_embedding else None)
 
 
 def cafe_layer_terms(real_sums: Sequence[Tensor], real_count: Tensor, syn_means: Sequence[Tensor],

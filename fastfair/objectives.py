@@ -153,6 +153,34 @@ class MatchTerms(NamedTuple):
     counts: Tensor
 
 
+def _sum_of_squares_terms(seg_sum: Tensor, counts: Tensor, syn_mean: Tensor, obj: Objective
+                          ) -> tuple[Tensor, Tensor]:
+    """Per-group squared-L2 terms without a [C, G, D] graph: (per-class loss
+    [C] carrying autograd, per-group distances [C, G] without it).
+
+    sum_g w_g ||m_g - s||^2 has the gradient 2 (W s - M) in s, with W = sum_g
+    w_g and M = sum_g w_g m_g ([C, D]); the exact per-group values are
+    computed without a graph and the loss carries the gradient through a
+    quadratic surrogate of the same derivatives (value + (q - q.detach())).
+    The [C, G, D] differences exist once, without autograd's saved copies:
+    at CAFE's maps (D ~ 1e4-1e5) and 100 groups that is hundreds of MB less
+    and most of the loss's time (benchmarks/NOTES.md, "CAFE")."""
+    with torch.no_grad():
+        means = seg_sum / counts.to(seg_sum.dtype).clamp(min=1).unsqueeze(-1)
+        terms = (means - syn_mean.detach().unsqueeze(1)).pow(2).sum(-1)
+        present = counts > 0
+        if obj.weighting == "max":
+            masked = terms.masked_fill(~present, float("-inf"))
+            w = torch.zeros_like(terms).scatter_(1, masked.argmax(1, keepdim=True), 1.0) * present
+        else:
+            w = torch.where(present, group_weights(counts, obj, terms.dtype), torch.zeros_like(terms))
+        value = (w * terms).sum(1)
+        big_w = w.sum(1)
+        big_m = (w.unsqueeze(-1) * means).sum(1)
+    q = big_w * syn_mean.pow(2).sum(-1) - 2 * (syn_mean * big_m).sum(-1)
+    return value + (q - q.detach()), terms
+
+
 def dm_matching_loss(
     real_sum: Tensor,
     real_count: Tensor,
@@ -196,11 +224,14 @@ def dm_matching_terms(
     counts = real_count.view(num_classes, num_groups)
     class_ok = (counts.sum(1) > 0) & (syn_count > 0)
     terms = None
-    if obj.target == "groups" or group_terms:
+    if obj.target == "groups" and obj.dm_distance == "l2sq":
+        per_class, terms = _sum_of_squares_terms(seg_sum, counts, syn_mean, obj)
+    elif obj.target == "groups" or group_terms:
         means = seg_sum / counts.to(seg_sum.dtype).clamp(min=1).unsqueeze(-1)
         terms = _dm_distance(means - syn_mean.unsqueeze(1), obj)
     if obj.target == "groups":
-        per_class = reduce_group_terms(terms, counts, obj)
+        if obj.dm_distance != "l2sq":
+            per_class = reduce_group_terms(terms, counts, obj)
     else:
         target = class_target(seg_sum, counts, obj)
         per_class = _dm_distance(target - syn_mean, obj)

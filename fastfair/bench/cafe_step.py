@@ -10,9 +10,11 @@ G many groups are empty or hold one image), the cpu budget's ConvNet (width
 16, depth 3, instance norm, 32x32x3) unless told otherwise. Timed side by
 side in one run:
 
-  fastfair vanilla / fairdd / cobra  fastfair.nn.FairCAFELoss on
-      fastfair.nets.layer_features of ONE forward over the whole real batch:
-      one segment sum per layer, whatever G;
+  fastfair vanilla / fairdd / cobra  the driver's step (fastfair.distill.cafe):
+      ONE pass over the real batch in cache-sized chunks (pergroup.auto_chunk)
+      that never cross a class, each chunk's maps reduced per (class, group)
+      segment at once (one segment sum per map, whatever G, into its class's
+      G segments), then the loss from the sums;
   loop vanilla  COBRA's train_cafe.py vanilla mode: one forward over the
       batch, class means by reshaping (its way; no groups);
   loop cobra    COBRA's train_cafe.py cobra mode: per class one forward of the
@@ -45,7 +47,6 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nets import get_network, layer_features
-from ..nn import FairCAFELoss
 from .dc_step import make_batch
 from .segment import parse_groups
 from .timing import check_device, default_json, describe_machine, loglog_plot, samples_ms, stopped_cleanly, write_json
@@ -70,12 +71,31 @@ def _mse(a: Tensor, b: Tensor) -> Tensor:
 
 def fastfair_step(net: nn.Module, real: Tensor, labels: Tensor, groups: Tensor, syn: Tensor, syn_labels: Tensor,
                   C: int, G: int, objective: str) -> tuple[Tensor, Tensor]:
+    """The driver's matching step (fastfair.distill.cafe): the real batch in
+    chunks of pergroup.auto_chunk rows, every map reduced per segment as the
+    chunk passes; the loss from the sums."""
+    from ..cafe import cafe_layer_terms, discrimination_terms, real_layer_sums, reference_weights
+    from ..objectives import get_objective
+    from ..pergroup import auto_chunk
+
+    ref = reference_weights(objective)
+    per_group = get_objective(objective).target != "pooled"
+    g = G if per_group else 1
+    seg = labels * g + groups if per_group else labels
+    sizes = [real.shape[0] // C] * C  # make_batch: class-major, the same rows per class
+    rows = max(auto_chunk(net, real), g)  # as the driver: at least as many rows as segments per class
+    sums, emb = real_layer_sums(net, real, seg, C * g, rows, keep_embedding=ref.inner_weight > 0,
+                                class_sizes=sizes, segments_per_class=g)
+    counts = ops.segment_count(seg, C * g)
     x = syn.detach().requires_grad_(True)
-    with torch.no_grad():
-        rf = layer_features(net, real)
-    loss = FairCAFELoss(C, G, objective)(rf, labels, groups, layer_features(net, x), syn_labels)
-    (g,) = torch.autograd.grad(loss, x)
-    return loss.detach(), g
+    syn_means = [ops.segment_mean(t, syn_labels, C) for t in layer_features(net, x)]
+    loss = cafe_layer_terms(sums, counts, syn_means, ops.segment_count(syn_labels, C), g, objective, ref.layers,
+                            ref.class_mean).sum()
+    if emb is not None:
+        parts = [(groups, G)] if per_group else ()
+        loss = loss + ref.inner_weight * discrimination_terms(emb, labels, syn_means[-1], C, objective, parts).sum()
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad
 
 
 def loop_step(net: nn.Module, real: Tensor, labels: Tensor, groups: Tensor, syn: Tensor, syn_labels: Tensor,

@@ -40,6 +40,7 @@ from torch import Tensor
 from .. import distributed as dist
 from .. import ops
 from ..cafe import cafe_layer_terms, discrimination_terms, lr_at
+from ..cafe import real_layer_sums as cafe_real_sums
 from ..nets import layer_features
 from ..objectives import get_objective
 from . import rng
@@ -59,38 +60,32 @@ def fair_partitions(ctx: RunContext, groups: Tensor) -> list[tuple[Tensor, int]]
     return [(attrs.marginal(groups, k), attrs.sizes[k]) for k in ks]
 
 
-@torch.no_grad()
 def real_layer_sums(ctx: RunContext, net: torch.nn.Module, real: Tensor, seg: Tensor, num_segments: int,
-                    keep_embedding: bool) -> tuple[list[Tensor], Tensor | None]:
-    """Per-segment sums of every aligned layer over the real rows (already
-    augmented), ``ctx.real_chunk`` rows per forward; and the embeddings when
-    asked (the discrimination loss needs each row)."""
-    sums: list[Tensor] | None = None
-    embs: list[Tensor] = []
-    rows = ctx.real_chunk(net, real)
-    for start in range(0, real.shape[0], rows):
-        taps = layer_features(net, real[start:start + rows])
-        ids = seg[start:start + rows]
-        part = [ops.segment_sum(t, ids, num_segments) for t in taps]
-        sums = part if sums is None else [a + b for a, b in zip(sums, part)]
-        if keep_embedding:
-            embs.append(taps[-1])
-    assert sums is not None  # a batch always has rows (every class has >= ipc images)
+                    keep_embedding: bool, class_sizes: list[int] | None = None) -> tuple[list[Tensor], Tensor | None]:
+    """fastfair.cafe.real_layer_sums with the run's chunk, per class block
+    when ``class_sizes`` is given, over all ranks."""
+    per = num_segments // ctx.num_classes if class_sizes is not None else None
+    # Automatic chunks hold at least as many rows as the segments each writes:
+    # a chunk of fewer rows than G writes more (its [G, F] sums) than it reads.
+    rows = ctx.cfg.real_chunk or max(ctx.real_chunk(net, real), per or 1)
+    sums, emb = cafe_real_sums(net, real, seg, num_segments, rows, keep_embedding, class_sizes, per)
     if ctx.world_size > 1:
         sums = [dist.all_reduce_sum_(s) for s in sums]
-    return sums, (torch.cat(embs) if keep_embedding else None)
+    return sums, emb
 
 
 def cafe_step_loss(ctx: RunContext, net: torch.nn.Module, x: Tensor, real: Tensor, labels: Tensor,
-                   groups: Tensor, it: int, ol: int) -> tuple[Tensor, Tensor]:
-    """(loss, its gradient w.r.t. the stored images ``x``) of one CAFE matching step."""
+                   groups: Tensor, it: int, ol: int, class_sizes: list[int] | None = None) -> tuple[Tensor, Tensor]:
+    """(loss, its gradient w.r.t. the stored images ``x``) of one CAFE matching
+    step; ``class_sizes``: the real rows' class-major sizes (Batch.sizes)."""
     cfg = ctx.cfg
     C = ctx.num_classes
     obj = get_objective(cfg.objective)
     per_group = obj.target != "pooled"
     G = ctx.num_groups if per_group else 1
     seg = labels * G + groups if per_group else labels
-    sums, emb = real_layer_sums(ctx, net, real, seg, C * G, keep_embedding=cfg.cafe_inner_weight > 0)
+    sums, emb = real_layer_sums(ctx, net, real, seg, C * G, keep_embedding=cfg.cafe_inner_weight > 0,
+                                class_sizes=class_sizes)
     counts = dist.segment_count(seg, C * G)
     if per_group:
         fair = [ctx.fair_statistics(s, counts, C) for s in sums]
@@ -141,7 +136,7 @@ def cafe_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int)
         x = imgs.detach().requires_grad_(True)
         for p in net.parameters():
             p.requires_grad_(False)
-        loss, grad = cafe_step_loss(ctx, net, x, real, labels, groups, it, ol)
+        loss, grad = cafe_step_loss(ctx, net, x, real, labels, groups, it, ol, class_sizes=list(batch.sizes))
         for p in net.parameters():
             p.requires_grad_(True)
         imgs, buf = sgd_step(imgs.detach(), buf, grad, lr, cfg.momentum)
