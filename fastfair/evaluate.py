@@ -17,10 +17,9 @@ decides the schedule and the number of trained networks
 (:func:`method_protocol`, :func:`preset_runs`): ``fairdd`` as above with 10
 networks (FairDD's scripts/main_DM.sh and main_DC.sh pass ``--num_eval 10``;
 its argparse default is 20); ``cobra`` evaluates DM sets for 1500 epochs
-(with DSA) and DC sets for 1000 (without augmentation), as COBRA's code
-does, with 5 networks (COBRA's DM/DC scripts were not available to us: 5 is
-fastfair's choice, the papers' usual count), except CAFE: 2 networks, as
-its run_cafe.sh passes. CAFE sets are evaluated 1000 epochs without
+(with DSA), DC and IDC sets for 1000 (without augmentation), as COBRA's
+code does, with 5 networks (its run_dm.sh and run_dc.sh pass --num_eval 5),
+3 for IDC (run_idc.sh) and 2 for CAFE (run_cafe.sh). CAFE sets are evaluated 1000 epochs without
 augmentation under both presets (COBRA's train_cafe.py: epoch_eval_train
 1000, no DSA strategy; FairDD has no CAFE).
 
@@ -48,10 +47,10 @@ METHOD_PROTOCOL = {"dm": (1000, True), "dc": (300, False), "dsa": (1000, True), 
                    "dream": (1000, True), "cafe": (1000, False)}
 # preset -> method -> (epochs, DSA); preset -> trained networks (module docstring).
 PRESET_PROTOCOL = {"fairdd": METHOD_PROTOCOL,
-                   "cobra": {**METHOD_PROTOCOL, "dm": (1500, True), "dc": (1000, False)}}
+                   "cobra": {**METHOD_PROTOCOL, "dm": (1500, True), "dc": (1000, False), "idc": (1000, False)}}
 PRESET_RUNS = {"fairdd": 10, "cobra": 5}
 # Per-method exceptions: COBRA's run_cafe.sh trains 2 networks (--num_eval 2).
-PRESET_METHOD_RUNS = {("cobra", "cafe"): 2}
+PRESET_METHOD_RUNS = {("cobra", "cafe"): 2, ("cobra", "idc"): 3}  # run_cafe.sh, run_idc.sh
 _EVAL_BATCH = 1024
 _METRICS = ("acc", "deo_m", "deo_a", "suf_m", "suf_a")
 

@@ -303,3 +303,13 @@ def test_driver_step_fair_over_equals_the_loss_module(over: str) -> None:
     (g2,) = torch.autograd.grad(want, x2)
     torch.testing.assert_close(loss, want.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(grad, g2, rtol=1e-8, atol=1e-11 * float(g2.abs().max()))
+
+
+def test_cobra_preset_follows_cobras_scripts_per_method() -> None:
+    from fastfair.evaluate import method_protocol, preset_runs
+
+    idc = resolve(DistillConfig(method="idc", preset="cobra", ipc=50))
+    assert (idc.dsa, idc.outer_loop, idc.eval_runs) == (False, 30, 3)  # train_idc.py, run_idc.sh
+    assert resolve(DistillConfig(method="idc", preset="fairdd")).dsa is True
+    assert method_protocol("idc", "cobra") == (1000, False) and method_protocol("idc", "fairdd") == (1000, True)
+    assert (preset_runs("cobra", "dm"), preset_runs("cobra", "dc"), preset_runs("fairdd", "idc")) == (5, 5, 10)

@@ -10,7 +10,8 @@ Defaults follow docs/cli.md ("Paper defaults"), per method:
 - DSA (Zhao & Bilen, ICML'21; FairDD main_DC.py ``--method DSA``): DC with
   DSA on.
 - IDC (Kim et al., ICML'22) and DREAM (Liu et al., ICCV'23), DC versions: the
-  DC settings with DSA on (both distil with DSA).
+  DC settings with DSA on (both distil with DSA); under ``--preset cobra``
+  IDC is COBRA's train_idc.py: no DSA, outer_loop 30 at IPC 50 and 100.
 - COBRA's DM warm-up (Moslemi et al., ICML'26, train_dm.py): 50 epochs if
   IPC == 50, 100 if IPC == 100, else 10.
 - CAFE (Wang et al., CVPR'22) as COBRA's train_cafe.py / run_cafe.sh run it:
@@ -53,6 +54,9 @@ OUTER_LOOP_METHODS = (*DC_FAMILY, "cafe")
 # Whether a method distils with DSA when ``dsa`` is left None (module docstring).
 DSA_DEFAULT = {"dm": True, "dc": False, "dsa": True, "idc": True, "dream": True, "cafe": False}
 PRESETS = ("fairdd", "cobra")
+# Where a preset's code distils a method with or without DSA unlike the
+# method's paper default: COBRA's train_idc.py defaults to no DSA strategy.
+PRESET_DSA = {("cobra", "idc"): False}
 INITS = ("real", "noise")
 GROUP_SOURCES = ("true", "pseudo")
 
@@ -220,9 +224,11 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     if c.eval_runs is None:
         c.eval_runs = preset_runs(c.preset, c.method)
     if c.dsa is None:
-        c.dsa = DSA_DEFAULT[c.method]
+        c.dsa = PRESET_DSA.get((c.preset, c.method), DSA_DEFAULT[c.method])
     if not dm:
         outer, inner = dc_loops(c.ipc)
+        if c.preset == "cobra" and c.method == "idc" and c.ipc in (50, 100):
+            outer = 30  # COBRA's train_idc.py: "a wider gradient sweep" at IPC 50 and 100
         c.outer_loop = outer if c.outer_loop is None else c.outer_loop
         c.inner_loop = inner if c.inner_loop is None else c.inner_loop
     if c.cobra_warmup_epochs is None:
