@@ -1,11 +1,11 @@
-"""Dataset distillation: DM, DC, IDC and DREAM with the vanilla, FairDD and
-COBRA objectives (and FairDD's ablation weightings).
+"""Dataset distillation: DM, DC, IDC, DREAM and CAFE with the vanilla, FairDD
+and COBRA objectives (and FairDD's ablation weightings).
 
 Modules, one job each: ``config`` (settings and paper defaults), ``rng``
 (every random number from (seed, iteration)), ``sampler`` (per-class real
 batches), ``groups`` (noisy and DBSCAN pseudo groups), ``synset`` (init, IDC
 multi-formation, image update, output files), ``context`` (per-run setup and
-shared step pieces), ``dm`` / ``dc`` / ``dream`` (the matching steps),
+shared step pieces), ``dm`` / ``dc`` / ``dream`` / ``cafe`` (the matching steps),
 ``checkpoint`` (checkpoints and the log), ``loop`` (:func:`run`).
 
     >>> from fastfair import data, distill
