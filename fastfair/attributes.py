@@ -116,3 +116,26 @@ def regroup(seg_sum: Tensor, counts: Tensor, num_classes: int, attrs: Attributes
     cnts = torch.cat([p[1] for p in parts], dim=1)
     g2 = sums.shape[1]
     return sums.reshape(num_classes * g2, *feat), cnts.reshape(num_classes * g2), g2
+
+
+def check_loss_attributes(op: str, attributes: "Attributes | None", fair_over: str, num_groups: int) -> None:
+    """The loss modules' and fair_dm_loss's check of ``attributes`` /
+    ``fair_over`` (ValueError naming ``op``)."""
+    if attributes is not None:
+        attributes.check_fair_over(fair_over)
+        if attributes.num_groups != num_groups:
+            raise ValueError(f"{op}: the attributes have {attributes.num_groups} intersectional groups, "
+                             f"num_groups is {num_groups}")
+    elif fair_over != "intersection":
+        raise ValueError(f"{op}: fair_over={fair_over!r} needs the attributes")
+
+
+def partitions(groups: Tensor, num_groups: int, attributes: "Attributes | None", over: str
+               ) -> list[tuple[Tensor, int]]:
+    """Per row, the groups an objective is fair over, as (ids, number of
+    groups) per partition: the intersectional groups, one attribute's values,
+    or every attribute's in turn (``marginal``)."""
+    if attributes is None or over == "intersection":
+        return [(groups, num_groups)]
+    ks = range(len(attributes.names)) if over == "marginal" else [attributes.index(over)]
+    return [(attributes.marginal(groups, k), attributes.sizes[k]) for k in ks]

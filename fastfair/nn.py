@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import objectives, ops
-from .attributes import Attributes, regroup
+from .attributes import Attributes, check_loss_attributes, partitions, regroup
 
 Reduction = Literal["sum", "mean", "none"]
 
@@ -83,13 +83,7 @@ class FairDMLoss(nn.Module):
         self.num_groups = ops._as_size(num_groups, "num_groups", "FairDMLoss")
         self.objective = objectives.get_objective(objective)
         self.reduction = _check_reduction(reduction)
-        if attributes is not None:
-            attributes.check_fair_over(fair_over)
-            if attributes.num_groups != self.num_groups:
-                raise ValueError(f"FairDMLoss: the attributes have {attributes.num_groups} intersectional "
-                                 f"groups, num_groups is {self.num_groups}")
-        elif fair_over != "intersection":
-            raise ValueError(f"FairDMLoss: fair_over={fair_over!r} needs the attributes")
+        check_loss_attributes("FairDMLoss", attributes, fair_over, self.num_groups)
         self.attributes, self.fair_over = attributes, fair_over
         self.last_terms: objectives.MatchTerms | None = None
 
@@ -156,13 +150,7 @@ class FairGradientMatching(nn.Module):
         self.metric = metric
         self.reduction = _check_reduction(reduction)
         self.chunk = chunk
-        if attributes is not None:
-            attributes.check_fair_over(fair_over)
-            if attributes.num_groups != self.num_groups:
-                raise ValueError(f"{op}: the attributes have {attributes.num_groups} intersectional groups, "
-                                 f"num_groups is {self.num_groups}")
-        elif fair_over != "intersection":
-            raise ValueError(f"{op}: fair_over={fair_over!r} needs the attributes")
+        check_loss_attributes(op, attributes, fair_over, self.num_groups)
         self.attributes, self.fair_over = attributes, fair_over
         self.last_terms: objectives.MatchTerms | None = None
 
@@ -267,22 +255,9 @@ class FairCAFELoss(nn.Module):
         self.class_mean = bool(ref.class_mean if class_mean is None else class_mean)
         self.embedding = int(embedding)
         self.reduction = _check_reduction(reduction)
-        if attributes is not None:
-            attributes.check_fair_over(fair_over)
-            if attributes.num_groups != self.num_groups:
-                raise ValueError(f"{op}: the attributes have {attributes.num_groups} intersectional groups, "
-                                 f"num_groups is {self.num_groups}")
-        elif fair_over != "intersection":
-            raise ValueError(f"{op}: fair_over={fair_over!r} needs the attributes")
+        check_loss_attributes(op, attributes, fair_over, self.num_groups)
         self.attributes, self.fair_over = attributes, fair_over
         self.last_per_class: Tensor | None = None
-
-    def _partitions(self, groups: Tensor) -> list[tuple[Tensor, int]]:
-        a, over = self.attributes, self.fair_over
-        if a is None or over == "intersection":
-            return [(groups, self.num_groups)]
-        ks = range(len(a.names)) if over == "marginal" else [a.index(over)]
-        return [(a.marginal(groups, k), a.sizes[k]) for k in ks]
 
     def per_class(self, real_features: list[Tensor], real_labels: Tensor, real_groups: Tensor,
                   syn_features: list[Tensor], syn_labels: Tensor) -> Tensor:
@@ -329,7 +304,7 @@ class FairCAFELoss(nn.Module):
         terms = cafe.cafe_layer_terms(sums, counts, syn_means, syn_count, fg, self.objective, self.weights,
                                       self.class_mean)
         if self.inner_weight > 0:
-            parts = self._partitions(real_groups.long()) if per_group else ()
+            parts = partitions(real_groups.long(), G, self.attributes, self.fair_over) if per_group else ()
             terms = terms + self.inner_weight * cafe.discrimination_terms(
                 real[self.embedding], real_labels, syn_means[self.embedding], C, self.objective, parts)
         return terms

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .. import distributed as dist
 from .. import ops
+from ..attributes import partitions
 from ..cafe import cafe_layer_terms, discrimination_terms, lr_at
 from ..cafe import real_layer_sums as cafe_real_sums
 from ..nets import layer_features
@@ -49,15 +50,8 @@ from .synset import sgd_step
 
 
 def fair_partitions(ctx: RunContext, groups: Tensor) -> list[tuple[Tensor, int]]:
-    """The groups the objective is fair over, per real row, as (ids, number of
-    groups) per partition: the intersectional groups, one attribute's values,
-    or every attribute's in turn (``marginal``)."""
-    attrs = getattr(ctx.dataset, "attributes", None)
-    over = ctx.cfg.fair_over
-    if attrs is None or over == "intersection":
-        return [(groups, ctx.num_groups)]
-    ks = range(len(attrs.names)) if over == "marginal" else [attrs.index(over)]
-    return [(attrs.marginal(groups, k), attrs.sizes[k]) for k in ks]
+    """The groups the objective is fair over, per real row (fastfair.attributes.partitions)."""
+    return partitions(groups, ctx.num_groups, getattr(ctx.dataset, "attributes", None), ctx.cfg.fair_over)
 
 
 def real_layer_sums(ctx: RunContext, net: torch.nn.Module, real: Tensor, seg: Tensor, num_segments: int,

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import objectives
-from ..attributes import Attributes, regroup
+from ..attributes import Attributes, check_loss_attributes, regroup
 from ._checks import _INT64_MAX, _as_size, _check_rows_1d, _naming_bad_rows
 from .segment import segment_count, segment_ids, segment_mean, segment_sum
 
@@ -62,13 +62,7 @@ def fair_dm_terms(
     op = "fair_dm_loss"
     obj = objectives.get_objective(objective)
     C, G = _check_dm_args(real_emb, real_labels, real_groups, syn_emb, syn_labels, num_classes, num_groups, op)
-    if attributes is not None:
-        attributes.check_fair_over(fair_over)
-        if attributes.num_groups != G:
-            raise ValueError(f"{op}: the attributes have {attributes.num_groups} intersectional groups, "
-                             f"num_groups is {G}")
-    elif fair_over != "intersection":
-        raise ValueError(f"{op}: fair_over={fair_over!r} needs the attributes")
+    check_loss_attributes(op, attributes, fair_over, G)
     checks = [("real_labels", real_labels, C, "num_classes"), ("real_groups", real_groups, G, "num_groups"),
               ("syn_labels", syn_labels, C, "num_classes")]
     return _naming_bad_rows(op, checks, _fair_dm_terms, real_emb, real_labels, real_groups, syn_emb, syn_labels,
