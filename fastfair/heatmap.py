@@ -6,6 +6,18 @@ import os
 from typing import Any, Sequence
 
 
+def _save(fig: Any, path: str) -> str:
+    """Write ``fig`` to a temporary file and rename it: a reader never sees half a PNG."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def cell_heatmap(cell_acc: Sequence[Sequence[float | None]], path: str, title: str = "",
                  class_names: Sequence[str] | None = None, group_names: Sequence[str] | None = None) -> str:
     """Draw ``cell_acc`` ([C][G] accuracy in percent, None for a cell without
@@ -37,12 +49,7 @@ def cell_heatmap(cell_acc: Sequence[Sequence[float | None]], path: str, title: s
     ax.set_title(title, fontsize=8)
     fig.colorbar(im, ax=ax, label="test accuracy (%)", fraction=0.05)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def worst_cells_plot(cell_acc: Sequence[Sequence[float | None]], path: str, title: str = "",
@@ -73,12 +80,7 @@ def worst_cells_plot(cell_acc: Sequence[Sequence[float | None]], path: str, titl
     for i, (v, _, _) in enumerate(worst):
         ax.text(min(v + 1, 92), i, f"{v:.0f}", va="center", fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def attribute_plots(per_attribute_cells: dict[str, Sequence[Sequence[float | None]]], dataset: Any, stem: str,
