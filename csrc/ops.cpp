@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "cpu/cpu_isa.h"
+
 namespace fastfair {
 #ifdef FASTFAIR_WITH_CUDA
 // csrc/cuda/segment_reduce.cu (declared in csrc/cuda/id_check.cuh).
@@ -67,4 +69,6 @@ TORCH_LIBRARY(fastfair, m) {
 #endif
 TORCH_LIBRARY_FRAGMENT(fastfair, m) {
   m.def("build_torch_version() -> str", []() -> std::string { return FASTFAIR_TORCH_VERSION_STR; });
+  // The vector instruction set of the CPU kernels' inner loops (csrc/cpu/cpu_isa.h).
+  m.def("cpu_isa() -> str", []() -> std::string { return fastfair::cpu_isa_name(); });
 }

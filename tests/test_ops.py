@@ -110,6 +110,7 @@ def test_deterministic(device):
 # Shapes that reach each CPU strategy of csrc/cpu/segment_reduce.cpp (its
 # choose_strategy; the choice depends only on N, D, G). With R = 2^18 //
 # max(D, 64) rows a chunk: N <= R -> sorted if D >= 32 else columns; else
+# N <= 4096, D >= 256 and G >= 8 -> sorted; else
 # min(N // R, N // (6 G)) >= 2 row chunks whose [G, D] partial fits 512 KB ->
 # row chunks; else D >= 32 -> sorted, D < 32 -> columns. The sorted strategy
 # tiles columns (>= 256 wide) when it has fewer than 16 segment ranges.
@@ -119,10 +120,12 @@ STRATEGY_SHAPES = {
     "row_chunks": (50000, 3, 7),  # 12 chunks of 4167 rows
     "row_chunks_two": (20001, 8, 1500),  # 2 chunks of 10001 rows
     "row_chunks_wide": (9000, 300, 20),  # 10 chunks of 900 rows, 24 KB partials
+    "row_chunks_few_wide_rows": (2500, 512, 4),  # 4 chunks of 625 rows
     "sorted": (9000, 40, 4000),
     "sorted_mostly_empty": (5000, 32, 50000),
     "sorted_partial_too_big": (9000, 300, 500),  # row chunks' partial would be 600 KB
     "sorted_few_rows": (3000, 130, 7),
+    "sorted_few_wide_rows": (2500, 512, 16),  # would be 4 row chunks
     "sorted_tiled_one_segment": (400, 600, 1),  # 2 tiles of 300 columns
     "sorted_tiled": (250, 1030, 3),  # 3 ranges x 4 tiles of 258 columns
 }

@@ -66,6 +66,12 @@ def describe_machine(device: str) -> dict:
         pass
     info["cpu"] = cpu
     info["cores"] = os.cpu_count()
+    # The vector instruction set of fastfair's CPU loops (csrc/cpu/cpu_isa.h).
+    try:
+        from .. import ops  # noqa: F401  (loads the extension)
+        info["fastfair_cpu_isa"] = torch.ops.fastfair.cpu_isa()
+    except Exception:  # no extension, or one built before cpu_isa existed
+        info["fastfair_cpu_isa"] = None
     info["name"] = info["gpu"] or cpu  # what a table or plot title shows
     return info
 

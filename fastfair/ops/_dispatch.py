@@ -50,7 +50,11 @@ def _under_func_transform(*tensors: Tensor) -> bool:
     same math, with torch's own derivative and batching rules)."""
     if torch.compiler.is_compiling():  # a traced graph sees plain (fake) tensors
         return False
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for t in tensors:  # a loop, not any(<generator>): this runs on every op call
+        if wrapped(t):
+            return True
+    return False
 
 
 def _use_kernel(op: str, t: Tensor, *others: Tensor) -> bool:

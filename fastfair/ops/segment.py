@@ -68,6 +68,19 @@ if _LOADED:
     )
 
 
+def _call_kernel(op, x: Tensor, ids: Tensor, num_segments) -> Tensor:  # noqa: ANN001
+    """op(x, ids, num_segments), below autograd when no gradient is recorded:
+    register_autograd routes every call through a Python autograd kernel
+    (~3 us), which at the DC bias shapes (2560 x 128, a 45 us call) was the
+    difference to scatter_reduce_ (benchmarks/NOTES.md "CPU segment ops, v4").
+    Python dispatch modes and tensor subclasses still see the call (only the
+    autograd keys are skipped); a traced graph keeps the plain call."""
+    if torch.is_grad_enabled() and x.requires_grad or torch.compiler.is_compiling():
+        return op(x, ids, num_segments)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(x, ids, num_segments)
+
+
 # ---------------------------------------------------------------------------
 # Public API.
 
@@ -79,7 +92,7 @@ def segment_sum(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
     """
     num_segments = _check_args(x, ids, num_segments, "segment_sum")
     if _use_kernel("segment_sum", x, ids):
-        out = torch.ops.fastfair.segment_sum(x, ids, num_segments)
+        out = _call_kernel(torch.ops.fastfair.segment_sum, x, ids, num_segments)
         _after_kernel(x.device, "segment_sum")
         return out
     return _segment_sum_reference(x, ids, num_segments)
@@ -89,7 +102,7 @@ def segment_mean(x: Tensor, ids: Tensor, num_segments: int) -> Tensor:
     """Row means per segment; an empty segment gives a zero row (never NaN)."""
     num_segments = _check_args(x, ids, num_segments, "segment_mean")
     if _use_kernel("segment_mean", x, ids):
-        out = torch.ops.fastfair.segment_mean(x, ids, num_segments)
+        out = _call_kernel(torch.ops.fastfair.segment_mean, x, ids, num_segments)
         _after_kernel(x.device, "segment_mean")
         return out
     return _segment_mean_reference(x, ids, num_segments)
