@@ -93,7 +93,8 @@ def layer_objective(objective: str | Objective) -> Objective:
 @torch.no_grad()
 def real_layer_sums(net: torch.nn.Module, real: Tensor, seg: Tensor, num_segments: int, rows: int,
                     keep_embedding: bool = False, class_sizes: Sequence[int] | None = None,
-                    segments_per_class: int | None = None) -> tuple[list[Tensor], Tensor | None]:
+                    segments_per_class: int | None = None,
+                    out: Sequence[Tensor] | None = None) -> tuple[list[Tensor], Tensor | None]:
     """Per-segment sums [num_segments, F_l] of every aligned map
     (fastfair.nets.layer_features) over the real rows, at most ``rows`` rows
     per forward (each chunk's maps are reduced and dropped before the next:
@@ -106,7 +107,14 @@ def real_layer_sums(net: torch.nn.Module, real: Tensor, seg: Tensor, num_segment
     cross a class, and each chunk's segment sum covers only its class's G
     segments, added in place, so the work per chunk does not grow with the
     number of classes (without them every chunk writes a full
-    [num_segments, F] output, which dominates at C x G = 1000)."""
+    [num_segments, F] output, which dominates at C x G = 1000).
+
+    ``out``: the sums of an earlier call, overwritten when their shapes,
+    dtypes and device match (the driver passes the previous step's): the
+    first map's sums are C x G x F floats (65 MB at G = 100 for a width-16
+    ConvNet at 32 px), and a fresh buffer that size is fresh pages from the
+    kernel on every step. Each segment range is written by its first chunk
+    and added to by the rest, so nothing is zeroed first."""
     from .nets import layer_features
 
     step = max(1, rows)
@@ -125,18 +133,41 @@ def real_layer_sums(net: torch.nn.Module, real: Tensor, seg: Tensor, num_segment
             start += n
     sums: list[Tensor] | None = None
     embs: list[Tensor] = []
+    written: set[int] = set()
     for a, b, first, width in blocks:
         taps = layer_features(net, real[a:b])
         if sums is None:
-            sums = [t.new_zeros(num_segments, t.shape[1]) for t in taps]
+            sums = _sum_buffers(out, taps, num_segments)
         ids = seg[a:b] - first if first else seg[a:b]
+        fresh = first not in written
+        written.add(first)
         for total, t in zip(sums, taps):
-            total[first:first + width] += ops.segment_sum(t, ids, width)
+            part = ops.segment_sum(t, ids, width)
+            if fresh:
+                total[first:first + width].copy_(part)
+            else:
+                total[first:first + width] += part
         if keep_embedding:
             embs.append(taps[-1])
     if sums is None:
         raise ValueError("real_layer_sums needs at least one real row")
+    if class_sizes is not None and segments_per_class is not None:
+        g = int(segments_per_class)
+        for c, n in enumerate(class_sizes):
+            if n == 0:  # no chunk wrote this class's segments
+                for total in sums:
+                    total[c * g:(c + 1) * g].zero_()
     return sums, (torch.cat(embs) if keep_embedding else None)
+
+
+def _sum_buffers(out: Sequence[Tensor] | None, taps: Sequence[Tensor], num_segments: int) -> list[Tensor]:
+    """``out`` when it fits the maps (one [num_segments, F_l] buffer per map,
+    same dtype and device), else new uninitialised buffers."""
+    if out is not None and len(out) == len(taps) and all(
+            o.shape == (num_segments, t.shape[1]) and o.dtype == t.dtype and o.device == t.device
+            and o.is_contiguous() for o, t in zip(out, taps)):
+        return list(out)
+    return [t.new_empty(num_segments, t.shape[1]) for t in taps]
 
 
 def cafe_layer_terms(real_sums: Sequence[Tensor], real_count: Tensor, syn_means: Sequence[Tensor],

@@ -153,6 +153,15 @@ class MatchTerms(NamedTuple):
     counts: Tensor
 
 
+# Temporaries of the no-graph part of _sum_of_squares_terms are made per block
+# of classes of at most this many bytes: glibc serves a request above 32 MB
+# (its largest mmap threshold) with fresh pages from the kernel on every call,
+# so one [C, G, D] temporary of CAFE's first map at G = 100 (65 MB) cost ~10 ms
+# of page faults per op, four ops per map (benchmarks/NOTES.md "CAFE", v4);
+# blocks of a few MB are reused from the heap and stay in the last-level cache.
+_TERMS_BLOCK_BYTES = 8 << 20
+
+
 def _sum_of_squares_terms(seg_sum: Tensor, counts: Tensor, syn_mean: Tensor, obj: Objective
                           ) -> tuple[Tensor, Tensor]:
     """Per-group squared-L2 terms without a [C, G, D] graph: (per-class loss
@@ -162,13 +171,23 @@ def _sum_of_squares_terms(seg_sum: Tensor, counts: Tensor, syn_mean: Tensor, obj
     w_g and M = sum_g w_g m_g ([C, D]); the exact per-group values are
     computed without a graph and the loss carries the gradient through a
     quadratic surrogate of the same derivatives (value + (q - q.detach())).
-    The [C, G, D] differences exist once, without autograd's saved copies:
-    at CAFE's maps (D ~ 1e4-1e5) and 100 groups that is hundreds of MB less
-    and most of the loss's time (benchmarks/NOTES.md, "CAFE")."""
+    The [C, G, D] differences exist only a block of classes at a time
+    (_TERMS_BLOCK_BYTES), without autograd's saved copies: at CAFE's maps
+    (D ~ 1e4-1e5) and 100 groups that is hundreds of MB less and most of the
+    loss's time (benchmarks/NOTES.md, "CAFE")."""
+    num_classes, num_groups, d = seg_sum.shape
+    per_class_bytes = max(1, num_groups * d * seg_sum.element_size())
+    step = max(1, _TERMS_BLOCK_BYTES // per_class_bytes)
     with torch.no_grad():
-        means = seg_sum / counts.to(seg_sum.dtype).clamp(min=1).unsqueeze(-1)
-        terms = (means - syn_mean.detach().unsqueeze(1)).pow(2).sum(-1)
+        syn = syn_mean.detach()
         present = counts > 0
+        inv_n = 1.0 / counts.to(seg_sum.dtype).clamp(min=1)
+        terms = seg_sum.new_empty(num_classes, num_groups)
+        for c0 in range(0, num_classes, step):
+            c1 = min(num_classes, c0 + step)
+            diff = seg_sum[c0:c1] * inv_n[c0:c1].unsqueeze(-1)
+            diff -= syn[c0:c1].unsqueeze(1)
+            terms[c0:c1] = diff.pow_(2).sum(-1)
         if obj.weighting == "max":
             masked = terms.masked_fill(~present, float("-inf"))
             w = torch.zeros_like(terms).scatter_(1, masked.argmax(1, keepdim=True), 1.0) * present
@@ -176,7 +195,8 @@ def _sum_of_squares_terms(seg_sum: Tensor, counts: Tensor, syn_mean: Tensor, obj
             w = torch.where(present, group_weights(counts, obj, terms.dtype), torch.zeros_like(terms))
         value = (w * terms).sum(1)
         big_w = w.sum(1)
-        big_m = (w.unsqueeze(-1) * means).sum(1)
+        # M = sum_g w_g S_g / n_g: one batched matrix product, no [C, G, D] temporary.
+        big_m = torch.bmm((w * inv_n).unsqueeze(1), seg_sum).squeeze(1)
     q = big_w * syn_mean.pow(2).sum(-1) - 2 * (syn_mean * big_m).sum(-1)
     return value + (q - q.detach()), terms
 

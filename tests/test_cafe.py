@@ -313,3 +313,34 @@ def test_cobra_preset_follows_cobras_scripts_per_method() -> None:
     assert resolve(DistillConfig(method="idc", preset="fairdd")).dsa is True
     assert method_protocol("idc", "cobra") == (1000, False) and method_protocol("idc", "fairdd") == (1000, True)
     assert (preset_runs("cobra", "dm"), preset_runs("cobra", "dc"), preset_runs("fairdd", "idc")) == (5, 5, 10)
+
+
+def test_real_layer_sums_reuse_their_buffers() -> None:
+    # The driver passes the previous step's sums as ``out``: they are
+    # overwritten (stale values must not leak, a class without rows is zero)
+    # and the result equals fresh buffers and a per-segment float64 sum.
+    torch.manual_seed(0)
+    net = ConvNet(3, 4, 16, width=5, depth=3).double()
+    C, G = 4, 3
+    sizes = [7, 0, 5, 9]  # class 1 has no rows
+    labels = torch.arange(C).repeat_interleave(torch.tensor(sizes))
+    groups = torch.randint(0, G, (labels.shape[0],))
+    seg = labels * G + groups
+    real = torch.randn(labels.shape[0], 3, 16, 16, dtype=torch.float64)
+    fresh, _ = cafe.real_layer_sums(net, real, seg, C * G, rows=4, class_sizes=sizes, segments_per_class=G)
+    stale = [torch.full_like(t, float("nan")) for t in fresh]
+    again, _ = cafe.real_layer_sums(net, real, seg, C * G, rows=4, class_sizes=sizes, segments_per_class=G,
+                                    out=stale)
+    assert all(a is s for a, s in zip(again, stale))  # the buffers were reused
+    taps = layer_features(net, real)
+    for got, want_t, ref in zip(again, fresh, taps):
+        want = torch.zeros(C * G, ref.shape[1], dtype=torch.float64).index_add_(0, seg, ref)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(want_t, want, rtol=1e-12, atol=1e-12)
+        assert (got[G:2 * G] == 0).all()
+    # A buffer of another shape is not written to.
+    wrong = [torch.zeros(1, 1, dtype=torch.float64) for _ in fresh]
+    other, _ = cafe.real_layer_sums(net, real, seg, C * G, rows=4, out=wrong)
+    assert all(o is not w for o, w in zip(other, wrong)) and all((w == 0).all() for w in wrong)
+    for got, want in zip(other, fresh):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -124,3 +124,20 @@ def test_errors():
         ops.fair_dm_loss(real, labels, groups + 10, syn, syn_labels, 5, 4)
     with pytest.raises(ValueError, match="outside"):
         ops.fair_dm_loss(real, labels + 5, groups, syn, syn_labels, 5, 4)
+
+
+@pytest.mark.parametrize("objective", ["fairdd", "fairdd-mean", "fairdd-iw", "fairdd-groupdro"])
+def test_class_blocks_of_the_squared_terms(objective, monkeypatch):
+    # The no-graph part of the per-group squared-L2 terms runs a block of
+    # classes at a time (objectives._TERMS_BLOCK_BYTES); blocks of one class
+    # (and of two, leaving a remainder) must give the loop's value and gradient.
+    C, G = 5, 4
+    real, labels, groups, syn, syn_labels = batch(C, G, D=11)
+    want = loop_loss(real, labels, groups, syn, syn_labels, C, G, objective)
+    (g_want,) = torch.autograd.grad(want, syn)
+    for block_bytes in (1, 2 * G * 11 * 8):
+        monkeypatch.setattr(objectives, "_TERMS_BLOCK_BYTES", block_bytes)
+        got = ops.fair_dm_loss(real, labels, groups, syn, syn_labels, C, G, objective)
+        (g_got,) = torch.autograd.grad(got, syn)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)

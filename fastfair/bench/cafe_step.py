@@ -65,6 +65,10 @@ RATIOS = [
 ]
 
 
+# The driver's per-run scratch (RunContext.cache) for the real sums.
+_REUSED: dict[str, list[Tensor]] = {}
+
+
 def _mse(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).sum()
 
@@ -85,7 +89,8 @@ def fastfair_step(net: nn.Module, real: Tensor, labels: Tensor, groups: Tensor, 
     sizes = [real.shape[0] // C] * C  # make_batch: class-major, the same rows per class
     rows = max(auto_chunk(net, real), g)  # as the driver: at least as many rows as segments per class
     sums, emb = real_layer_sums(net, real, seg, C * g, rows, keep_embedding=ref.inner_weight > 0,
-                                class_sizes=sizes, segments_per_class=g)
+                                class_sizes=sizes, segments_per_class=g, out=_REUSED.get("sums"))
+    _REUSED["sums"] = sums  # as the driver reuses the previous step's buffers (ctx.cache)
     counts = ops.segment_count(seg, C * g)
     x = syn.detach().requires_grad_(True)
     syn_means = [ops.segment_mean(t, syn_labels, C) for t in layer_features(net, x)]
