@@ -37,17 +37,53 @@ def test_cdigits_groups():
     scale = st.Scale(classes=0, batch=6, image_size=0, width=4, ipc=1)
     base = st.base_dataset("cdigits-fg", scale, torch.device("cpu"))
     real = base.train.groups
-    assert base.num_classes == 10 and base.image_size == 32
-    assert torch.equal(st.with_groups(base, 10, real).train.groups, real)  # its own colours at G = 10
-    four = st.with_groups(base, 4, real)
-    assert four.num_groups == 4 and set(four.train.groups.tolist()) == {0, 1, 2, 3}
-    assert set(st.with_groups(base, 1, real).train.groups.tolist()) == {0}
+    natural = st.natural_groups(base)
+    assert base.num_classes == 10 and base.image_size == 32 and set(natural) == {10}
+    ten, how = st.with_groups(base, 10, natural)
+    assert torch.equal(ten.train.groups, real) and how == "the dataset's groups"  # its own colours at G = 10
+    four, how = st.with_groups(base, 4, natural)
+    assert four.num_groups == 4 and set(four.train.groups.tolist()) == {0, 1, 2, 3} and how == "uniformly random"
+    assert set(st.with_groups(base, 1, natural)[0].train.groups.tolist()) == {0}
+
+
+def test_several_attribute_group_ladder():
+    # cdigits-fgbg (4 digit colours x 4 background colours) stands in for
+    # the real cmnist-fgbg: G = 4 the first attribute, 16 the intersection,
+    # 160 the intersection x a random 10-valued attribute.
+    scale = st.Scale(classes=0, batch=6, image_size=0, width=4, ipc=1)
+    base = st.base_dataset("cdigits-fgbg", scale, torch.device("cpu"))
+    inter = base.train.groups
+    natural = st.natural_groups(base)
+    assert sorted(natural) == [4, 16, 160]
+    fg, _ = st.with_groups(base, 4, natural)
+    assert torch.equal(fg.train.groups, inter // 4) and fg.attributes.names == ("group",)
+    both, how = st.with_groups(base, 16, natural)
+    assert torch.equal(both.train.groups, inter) and how == "fg x bg"
+    more, _ = st.with_groups(base, 160, natural)
+    assert torch.equal(more.train.groups // 10, inter) and more.num_groups == 160
+    assert len(set(more.train.groups.tolist())) > 16
+
+
+def test_the_loop_is_extrapolated_past_its_time_cap(tmp_path):
+    out = tmp_path / "step.json"
+    rows = st.main(["--device", "cpu", "--dataset", "synthetic", "--methods", "dc", "--groups", "1,3",
+                    "--loop-max-seconds", "1e-9", "--json", str(out), *TINY])
+    loops = {r["groups"]: r for r in rows if r["impl"] == "loop"}
+    assert loops[1]["ms"] > 0 and "extrapolated_ms" not in loops[1]  # the first G is always measured
+    third = loops[3]
+    assert third["ms"] is None and third["extrapolated_from_groups"] == 1
+    # Linear in the cells present: the extrapolation scales the measured time by their ratio.
+    want = loops[1]["ms"] * third["cells_present"] / loops[1]["cells_present"]
+    assert third["extrapolated_ms"] == pytest.approx(want)
+    assert third["error"].startswith("not run:") and "--loop-max-seconds" in third["error"]
+    assert all(r["grad_check"] == "not run (loop extrapolated)" for r in rows if r["groups"] == 3)
+    assert all(r["ms"] is not None for r in rows if r["impl"] != "loop")
 
 
 def _contexts(method: str, groups: int):
     scale = st.Scale(classes=2, batch=6, image_size=8, width=4, ipc=1)
     base = st.base_dataset("synthetic", scale, torch.device("cpu"))
-    ds = st.with_groups(base, groups, None)
+    ds, _ = st.with_groups(base, groups, None)
     fair = build_context(st.make_config("synthetic", method, "fairdd", scale, 8, 0), ds, torch.device("cpu"))
     van = build_context(st.make_config("synthetic", method, "vanilla", scale, 8, 0), ds, torch.device("cpu"))
     images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -12,7 +12,9 @@ from torch import Tensor
 from ..data import BiasedDataset, Split
 from ..distill.config import DistillConfig, resolve
 
-DATASETS = ("cdigits-fg", "synthetic")
+DATASETS = ("cdigits-fg", "synthetic", "cmnist-fgbg", "cdigits-fgbg")
+# What --dataset both runs (cmnist-fgbg needs the real MNIST files: --root).
+DEFAULT_DATASETS = ("cdigits-fg", "synthetic")
 METHODS = ("dm", "dc")
 # (impl, objective) in plotting order.
 IMPLS = (("vanilla", "vanilla"), ("loop", "fairdd"), ("fastfair", "fairdd"), ("fastfair", "cobra"))
@@ -34,11 +36,12 @@ def depth_for(image_size: int) -> int:
     return max(1, round(math.log2(image_size)) - 2)
 
 
-def base_dataset(name: str, scale: Scale, device: torch.device) -> BiasedDataset:
-    if name == "cdigits-fg":
+def base_dataset(name: str, scale: Scale, device: torch.device, root: str | None = None) -> BiasedDataset:
+    if name in ("cdigits-fg", "cdigits-fgbg", "cmnist-fgbg"):
         from .. import data
 
-        ds = data.load("cdigits-fg")
+        # cmnist-fgbg: the real C-MNIST (10 digit colours x 10 background colours) from root.
+        ds = data.load(name, root=root) if name == "cmnist-fgbg" else data.load(name)
         tr = ds.train
         return dataclasses.replace(ds, train=Split(tr.images.to(device), tr.labels, tr.groups))
     if name == "synthetic":
@@ -53,18 +56,42 @@ def base_dataset(name: str, scale: Scale, device: torch.device) -> BiasedDataset
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-def with_groups(base: BiasedDataset, groups: int, real_groups: Tensor | None) -> BiasedDataset:
-    """``base`` with ``groups`` groups: ``real_groups`` when it has that many
-    (cdigits at G = 10), else uniformly random labels (seeded)."""
+def natural_groups(base: BiasedDataset) -> dict[int, tuple[Tensor, str]]:
+    """The group labels a dataset has of itself, by group count, with how
+    they were made. One attribute: its values. Several (cmnist-fgbg: digit
+    colour x background colour, 10 x 10): the first attribute alone, the
+    intersection, and the intersection x a uniformly random 10-valued extra
+    attribute (no real set here has 1000 groups; the extra attribute is only
+    there to give the kernels 10^4 segments of real images)."""
+    g = base.train.groups
+    attrs = base.attributes
+    if attrs is None or len(attrs.names) == 1:
+        return {base.num_groups: (g, "the dataset's groups")} if base.num_groups > 1 else {}
+    rest = base.num_groups // attrs.sizes[0]  # ids are mixed radix, the first attribute most significant
+    names = " x ".join(attrs.names)
+    rand = torch.randint(0, 10, (len(g),), generator=torch.Generator().manual_seed(1000))
+    return {attrs.sizes[0]: (g // rest, f"{attrs.names[0]} alone"),
+            base.num_groups: (g, names),
+            base.num_groups * 10: (g * 10 + rand, f"{names} x a random 10-valued attribute")}
+
+
+def with_groups(base: BiasedDataset, groups: int, natural: dict[int, tuple[Tensor, str]] | None = None
+                ) -> tuple[BiasedDataset, str]:
+    """``base`` with ``groups`` groups, and where they come from: the
+    dataset's own (:func:`natural_groups`) where it has that many, else
+    uniformly random labels (seeded)."""
     tr = base.train
     if groups == 1:
-        g = torch.zeros_like(tr.labels)
-    elif real_groups is not None and int(real_groups.max()) + 1 == groups:
-        g = real_groups
+        g, how = torch.zeros_like(tr.labels), "one group"
+    elif natural and groups in natural:
+        g, how = natural[groups]
     else:
         g = torch.randint(0, groups, (len(tr),), generator=torch.Generator().manual_seed(groups))
-    return dataclasses.replace(base, train=Split(tr.images, tr.labels, g), num_groups=groups,
-                               group_names=[str(i) for i in range(groups)])
+        how = "uniformly random"
+    # One flat attribute of `groups` values (the FairDD objective over all of them).
+    ds = dataclasses.replace(base, train=Split(tr.images, tr.labels, g), num_groups=groups,
+                             group_names=[str(i) for i in range(groups)], attributes=None)
+    return ds, how
 
 
 def make_config(dataset: str, method: str, objective: str, scale: Scale, image_size: int,

@@ -95,7 +95,8 @@ from ..distill.context import RunContext, build_context
 from ..distill.dc import RandomBatches, dc_iteration
 from ..distill.dm import dm_iteration
 from ..distill.synset import init_images
-from .step_config import DATASETS, IMPLS, METHODS, Scale, base_dataset, depth_for, make_config, with_groups
+from .step_config import (DATASETS, DEFAULT_DATASETS, IMPLS, METHODS, Scale, base_dataset, depth_for, make_config,
+                          natural_groups, with_groups)
 from .step_loops import loop_dc_step, loop_dm_step
 from .step_memory import PeakMeter, cpu_too_big, free_cache, is_oom
 from .step_report import label, plot, ratios, summary
@@ -104,8 +105,9 @@ from .timing import check_device, default_json, describe_machine, samples_ms, st
 # The pieces live in step_config (sizes, datasets, configs), step_loops (the
 # reference-style loops), step_memory (peak memory, OOM guards) and
 # step_report (target ratios, plots); this module times them.
-__all__ = ["DATASETS", "IMPLS", "METHODS", "PeakMeter", "Scale", "base_dataset", "fastfair_step", "grad_check",
-           "loop_dc_step", "loop_dm_step", "main", "make_config", "plot", "ratios", "summary", "with_groups"]
+__all__ = ["DATASETS", "IMPLS", "METHODS", "PeakMeter", "Scale", "base_dataset", "cells_present", "fastfair_step",
+           "grad_check", "loop_dc_step", "loop_dm_step", "main", "make_config", "natural_groups", "plot", "ratios",
+           "summary", "with_groups"]
 
 NAME = "step_time"
 GRAD_RTOL = 1e-3
@@ -154,13 +156,31 @@ def grad_check(loop: Step, fast: Step, images: Tensor) -> tuple[bool, float]:
 
 
 
-def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real_groups: Tensor | None,
+def cells_present(ctx: RunContext, draws: int = 3) -> float:
+    """Mean number of (class, group) cells present in the driver's real batch
+    over a few draws: the reference loop runs one backward (DC) or one masked
+    mean (DM) per present cell, so its time grows with this, not with G."""
+    seen = []
+    for it in range(draws):
+        batch = ctx.sampler.draw(rng.generator(ctx.cfg.seed, it, rng.SAMPLE, 0))
+        _, labels, groups = ctx.real_batch(batch)
+        seen.append(int(torch.unique(labels.long() * ctx.num_groups + groups.long()).numel()))
+    return sum(seen) / len(seen)
+
+
+def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset,
+               natural: dict[int, tuple[Tensor, str]] | None,
                scale: Scale, device: torch.device, repeats: int, cobra_warmup: int, meter: PeakMeter,
                common: dict, skip_loop: bool = False, memory_only: bool = False,
-               precision: str = "fp32") -> list[dict]:
+               precision: str = "fp32", loop_rate: tuple[float, float, int] | None = None,
+               loop_max_seconds: float | None = None) -> list[dict]:
+    """One (dataset, method, G) point. ``loop_rate`` (ms, cells present, G)
+    of the loop's largest measured G so far: where the loop's step would take
+    longer than ``loop_max_seconds`` at this G's cells present (the loop is
+    linear in them), it is not run and its time is extrapolated and marked so."""
     size = base.image_size
-    ds_g = with_groups(base, groups, real_groups)
-    ds_1 = with_groups(base, 1, None)
+    ds_g, groups_from = with_groups(base, groups, natural)
+    ds_1, _ = with_groups(base, 1, None)
     ctx_f = build_context(make_config(dataset, method, "fairdd", scale, size, cobra_warmup), ds_g, device)
     ctx_v = build_context(make_config(dataset, method, "vanilla", scale, size, cobra_warmup), ds_1, device)
     ctx_c = dataclasses.replace(ctx_f, cfg=make_config(dataset, method, "cobra", scale, size, cobra_warmup))
@@ -186,9 +206,23 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
 
     refusal = cpu_too_big(one_pass_rows, scale.width, size) if device.type == "cpu" else None
     check = "not run (too big for this machine's memory)"
+    cells = cells_present(ctx_f)
+    extrapolated = None
+    if loop_rate is not None and loop_max_seconds is not None and not skip_loop:
+        ms_then, cells_then, g_then = loop_rate
+        estimate = ms_then * cells / max(cells_then, 1.0)
+        if estimate / 1e3 > loop_max_seconds:
+            extrapolated = {"extrapolated_ms": estimate, "extrapolated_from_groups": g_then,
+                            "error": f"not run: {estimate / 1e3:.0f} s a step, extrapolated from G = {g_then} "
+                                     f"({ms_then / 1e3:.1f} s at {cells_then:.0f} cells present, linear in the "
+                                     f"cells present: {cells:.0f} here); over --loop-max-seconds "
+                                     f"{loop_max_seconds:g}"}
     if skip_loop:
         del steps[("loop", "fairdd")]
         check = "not run (--skip-loop)"
+    elif extrapolated is not None:
+        del steps[("loop", "fairdd")]
+        check = "not run (loop extrapolated)"
     elif memory_only:
         check = "not run (--memory-only)"
     elif refusal is None:
@@ -209,7 +243,8 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
         row = {"dataset": dataset, "method": method, "impl": impl, "objective": objective, "groups": groups,
                "match_groups": match_groups, "ms": None, "peak_mb": None, "base_mb": None, "grad_check": check,
                "classes": base.num_classes, "batch_real": scale.batch, "image_size": size, "width": scale.width,
-               "depth": depth_for(size), "ipc": scale.ipc, "peak_method": meter.method}
+               "depth": depth_for(size), "ipc": scale.ipc, "peak_method": meter.method,
+               "groups_from": groups_from, "cells_present": cells}
         if method == "dm" and objective == "cobra":
             row["cobra_warmup_epochs"] = cobra_warmup
         rows_in = loop_rows if impl == "loop" else one_pass_rows
@@ -232,6 +267,10 @@ def _sweep_one(dataset: str, method: str, groups: int, base: BiasedDataset, real
         free_cache(device)
         row.update(common)
         rows.append(row)
+    if extrapolated is not None:
+        row = {**rows[0], "impl": "loop", "objective": "fairdd", "match_groups": groups, "ms": None,
+               "peak_mb": None, "base_mb": None, "grad_check": check, **extrapolated}
+        rows.insert(1, row)
     if not memory_only:
         with wgrad.weight_grad_precision(precision):
             _time_interleaved(timed, images, buf, device, repeats)
@@ -303,7 +342,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="synthetic 10 classes x 64 at 32 px, width 32")
     p.add_argument("--json", default=None, help="output (default benchmarks/results/step_time_<device>.json)")
-    p.add_argument("--dataset", default="both", choices=(*DATASETS, "both"))
+    p.add_argument("--dataset", default="both", choices=(*DATASETS, "both"),
+                   help="both: cdigits-fg and synthetic (no files needed); cmnist-fgbg: the real C-MNIST with "
+                        "digit and background colour (needs MNIST under --root): G = 10 its digit colours, 100 the "
+                        "colour intersection, 1000 that x a random 10-valued attribute")
+    p.add_argument("--root", default=None, help="data directory for cmnist-fgbg (default: $FASTFAIR_DATA, else ./data)")
+    p.add_argument("--loop-max-seconds", type=float, default=None,
+                   help="skip the reference loop at a G where its step, extrapolated from the largest G measured "
+                        "so far (linear in the (class, group) cells present), would take longer; the row then "
+                        "holds extrapolated_ms and says so (default: always run it)")
     p.add_argument("--groups", type=_int_list, default=[1, 2, 5, 10, 20, 50, 100])
     p.add_argument("--methods", type=_name_list(METHODS), default=list(METHODS))
     p.add_argument("--cobra-warmup", type=int, default=0,
@@ -354,9 +401,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 image_size=a.image_size or (32 if quick else 64), width=a.width or (32 if quick else 128), ipc=a.ipc,
                 real_chunk=a.real_chunk, dc_block_classes=a.dc_block_classes)
     digits = dataclasses.replace(syn, classes=10, image_size=32, batch=a.batch or 256)  # cdigits' own shape
-    scales = {"synthetic": syn, "cdigits-fg": digits}
+    scales = {"synthetic": syn, "cdigits-fg": digits, "cmnist-fgbg": digits}  # C-MNIST: 10 classes, 32 px
     repeats = a.repeats or (5 if quick else 7)
-    datasets = list(DATASETS) if a.dataset == "both" else [a.dataset]
+    datasets = list(DEFAULT_DATASETS) if a.dataset == "both" else [a.dataset]
+    if a.loop_max_seconds is not None and a.loop_max_seconds <= 0:
+        p.error("--loop-max-seconds must be > 0")
 
     machine = describe_machine(device_name)
     name = machine["name"]
@@ -373,7 +422,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     settings = {**{d: dataclasses.asdict(scales[d]) for d in datasets}, "repeats": repeats,
                 "cobra_warmup_epochs": a.cobra_warmup, "dtype": "float32", "quick": quick, "real_chunk": a.real_chunk,
                 "dc_block_classes": a.dc_block_classes, "skip_loop": a.skip_loop,
-                "memory_only": a.memory_only, "precision": a.precision}
+                "memory_only": a.memory_only, "precision": a.precision, "loop_max_seconds": a.loop_max_seconds}
     points = len(datasets) * len(a.methods) * len(a.groups)
 
     def save(done: int) -> None:  # after every point: a cut-off run keeps what finished
@@ -385,15 +434,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with stopped_cleanly(path):
         for dataset in datasets:
             scale = scales[dataset]
-            base = base_dataset(dataset, scale, device)
-            real_groups = base.train.groups if dataset == "cdigits-fg" else None
+            try:
+                base = base_dataset(dataset, scale, device, root=a.root)
+            except (FileNotFoundError, OSError) as exc:
+                p.error(f"{dataset}: {exc}")
+            natural = natural_groups(base)
             print(f"{dataset}: {base.num_classes} classes, {base.image_size} px, real batch {scale.batch}/class, "
                   f"ConvNet width {scale.width} depth {depth_for(base.image_size)}, IPC {scale.ipc}", flush=True)
             for method in a.methods:
-                for g in a.groups:
-                    rows += _sweep_one(dataset, method, g, base, real_groups, scale, device, repeats,
-                                       a.cobra_warmup, meter, common, skip_loop=a.skip_loop,
-                                       memory_only=a.memory_only, precision=a.precision)
+                loop_rate: tuple[float, float, int] | None = None
+                for g in sorted(a.groups):
+                    new = _sweep_one(dataset, method, g, base, natural, scale, device, repeats,
+                                     a.cobra_warmup, meter, common, skip_loop=a.skip_loop,
+                                     memory_only=a.memory_only, precision=a.precision, loop_rate=loop_rate,
+                                     loop_max_seconds=a.loop_max_seconds)
+                    measured = [r for r in new if r["impl"] == "loop" and r["ms"] is not None]
+                    if measured:
+                        loop_rate = (measured[0]["ms"], measured[0]["cells_present"], g)
+                    rows += new
                     done += 1
                     save(done)
             del base
