@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "command again and finished cells are skipped, unfinished ones continue from "
                                    "their checkpoint and finished evaluation runs.")
     r.add_argument("--table", default="fairdd-cmnist", choices=list(TABLES),
-                   help="fairdd-cmnist: C-MNIST FG and BG at IPC 10, DM / DM+FairDD / DM+COBRA / DC / DC+FairDD "
-                        "(FairDD Tables 1-2); fairdd-cfmnist: the same cells on C-FMNIST FG and BG; fairdd: every "
+                   help="fairdd-cmnist: C-MNIST FG and BG at IPC 10, DM, DC, IDC and DREAM, each vanilla and +FairDD, "
+                        "and DM+COBRA (FairDD Tables 1-2); fairdd-cfmnist: the same cells on C-FMNIST FG and BG; fairdd: every "
                         "Table 1-2 dataset; cobra-cifar10s, cobra-cmnist: "
                         "COBRA's DM numbers under COBRA's preset; intersectional: fastfair's two-attribute "
                         "C-MNIST / C-FMNIST; cobra: COBRA's table (DM, DC, IDC x vanilla / FairDD / COBRA, CAFE vanilla "
