@@ -111,8 +111,8 @@ def test_deterministic(device):
 # choose_strategy; the choice depends only on N, D, G). With R = 2^18 //
 # max(D, 64) rows a chunk: N <= R -> sorted if D >= 32 else columns; else
 # N <= 4096, D >= 256 and G >= 8 -> sorted; else
-# min(N // R, N // (6 G)) >= 2 row chunks whose [G, D] partial fits 512 KB ->
-# row chunks; else D >= 32 -> sorted, D < 32 -> columns. The sorted strategy
+# min(N // R, N // (6 G)) >= 2 row chunks whose [G, D] partial fits 512 KB
+# (4 MB from N = 65536 rows on) -> row chunks; else D >= 32 -> sorted, D < 32 -> columns. The sorted strategy
 # tiles columns (>= 256 wide) when it has fewer than 16 segment ranges.
 STRATEGY_SHAPES = {
     "columns_few_rows": (3000, 20, 500),
@@ -121,6 +121,7 @@ STRATEGY_SHAPES = {
     "row_chunks_two": (20001, 8, 1500),  # 2 chunks of 10001 rows
     "row_chunks_wide": (9000, 300, 20),  # 10 chunks of 900 rows, 24 KB partials
     "row_chunks_few_wide_rows": (2500, 512, 4),  # 4 chunks of 625 rows
+    "row_chunks_many_rows_big_partial": (70000, 40, 5000),  # 2 chunks, 800 KB partials
     "sorted": (9000, 40, 4000),
     "sorted_mostly_empty": (5000, 32, 50000),
     "sorted_partial_too_big": (9000, 300, 500),  # row chunks' partial would be 600 KB
