@@ -187,12 +187,14 @@ def _sum_of_squares_terms(seg_sum: Tensor, counts: Tensor, syn_mean: Tensor, obj
         syn = syn_mean.detach()
         present = counts > 0
         inv_n = 1.0 / counts.to(seg_sum.dtype).clamp(min=1)
-        terms = seg_sum.new_empty(num_classes, num_groups)
+        # Out of place and concatenated, not written into a preallocated
+        # tensor: under torch.func.vmap syn is batched and the real sums are not.
+        blocks = []
         for c0 in range(0, num_classes, step):
             c1 = min(num_classes, c0 + step)
-            diff = seg_sum[c0:c1] * inv_n[c0:c1].unsqueeze(-1)
-            diff -= syn[c0:c1].unsqueeze(1)
-            terms[c0:c1] = diff.pow_(2).sum(-1)
+            diff = seg_sum[c0:c1] * inv_n[c0:c1].unsqueeze(-1) - syn[c0:c1].unsqueeze(1)
+            blocks.append(diff.pow_(2).sum(-1))
+        terms = blocks[0] if len(blocks) == 1 else torch.cat(blocks) if blocks else seg_sum.new_zeros(0, num_groups)
         if obj.weighting == "max":
             masked = terms.masked_fill(~present, float("-inf"))
             w = torch.zeros_like(terms).scatter_(1, masked.argmax(1, keepdim=True), 1.0) * present
