@@ -25,11 +25,13 @@ CLI's parser can read its tables without paying for torch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -464,8 +466,10 @@ def reproduce(table: str, budget: str, out: str, root: str | None = None, datase
 
     _check_state(out, t, dsets, plan)  # a damaged state file stops the run before any work
     records: list[dict[str, Any]] = []
-    keep = [r for r in _previous_results(os.path.join(out, "results.json"))
-            if r["dataset"] not in dsets or (r["method"], r["objective"]) not in plan]
+    # What an earlier run left for the cells this run does not plan; re-read
+    # at every write (_merge_results), so that two runs into one --out (two
+    # datasets or cells at once, a common way to use both cores) keep each
+    # other's finished cells instead of the last writer's view winning.
     for name in dsets:
         log(f"[reproduce] {table} / {name} at the {budget} budget")
         ds = data.load(name, root=root, cache=False)  # no cache: the data root may be read-only
@@ -477,8 +481,42 @@ def reproduce(table: str, budget: str, out: str, root: str | None = None, datase
             log(f"  {method}+{objective}: acc {rec['acc']:.2f} DEO_M {rec['deo_m']:.2f} DEO_A {rec['deo_a']:.2f} "
                 f"(distil {rec['distill_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s)")
             records.append({k: v for k, v in rec.items() if k not in ("config",)})
-            write_outputs(out, table, budget, keep + records, started, note)
-    return write_outputs(out, table, budget, keep + records, started, note)
+            with _results_lock(out):
+                write_outputs(out, table, budget, _merge_results(out, records), started, note)
+    with _results_lock(out):
+        return write_outputs(out, table, budget, _merge_results(out, records), started, note)
+
+
+# Next to results.json: held while the top-level outputs are re-read and written.
+RESULTS_LOCK = ".fastfair-results.lock"
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    return (r["dataset"], r.get("ipc"), r["method"], r["objective"])
+
+
+def _merge_results(out: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This run's records, plus every record on disk now that is not one of
+    them: other runs' cells (also those finished since this run started),
+    and the old record of a planned cell this run has not reached yet (it is
+    replaced when the cell finishes)."""
+    mine = {_key(r) for r in records}
+    disk = [r for r in _previous_results(os.path.join(out, "results.json")) if _key(r) not in mine]
+    return disk + records
+
+
+@contextlib.contextmanager
+def _results_lock(out: str) -> Iterator[None]:
+    """A blocking flock around the read-merge-write of the top-level outputs
+    (short: no cell holds it while it runs)."""
+    import fcntl
+
+    fd = os.open(os.path.join(out, RESULTS_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- outputs

@@ -140,3 +140,30 @@ def test_cafe_table_runs_every_objective(tmp_path, capsys) -> None:
         assert s["distill"]["preset"] == "cobra" and s["distill"]["outer_loop"] == 2
         assert r["eval_dsa"] is False and r["eval_runs"] == 2 and 0 <= r["deo_m"] <= 100
     capsys.readouterr()
+
+
+def test_two_runs_into_one_out_keep_each_others_cells(tmp_path, monkeypatch):
+    # Two reproduce processes into one --out (two datasets or cells at once,
+    # to use both cores): a cell the second run finishes while the first is
+    # running must survive the first run's later writes. Run A plans
+    # dm:fairdd; while its cell runs, run B (here: nested) finishes dc:vanilla.
+    # Before the read-merge-write under a lock, A wrote its start-time view
+    # and B's cell vanished from results.json (seen on C-MNIST, 2026-12-04).
+    out = str(tmp_path / "r")
+    reproduce.reproduce("cdigits", "tiny", out, datasets=["cdigits-fg"], cells=[("dm", "vanilla")], threads=1)
+    real_run_cell = reproduce.run_cell
+
+    def run_cell_with_b(ds, table, budget, dataset, method, objective, *args, **kwargs):
+        if (method, objective) == ("dm", "fairdd"):
+            monkeypatch.setattr(reproduce, "run_cell", real_run_cell)
+            reproduce.reproduce("cdigits", "tiny", out, datasets=["cdigits-fg"], cells=[("dc", "vanilla")],
+                                threads=1)
+        return real_run_cell(ds, table, budget, dataset, method, objective, *args, **kwargs)
+
+    monkeypatch.setattr(reproduce, "run_cell", run_cell_with_b)
+    reproduce.reproduce("cdigits", "tiny", out, datasets=["cdigits-fg"], cells=[("dm", "fairdd")], threads=1)
+    res = json.loads(open(os.path.join(out, "results.json")).read())
+    got = sorted((r["method"], r["objective"]) for r in res["results"])
+    assert got == [("dc", "vanilla"), ("dm", "fairdd"), ("dm", "vanilla")]
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| dc | vanilla |" in md and "| dm | fairdd |" in md
