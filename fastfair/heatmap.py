@@ -7,14 +7,17 @@ from typing import Any, Sequence
 
 
 def _save(fig: Any, path: str) -> str:
-    """Write ``fig`` to a temporary file and rename it: a reader never sees half a PNG."""
+    """``fig`` as a PNG through fastfair.distill.outdir.atomic_write: a reader
+    never sees half a file, and a failed write names ``path``."""
     import matplotlib.pyplot as plt
 
+    from .distill.outdir import atomic_write
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -194,7 +194,7 @@ def _sum_of_squares_terms(seg_sum: Tensor, counts: Tensor, syn_mean: Tensor, obj
             c1 = min(num_classes, c0 + step)
             diff = seg_sum[c0:c1] * inv_n[c0:c1].unsqueeze(-1) - syn[c0:c1].unsqueeze(1)
             blocks.append(diff.pow_(2).sum(-1))
-        terms = blocks[0] if len(blocks) == 1 else torch.cat(blocks) if blocks else seg_sum.new_zeros(0, num_groups)
+        terms = torch.cat(blocks) if blocks else seg_sum.new_zeros(0, num_groups)
         if obj.weighting == "max":
             masked = terms.masked_fill(~present, float("-inf"))
             w = torch.zeros_like(terms).scatter_(1, masked.argmax(1, keepdim=True), 1.0) * present

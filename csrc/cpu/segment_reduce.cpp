@@ -28,11 +28,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <memory>
-#include <string>
 #include <vector>
 
 #include "../checks.h"
@@ -307,12 +304,11 @@ void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
                                               mean ? counts.data() : nullptr, d));
     });
     return;
-  } else {
-    // Narrow rows (D < kMinSortedCols): one serial pass over the rows in
-    // order; the other strategies' setup would cost more than it saves.
-    out_acc.zero_();
-    FASTFAIR_ISA_CALL(scatter_rows<scalar_t, acc_t, index_t>(op, xp, sr, sc, ids, 0, n, d));
   }
+  // Narrow rows (D < kMinSortedCols): one serial pass over the rows in
+  // order; the other strategies' setup would cost more than it saves.
+  out_acc.zero_();
+  FASTFAIR_ISA_CALL(scatter_rows<scalar_t, acc_t, index_t>(op, xp, sr, sc, ids, 0, n, d));
   if (mean) {
     std::vector<int64_t> counts(num_segments, 0);
     count_kernel(ids, n, counts.data());

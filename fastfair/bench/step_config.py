@@ -40,8 +40,7 @@ def base_dataset(name: str, scale: Scale, device: torch.device, root: str | None
     if name in ("cdigits-fg", "cdigits-fgbg", "cmnist-fgbg"):
         from .. import data
 
-        # cmnist-fgbg: the real C-MNIST (10 digit colours x 10 background colours) from root.
-        ds = data.load(name, root=root) if name == "cmnist-fgbg" else data.load(name)
+        ds = data.load(name, root=root)  # cmnist-fgbg reads the real MNIST there; the others are embedded
         tr = ds.train
         return dataclasses.replace(ds, train=Split(tr.images.to(device), tr.labels, tr.groups))
     if name == "synthetic":
