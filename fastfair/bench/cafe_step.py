@@ -48,8 +48,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..nets import get_network, layer_features
 from .dc_step import make_batch
-from .segment import parse_groups
-from .timing import check_device, default_json, describe_machine, loglog_plot, samples_ms, stopped_cleanly, write_json
+from .segment import parse_groups, round_robin_ms
+from .timing import check_device, default_json, describe_machine, loglog_plot, stopped_cleanly, write_json
 
 NAME = "cafe_step"
 GROUPS = [1, 10, 100]
@@ -65,7 +65,9 @@ RATIOS = [
 ]
 
 
-# The driver's per-run scratch (RunContext.cache) for the real sums.
+# The driver's per-run scratch (RunContext.cache) for the real sums, one per
+# objective: a run has one objective, and the round-robin timing would
+# otherwise hand each objective the other's (wrong-shaped) buffers.
 _REUSED: dict[str, list[Tensor]] = {}
 
 
@@ -89,8 +91,8 @@ def fastfair_step(net: nn.Module, real: Tensor, labels: Tensor, groups: Tensor, 
     sizes = [real.shape[0] // C] * C  # make_batch: class-major, the same rows per class
     rows = max(auto_chunk(net, real), g)  # as the driver: at least as many rows as segments per class
     sums, emb = real_layer_sums(net, real, seg, C * g, rows, keep_embedding=ref.inner_weight > 0,
-                                class_sizes=sizes, segments_per_class=g, out=_REUSED.get("sums"))
-    _REUSED["sums"] = sums  # as the driver reuses the previous step's buffers (ctx.cache)
+                                class_sizes=sizes, segments_per_class=g, out=_REUSED.get(objective))
+    _REUSED[objective] = sums  # as the driver reuses the previous step's buffers (ctx.cache)
     counts = ops.segment_count(seg, C * g)
     x = syn.detach().requires_grad_(True)
     syn_means = [ops.segment_mean(t, syn_labels, C) for t in layer_features(net, x)]
@@ -168,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=16, help="ConvNet width (default 16, the cpu budget's)")
     p.add_argument("--image-size", type=int, default=32, help="image side (3 channels)")
     p.add_argument("--seed", type=int, default=0, help="seed of the network and the batches")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per point (after 1 warm-up)")
+    p.add_argument("--repeats", type=int, default=15,
+                   help="timed calls of each implementation per point (after 1 warm-up), round-robin: one call "
+                        "of each in turn per round, so a drift of the machine lands on every row alike; the "
+                        "median is reported (default 15)")
     return p
 
 
@@ -212,6 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def save() -> None:
         write_json(path, {"benchmark": NAME, "machine": machine, "setting": setting, "dtype": "float32",
+                          "timing": f"round-robin, median of {a.repeats}",
                           "ratios": _ratios(rows), "check_max_rel_err": checks,
                           "complete": len(checks) == len(groups_list), "rows": rows})
 
@@ -229,15 +235,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     raise AssertionError(f"cafe_step G={g} {obj}: fastfair and the loop differ (loss {lerr:.2e}, "
                                          f"gradient {err:.2e} of its largest entry)")
                 checks[str(g)][obj] = max(err, lerr)
+            fns = {(impl, obj): (lambda i, fn=fn, obj=obj, batch=batch, g=g: fn(net, *batch, syn, syn_labels, C, g, obj))
+                   for impl, fn in FNS.items() for obj in OBJECTIVES}
+            with ops.validate_ids(False):
+                samples = round_robin_ms(fns, device=device, repeats=a.repeats, warmup=1)
             cells = []
-            for impl, fn in FNS.items():
-                for obj in OBJECTIVES:
-                    with ops.validate_ids(False):
-                        ts = samples_ms(lambda i: fn(net, *batch, syn, syn_labels, C, g, obj), device=device,
-                                        warmup=1, repeats=a.repeats)
-                    ms = statistics.median(ts)
-                    rows.append({"impl": impl, "objective": obj, "groups": g, "ms": ms, "samples": len(ts), **base})
-                    cells.append(f"{ms:16.1f}")
+            for (impl, obj), ts in samples.items():
+                ms = statistics.median(ts)
+                rows.append({"impl": impl, "objective": obj, "groups": g, "ms": ms, "samples": len(ts), **base})
+                cells.append(f"{ms:16.1f}")
             print(f"{g:>5} " + " ".join(cells), flush=True)
             save()
     for name, r in _ratios(rows).items():
