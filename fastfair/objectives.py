@@ -321,6 +321,7 @@ def dc_matching_loss(
     num_groups: int,
     objective: str | Objective = "fairdd",
     metric: Metric = "ours",
+    segments: Tensor | None = None,
 ) -> Tensor:
     """DC loss from per-segment real gradients and per-class synthetic gradients.
 
@@ -345,8 +346,19 @@ def dc_matching_loss(
     without real rows are skipped, absent groups too. Returns the sum over
     classes. Vectorised over classes and groups ([C, G, ...] tensors); the only
     loop is over parameter tensors.
+
+    segments: None (the rows of ``real_grads`` are all C*G segments, as
+    above) or the segment ids of the rows, [P] strictly increasing: then
+    ``real_grads`` holds only those P segments (typically the ones present in
+    the batch: at 100 intersectional groups a real batch of 2560 holds ~200
+    of 1000, and the other 800 gradients are zeros nobody needs to write or
+    read), ``real_counts`` stays [C*G], and the terms are computed a class at
+    a time over the class's rows (each class's temporaries are its own rows'
+    size). Same loss as the dense layout with the absent segments filled in,
+    up to the order of floating-point additions.
     """
-    return dc_matching_terms(real_grads, real_counts, syn_grads, num_groups, objective, metric).per_class.sum()
+    return dc_matching_terms(real_grads, real_counts, syn_grads, num_groups, objective, metric,
+                             segments=segments).per_class.sum()
 
 
 def dc_matching_terms(
@@ -357,12 +369,15 @@ def dc_matching_terms(
     objective: str | Objective = "fairdd",
     metric: Metric = "ours",
     group_terms: bool = False,
+    segments: Tensor | None = None,
 ) -> MatchTerms:
     """:func:`dc_matching_loss` before the sum over classes. ``group_terms``
     also computes the metric of each (class, group) gradient against the
     class's synthetic gradient for objectives whose target is one gradient
     per class (per-group objectives have these terms anyway); with
-    ``num_groups = 1`` they are the class terms."""
+    ``num_groups = 1`` they are the class terms. ``segments``: the rows'
+    segment ids when ``real_grads`` holds only some segments
+    (:func:`dc_matching_loss`)."""
     obj = get_objective(objective)
     if metric not in ("ours", "mse", "cos"):
         raise ValueError(f"unknown metric {metric!r}; choose 'ours', 'mse' or 'cos'")
@@ -376,6 +391,8 @@ def dc_matching_terms(
         )
     counts = real_counts.view(num_classes, num_groups)
     per_group = obj.target == "groups"
+    if segments is not None:
+        return _dc_terms_of_rows(real_grads, counts, syn_grads, segments, obj, metric, group_terms)
     main = _MetricSum(metric)
     groups = _MetricSum(metric) if group_terms and not per_group else None
     for r, s in zip(real_grads, syn_grads):
@@ -407,4 +424,78 @@ def dc_matching_terms(
     if group_dist is not None:
         keep = class_ok.unsqueeze(1) & (counts > 0)
         group_dist = torch.where(keep, group_dist, torch.zeros_like(group_dist))
+    return MatchTerms(per_class, group_dist, counts)
+
+
+def _class_rows(segments: Tensor, num_classes: int, num_groups: int) -> list[int]:
+    """Row offsets of each class in a strictly increasing list of segment ids
+    (one host read: the per-class loop needs them as Python ints)."""
+    bounds = torch.arange(num_classes + 1, device=segments.device) * num_groups
+    return torch.searchsorted(segments, bounds).tolist()
+
+
+def _dc_terms_of_rows(real_grads: Sequence[Tensor], counts: Tensor, syn_grads: Sequence[Tensor], segments: Tensor,
+                      obj: Objective, metric: Metric, group_terms: bool) -> MatchTerms:
+    """dc_matching_terms over the P segments listed in ``segments`` (the
+    other segments' gradients are not given). A class at a time: its rows
+    against its one synthetic gradient (no [P, |W|] copy of the synthetic
+    gradients), the targets of pooled / barycenter objectives as one weighted
+    sum of its rows. The per-segment distances are placed into [C, G] terms,
+    then weighted and masked exactly as the dense layout is."""
+    num_classes, num_groups = counts.shape
+    if segments.dim() != 1 or segments.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"segments must be a 1-D integer tensor, got {segments.dtype} of shape "
+                         f"{tuple(segments.shape)}")
+    num_rows = segments.shape[0]
+    if num_rows and (bool((segments[1:] <= segments[:-1]).any()) or int(segments[0]) < 0
+                     or int(segments[-1]) >= num_classes * num_groups):
+        raise ValueError(f"segments must be strictly increasing ids in [0, {num_classes * num_groups})")
+    segments = segments.long()
+    for r, s in zip(real_grads, syn_grads):
+        if r.shape[0] != num_rows or r.shape[1:] != s.shape[1:]:
+            raise ValueError(f"real gradient {tuple(r.shape)} does not match {num_rows} segments x synthetic "
+                             f"{tuple(s.shape[1:])}")
+    per_group = obj.target == "groups"
+    offsets = _class_rows(segments, num_classes, num_groups)
+    row_counts = counts.reshape(-1).index_select(0, segments)
+    class_dist: list[Tensor] = []
+    row_dist: list[Tensor] = []
+    for c in range(num_classes):
+        lo, hi = offsets[c], offsets[c + 1]
+        if hi == lo:  # no real row of this class: skipped (class_ok below)
+            class_dist.append(syn_grads[0].new_zeros(1))
+            continue
+        rows = [r[lo:hi].detach().to(s.dtype) for r, s in zip(real_grads, syn_grads)]
+        syn = [s[c] for s in syn_grads]
+        if per_group or group_terms:
+            each = _MetricSum(metric)
+            for r, y in zip(rows, syn):
+                each.add(r, y.unsqueeze(0), y.dim())  # [P_c, ...] against [1, ...]
+            d = each.value()
+            row_dist.append(d if d is not None else syn[0].new_zeros(hi - lo))
+        if not per_group:
+            n = row_counts[lo:hi].to(syn[0].dtype)
+            if obj.target == "pooled":
+                w = n / n.sum().clamp(min=1)
+            else:  # barycenter: the unweighted mean of the present groups' gradients
+                w = (n > 0).to(n.dtype) / (n > 0).sum().clamp(min=1).to(n.dtype)
+            one = _MetricSum(metric)
+            for r, y in zip(rows, syn):
+                one.add((w @ r.reshape(hi - lo, -1)).view(y.shape).unsqueeze(0), y.unsqueeze(0), y.dim())
+            d = one.value()
+            class_dist.append(d if d is not None else syn[0].new_zeros(1))
+    zero = syn_grads[0].reshape(num_classes, -1).sum(1) * 0  # keeps the graph for 1-D-only 'ours'
+    class_ok = counts.sum(1) > 0
+    group_dist = None
+    if per_group or group_terms:
+        flat = torch.cat(row_dist) if row_dist else zero.new_zeros(0)
+        group_dist = (zero.unsqueeze(1).expand(num_classes, num_groups).reshape(-1)
+                      .index_copy(0, segments, flat).view(num_classes, num_groups))
+        keep = class_ok.unsqueeze(1) & (counts > 0)
+        group_dist = torch.where(keep, group_dist, torch.zeros_like(group_dist))
+    if per_group:
+        per_class = reduce_group_terms(group_dist, counts, obj)
+    else:
+        per_class = torch.cat(class_dist) + zero
+    per_class = torch.where(class_ok, per_class, torch.zeros_like(per_class))
     return MatchTerms(per_class, group_dist, counts)

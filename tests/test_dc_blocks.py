@@ -13,7 +13,7 @@ from fastfair import data, distill, pergroup
 from fastfair.distill import dc
 from fastfair.distill.context import build_context
 from fastfair.nets import get_network
-from fastfair.objectives import dc_matching_loss
+from fastfair.objectives import dc_matching_loss, dc_matching_terms
 from fastfair.pergroup import class_gradients, segment_gradients
 
 OPTS = {"num_classes": 3, "num_groups": 3, "image_size": 8, "n_per_class": 30}
@@ -58,6 +58,9 @@ def test_blocked_matching_equals_all_classes_at_once(objective: str, metric: str
 
 
 def _spy_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    # The dense layout: every block's width is classes x groups (the compact
+    # one passes only the segments present: test_compact_layout_*).
+    monkeypatch.setattr(dc, "COMPACT_SEGMENTS", False)
     widths: list[int] = []
     real_fn = pergroup.segment_gradients
 
@@ -149,3 +152,68 @@ def test_vanilla_class_segments_equal_pooled_group_segments() -> None:
         out.append(dc._blocked_matching(ctx, net, real, labels, seg, g, sizes, syn_grads, x))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["fairdd", "fairdd-mean", "fairdd-iw", "fairdd-ldam", "fairdd-groupdro",
+                                       "cobra", "vanilla"])
+@pytest.mark.parametrize("metric", ["ours", "mse", "cos"])
+def test_compact_layout_equals_the_dense_one(objective: str, metric: str) -> None:
+    """dc_matching_terms over only the listed segments = over all C x G with
+    the others' gradients zero: loss, per-group terms and image gradient."""
+    torch.manual_seed(3)
+    C, G = 4, 5
+    counts = torch.randint(0, 4, (C * G,))
+    counts[5:10] = 0  # class 1 has no real row
+    counts[12] = 0
+    present = torch.nonzero(counts).flatten()
+    shapes = [(3, 2, 3, 3), (3,), (4, 6)]
+    rows = [torch.randn(len(present), *s, dtype=torch.float64) for s in shapes]
+    dense = [torch.zeros(C * G, *s, dtype=torch.float64).index_copy(0, present, r) for r, s in zip(rows, shapes)]
+    syn = [torch.randn(C, *s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    want = dc_matching_terms(dense, counts, syn, G, objective, metric, group_terms=True)
+    got = dc_matching_terms(rows, counts, syn, G, objective, metric, group_terms=True, segments=present)
+    torch.testing.assert_close(got.per_class, want.per_class, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.per_group, want.per_group, rtol=1e-12, atol=1e-12)
+    g_want = torch.autograd.grad(want.per_class.sum(), syn, allow_unused=True, materialize_grads=True)
+    g_got = torch.autograd.grad(got.per_class.sum(), syn, allow_unused=True, materialize_grads=True)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    assert float(got.per_class.detach().abs().sum()) > 0
+
+
+def test_compact_layout_refuses_unsorted_or_outside_segments() -> None:
+    syn = [torch.randn(2, 3, 4)]
+    counts = torch.ones(6, dtype=torch.long)
+    for bad in ([2, 1], [0, 0], [0, 6], [-1, 2]):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            dc_matching_terms([torch.randn(2, 3, 4)], counts, syn, 3, segments=torch.tensor(bad))
+    with pytest.raises(ValueError, match="does not match 3 segments"):
+        dc_matching_terms([torch.randn(2, 3, 4)], counts, syn, 3, segments=torch.tensor([0, 1, 4]))
+
+
+def test_compact_layout_passes_only_the_segments_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's DC computes gradients of the present segments only, and
+    its images equal those of the dense layout."""
+    widths: list[int] = []
+    used: list[int] = []
+    real_fn = pergroup.segment_gradients
+
+    def spy(model, inputs, labels, ids, num_segments, **kw):  # type: ignore[no-untyped-def]
+        widths.append(num_segments)
+        used.append(torch.unique(ids).numel())
+        return real_fn(model, inputs, labels, ids, num_segments, **kw)
+
+    monkeypatch.setattr(pergroup, "segment_gradients", spy)
+    opts = {"num_classes": 4, "num_groups": 6, "image_size": 8, "n_per_class": 24}
+    ds = data.load("synthetic", bias_ratio=0.9, **opts)
+    cfg = distill.DistillConfig(dataset="synthetic", method="dc", objective="fairdd", ipc=1, width=4, depth=1,
+                                batch_real=4, outer_loop=2, inner_loop=1, iterations=2,
+                                extra={"data_options": opts})
+    compact = distill.run(cfg, ds, device="cpu", progress=False)
+    assert widths and all(w < 4 * 6 for w in widths)  # 4 rows per class cannot fill 6 groups
+    assert used == widths  # every segment passed holds rows
+    monkeypatch.setattr(dc, "COMPACT_SEGMENTS", False)
+    widths.clear()
+    dense = distill.run(cfg, ds, device="cpu", progress=False)
+    assert widths == [4 * 6] * len(widths)
+    torch.testing.assert_close(compact.images, dense.images, rtol=1e-5, atol=1e-6)

@@ -130,6 +130,20 @@ def _fair_means(ctx: RunContext, grads: tuple[Tensor, ...], counts: Tensor, clas
     return tuple(out), new_counts, fair_groups
 
 
+# False: every (class, group) segment's gradient is computed and matched, as
+# before the compact layout (kept for comparison: tests, benchmarks).
+COMPACT_SEGMENTS = True
+
+
+def _compact(ctx: RunContext, G: int) -> bool:
+    """Match only the (class, group) segments present in the batch: one
+    process (ranks would hold different segments, and their dense sums are
+    all-reduced), fair over the intersection (the marginal regrouping works on
+    the dense layout), more than one group. Same loss and image gradient as
+    the dense layout up to the order of floating-point additions."""
+    return COMPACT_SEGMENTS and G > 1 and dist.world_size() == 1 and ctx.cfg.fair_over == "intersection"
+
+
 def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Tensor, seg: Tensor, G: int,
                       sizes: list[int], syn_grads: tuple[Tensor, ...], x: Tensor,
                       augment: Callable[[Tensor, list[int], int], Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -165,11 +179,25 @@ def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Ten
         width = (c1 - c0) * G
         seg_b = seg[r0:r1] - c0 * G
         real_b = real[r0:r1] if augment is None else augment(real[r0:r1], sizes[c0:c1], c0)
-        grads = segment_gradients(net, real_b, labels[r0:r1], seg_b, width, chunk=ctx.real_chunk(net, real_b))
-        grads, counts = _global_segment_means(tuple(g.detach() for g in grads), seg_b, width)
-        grads, counts, fair_groups = _fair_means(ctx, grads, counts, c1 - c0, G)
-        loss = dc_matching_loss(grads, counts, [leaf[c0:c1] for leaf in leaves], fair_groups,
-                                objective=cfg.objective, metric=cfg.dc_metric)
+        chunk = ctx.real_chunk(net, real_b)
+        if _compact(ctx, G):
+            # Only the segments present: at G = 100 a batch of 2560 holds ~200
+            # of 1000 (class, group) cells, and the other 800 gradients would
+            # be zeros written, held and matched for nothing.
+            present, rows = torch.unique(seg_b, sorted=True, return_inverse=True)
+            if present.numel():
+                grads = segment_gradients(net, real_b, labels[r0:r1], rows, present.numel(), chunk=chunk)
+            else:  # no real row in this block: every class in it is skipped
+                grads = tuple(p.new_zeros((0, *p.shape)) for p in net.parameters() if p.requires_grad)
+            loss = dc_matching_loss([g.detach() for g in grads], ops.segment_count(seg_b, width),
+                                    [leaf[c0:c1] for leaf in leaves], G, objective=cfg.objective,
+                                    metric=cfg.dc_metric, segments=present)
+        else:
+            grads = segment_gradients(net, real_b, labels[r0:r1], seg_b, width, chunk=chunk)
+            grads, counts = _global_segment_means(tuple(g.detach() for g in grads), seg_b, width)
+            grads, counts, fair_groups = _fair_means(ctx, grads, counts, c1 - c0, G)
+            loss = dc_matching_loss(grads, counts, [leaf[c0:c1] for leaf in leaves], fair_groups,
+                                    objective=cfg.objective, metric=cfg.dc_metric)
         del grads
         loss.backward()  # into the leaves' .grad only: they are the graph's sole leaves
         total = total + loss.detach()
