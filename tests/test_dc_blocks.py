@@ -217,3 +217,23 @@ def test_compact_layout_passes_only_the_segments_present(monkeypatch: pytest.Mon
     dense = distill.run(cfg, ds, device="cpu", progress=False)
     assert widths == [4 * 6] * len(widths)
     torch.testing.assert_close(compact.images, dense.images, rtol=1e-5, atol=1e-6)
+
+
+def test_compact_blocking_counts_at_most_one_segment_per_real_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 50 groups and 4 real rows a class, a class holds <= 4 present
+    segments: the memory that fits 4 segments of every class makes one block
+    (the dense layout, 50 segments a class, needs one block per class)."""
+    opts = {"num_classes": 4, "num_groups": 50, "image_size": 8, "n_per_class": 24}
+    ds = data.load("synthetic", bias_ratio=0.5, **opts)
+    cfg = distill.config.resolve(distill.DistillConfig(
+        dataset="synthetic", method="dc", objective="fairdd", ipc=1, width=4, depth=1, batch_real=4,
+        extra={"data_options": opts}))
+    ctx = build_context(cfg, ds, torch.device("cpu"))
+    net = get_network("ConvNet", 3, 4, 8, width=4, depth=1)
+    param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    fits = int(4 * 4 * param_bytes * dc.LIVE_COPIES / dc.MEMORY_SHARE)  # 4 classes x 4 segments
+    monkeypatch.setattr(dc, "free_memory_bytes", lambda device: fits)
+    assert dc.auto_block_classes(ctx, net, 50) == 4
+    ctx.cache.clear()
+    monkeypatch.setattr(dc, "COMPACT_SEGMENTS", False)
+    assert dc.auto_block_classes(ctx, net, 50) == 1

@@ -102,13 +102,18 @@ def block_classes(cfg_block: int | None, num_classes: int, num_groups: int, para
 def auto_block_classes(ctx: RunContext, net: nn.Module, num_groups: int) -> int:
     """:func:`block_classes` for this run's network and device (the free
     memory is read once per run: the blocking, hence the order of the
-    floating-point sums, stays fixed while it runs)."""
+    floating-point sums, stays fixed while it runs). Under the compact
+    layout a class holds at most min(G, its real rows) segments, and that
+    is what a block must hold (G = 1000, 256 rows a class: 256)."""
     if ctx.cfg.dc_block_classes:
         return ctx.cfg.dc_block_classes
     key = ("dc_block_classes", num_groups)
     if key not in ctx.cache:
         param_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
-        ctx.cache[key] = block_classes(None, ctx.num_classes, num_groups, param_bytes,
+        held = num_groups
+        if _compact(ctx, num_groups):  # a class holds at most one present segment per real row
+            held = min(num_groups, max(ctx.sampler.global_sizes(), default=num_groups))
+        ctx.cache[key] = block_classes(None, ctx.num_classes, held, param_bytes,
                                        free_memory_bytes(ctx.device))
     return ctx.cache[key]
 
