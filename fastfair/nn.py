@@ -132,7 +132,10 @@ class FairGradientMatching(nn.Module):
     segment gradients are averaged over all ranks exactly (sums and counts
     all-reduced, as the driver does). ``attributes`` / ``fair_over``: several
     protected attributes, as in :class:`FairDMLoss` (the per-(class,
-    intersectional group) gradients from the one pass, regrouped).
+    intersectional group) gradients from the one pass, regrouped). In one
+    process and over the intersection, only the segments present in the
+    batch get a gradient (as the driver's DC: at 100 groups most of the
+    C x G cells of a batch are empty); the terms equal the dense layout's.
     """
 
     def __init__(self, model: nn.Module | None, num_classes: int, num_groups: int,
@@ -157,7 +160,8 @@ class FairGradientMatching(nn.Module):
     def terms(self, real_images: Tensor, real_labels: Tensor, real_groups: Tensor, syn_images: Tensor,
               syn_labels: Tensor, model: nn.Module | None = None) -> objectives.MatchTerms:
         """The loss's terms (carrying autograd), without storing them."""
-        from .distill.dc import _global_segment_means
+        from . import distributed
+        from .distill import dc
         from .pergroup import class_gradients, segment_gradients
 
         op = "FairGradientMatching"
@@ -184,13 +188,33 @@ class FairGradientMatching(nn.Module):
             seg = torch.where(seg >= 0, torch.div(seg, G, rounding_mode="floor"), seg)
         width = C * G if per_group else C
 
+        # Only the segments present, as the driver's DC (fastfair.distill.dc):
+        # one process, fair over the intersection.
+        compact = (dc.COMPACT_SEGMENTS and per_group and G > 1 and distributed.world_size() == 1
+                   and (self.attributes is None or self.fair_over == "intersection"))
+        present = None
+
         def real_side() -> tuple[tuple[Tensor, ...], Tensor]:
+            nonlocal present
             ops.segment_count(syn_labels, C)  # class_gradients' masks would skip a bad label silently
+            if compact:
+                counts = ops.segment_count(seg, width)  # the id check, before unique() could take a -1
+                present, rows = torch.unique(seg, sorted=True, return_inverse=True)
+                if not present.numel():
+                    params = [p for p in net.parameters() if p.requires_grad]
+                    return tuple(p.new_zeros((0, *p.shape)) for p in params), counts
+                grads = segment_gradients(net, real_images, real_labels.long(), rows, present.numel(),
+                                          chunk=self.chunk)
+                return tuple(g.detach() for g in grads), counts
             grads = segment_gradients(net, real_images, real_labels.long(), seg, width, chunk=self.chunk)
-            return _global_segment_means(tuple(g.detach() for g in grads), seg, width)
+            return dc._global_segment_means(tuple(g.detach() for g in grads), seg, width)
 
         grads, counts = ops._naming_bad_rows(op, checks, real_side)
         groups_out = G if per_group else 1
+        if present is not None:
+            syn_grads = class_gradients(net, syn_images, syn_labels.long(), C, create_graph=True)
+            return objectives.dc_matching_terms(grads, counts, syn_grads, G, self.objective, self.metric,
+                                                group_terms=True, segments=present)
         if per_group and self.attributes is not None:
             # The groups the loss is fair over: segment means back to sums,
             # summed over the intersectional groups each covers, divided again.

@@ -288,3 +288,22 @@ def test_gradient_matching_errors():
     bn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, C)).double()
     with pytest.raises(ValueError, match="BatchNorm"):
         FairGradientMatching(bn, C, G)(real, labels, groups, syn, syn_labels)
+
+
+@pytest.mark.parametrize("objective", ["fairdd", "cobra", "fairdd-groupdro"])
+def test_gradient_matching_compact_equals_dense(objective, monkeypatch):
+    """Only the segments present (the default) = every C x G segment."""
+    from fastfair.distill import dc
+
+    net = tiny_net(2)
+    real, labels, groups, syn, syn_labels = dc_batch(2)
+    matcher = FairGradientMatching(net, C, G, objective, reduction="none")
+    compact = matcher(real, labels, groups, syn, syn_labels)
+    compact_groups = matcher.last_terms.per_group
+    monkeypatch.setattr(dc, "COMPACT_SEGMENTS", False)
+    dense = matcher(real, labels, groups, syn, syn_labels)
+    torch.testing.assert_close(compact, dense, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(compact_groups, matcher.last_terms.per_group, rtol=1e-11, atol=1e-12)
+    g_c = torch.autograd.grad(compact.sum(), syn)[0]
+    g_d = torch.autograd.grad(dense.sum(), syn)[0]
+    torch.testing.assert_close(g_c, g_d, rtol=1e-10, atol=1e-12)
