@@ -382,3 +382,30 @@ def test_dream_reclusters_on_schedule_only(ds) -> None:
     labels = ds.train.labels[seen[0].indices]
     assert torch.equal(labels, torch.arange(C).repeat_interleave(12))
     assert seen[0].indices.unique().numel() == 36
+
+
+def test_idc_upsampling_follows_the_preset() -> None:
+    """IDC's decode_zoom upsamples with align_corners False (nn.Upsample's
+    default), COBRA's train_idc.py with True: the preset decides, the
+    decoded images differ, and a checkpoint written before the field existed
+    resumes as IDC's."""
+    from fastfair.distill.config import resolve, resume_mismatch
+
+    base = dict(dataset="synthetic", method="idc", ipc=1)
+    fair = resolve(distill.DistillConfig(**base))
+    cobra = resolve(distill.DistillConfig(**base, preset="cobra"))
+    assert (fair.idc_upsample, cobra.idc_upsample) == ("idc", "cobra")
+    assert resolve(distill.DistillConfig(dataset="synthetic", method="dc", ipc=1)).idc_upsample is None
+    with pytest.raises(ValueError, match="unknown idc_upsample"):
+        resolve(distill.DistillConfig(**base, idc_upsample="nearest"))
+    x = torch.rand(2, 3, 8, 8)
+    a, b = decode(x, 2), decode(x, 2, align_corners=True)
+    want = torch.nn.Upsample(size=(8, 8), mode="bilinear", align_corners=True)(x[:, :, :4, :4])
+    torch.testing.assert_close(b[0::4], want)
+    assert not torch.allclose(a, b)
+    old = fair.to_dict()
+    del old["idc_upsample"]
+    assert resume_mismatch(old, fair) == []
+    old_cobra = cobra.to_dict()  # a COBRA-preset IDC run from before: it upsampled as IDC does
+    del old_cobra["idc_upsample"]
+    assert resume_mismatch(old_cobra, cobra) == ["idc_upsample"]

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..augment import DEFAULT_STRATEGY
 from ..evaluate import preset_runs
@@ -54,6 +54,7 @@ OUTER_LOOP_METHODS = (*DC_FAMILY, "cafe")
 # Whether a method distils with DSA when ``dsa`` is left None (module docstring).
 DSA_DEFAULT = {"dm": True, "dc": False, "dsa": True, "idc": True, "dream": True, "cafe": False}
 PRESETS = ("fairdd", "cobra")
+IDC_UPSAMPLE = ("idc", "cobra")
 # Where a preset's code distils a method with or without DSA unlike the
 # method's paper default: COBRA's train_idc.py defaults to no DSA strategy.
 PRESET_DSA = {("cobra", "idc"): False}
@@ -156,6 +157,9 @@ class DistillConfig:
     fair_over: str = "intersection"      # several protected attributes: "intersection", "marginal" or
                                          # one attribute's name (fastfair.attributes; checked on the dataset)
     idc_factor: int = 2                  # IDC multi-formation: factor x factor sub-images
+    idc_upsample: str | None = None      # IDC decode's bilinear upsampling of the sub-images: "idc"
+                                         # (align_corners=False, Kim et al.'s decode_zoom) or "cobra"
+                                         # (align_corners=True, COBRA's train_idc.py); None: the preset's
     dream_interval: int = 10             # DREAM: re-cluster every this many matching steps
     dream_pool: int = 1024               # DREAM: per-class pool that is clustered
     dream_kmeans_iters: int = 10
@@ -242,6 +246,11 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
         _positive(c, "outer_loop", "inner_loop")
     if c.method == "idc" and c.idc_factor < 1:
         raise ValueError(f"idc_factor must be >= 1, got {c.idc_factor}")
+    if c.method == "idc":
+        if c.idc_upsample is None:
+            c.idc_upsample = "cobra" if c.preset == "cobra" else "idc"
+        if c.idc_upsample not in IDC_UPSAMPLE:
+            raise ValueError(f"unknown idc_upsample {c.idc_upsample!r}; choose one of {', '.join(IDC_UPSAMPLE)}")
     if c.eval_every < 0 or c.cobra_warmup_epochs < 0:
         raise ValueError("eval_every and cobra_warmup_epochs must be >= 0")
     if not 0.0 <= c.group_noise <= 1.0:
@@ -291,7 +300,15 @@ def _resolve_cafe(c: DistillConfig) -> None:
         raise ValueError("CAFE takes true group labels; groups='pseudo' is supported by DM and the DC family")
 
 
+# Fields added after checkpoints were written, with the value an older
+# version behaved as: a checkpoint without the field resumes under it.
+ADDED_FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "idc_upsample": lambda saved: "idc" if saved.get("method") == "idc" else None,
+}
+
+
 def resume_mismatch(saved: dict[str, Any], current: DistillConfig) -> list[str]:
     """Fields whose change would make a resumed run differ from an uninterrupted one."""
     cur = current.to_dict()
-    return sorted(k for k in cur if k not in RESUMABLE_CHANGES and saved.get(k) != cur[k])
+    return sorted(k for k in cur if k not in RESUMABLE_CHANGES
+                  and (saved[k] if k in saved else ADDED_FIELDS.get(k, lambda _: None)(saved)) != cur[k])

@@ -21,6 +21,7 @@ from . import rng
 from .config import DistillConfig
 from .groups import noisy_groups, pseudo_groups
 from .sampler import Batch, RealSampler
+from .synset import decode
 
 # Keep the train split on the accelerator when it is smaller than this; larger
 # sets (CelebA at 64x64 is ~8 GB) stay on the host and each batch is copied.
@@ -98,6 +99,11 @@ class RunContext:
         (None: ``pergroup.auto_chunk``): the embeddings are small, the
         activations of a many-class batch are not."""
         return torch.cat([net.embed(part) for part in real.split(self.real_chunk(net, real))])
+
+    def decode(self, stored: Tensor) -> Tensor:
+        """The synthetic set the stored images stand for: IDC's multi-formation
+        (upsampling as ``cfg.idc_upsample`` says), the images themselves otherwise."""
+        return decode(stored, self.factor, align_corners=self.cfg.idc_upsample == "cobra")
 
     def real_chunk(self, net: nn.Module, real: Tensor) -> int:
         """Rows per network pass over the real batch: ``cfg.real_chunk``, or

@@ -33,7 +33,7 @@ from .. import ops
 from . import rng
 from .context import RunContext
 from .sampler import Batch
-from .synset import decode, sgd_step
+from .synset import sgd_step
 
 
 class BatchSource(Protocol):
@@ -234,7 +234,7 @@ def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
         batch = source.batch(ctx, net, it, ol)
         real, labels, groups = ctx.real_batch(batch)
         x = imgs.detach().requires_grad_(True)
-        syn = decode(x, ctx.factor)
+        syn = ctx.decode(x)
         # Siamese DSA, one seed per class; the real rows are augmented per
         # block of classes right before their pass.
         syn_aug = ctx.augment_syn(syn, it, ol)
@@ -259,6 +259,6 @@ def dc_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int,
         # Train the network on the updated synthetic set (DC's inner loop).
         for p in net.parameters():
             p.grad = None
-        ctx.train_on_synset(net, opt_net, decode(imgs, ctx.factor), ctx.dec_labels, cfg.inner_loop,
+        ctx.train_on_synset(net, opt_net, ctx.decode(imgs), ctx.dec_labels, cfg.inner_loop,
                             rng.generator(cfg.seed, it, rng.INNER, ol))
     return imgs, buf, total / cfg.outer_loop

@@ -36,7 +36,7 @@ from .context import build_context
 from .dc import RandomBatches, dc_iteration
 from .dm import dm_iteration
 from .dream import DreamSelector
-from .synset import atomic_save, decode, init_images, save_grid
+from .synset import atomic_save, init_images, save_grid
 
 
 class NonFiniteError(ValueError):
@@ -250,7 +250,7 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
                     # iteration's collective, whose timeout a long evaluation
                     # would exceed.
                     syn = state.images
-                    ev = dist.run_on_main(lambda: _evaluate(cfg, decode(syn.detach(), ctx.factor).cpu(),
+                    ev = dist.run_on_main(lambda: _evaluate(cfg, ctx.decode(syn.detach()).cpu(),
                                                             ctx.dec_labels.cpu(), dataset, dev))
                     if main:
                         entry = {"iteration": done, "eval": ev, "seconds": round(seconds(), 3)}
@@ -280,7 +280,7 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
     checkpoint()
 
     stored = state.images.detach()
-    train_images = decode(stored, ctx.factor).cpu()
+    train_images = ctx.decode(stored).cpu()
     labels = ctx.dec_labels.cpu()
     if write:
         payload = {"images": train_images, "labels": labels, "config": cfg.to_dict(), "iterations": state.iteration,

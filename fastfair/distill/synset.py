@@ -24,12 +24,17 @@ def sgd_step(images: Tensor, buf: Tensor | None, grad: Tensor, lr: float, moment
     return images - lr * new_buf, new_buf
 
 
-def decode(stored: Tensor, factor: int) -> Tensor:
+def decode(stored: Tensor, factor: int, align_corners: bool = False) -> Tensor:
     """IDC multi-formation (Kim et al., ICML'22): every stored image holds a
     ``factor x factor`` grid of sub-images, each upsampled back to full size.
 
     [N, C, H, W] -> [N * factor^2, C, H, W]; the sub-images of stored image i
     are rows i*f^2 .. i*f^2 + f^2 - 1 (row-major over the grid). Differentiable.
+    Bilinear upsampling with ``align_corners`` False as IDC's decode_zoom
+    (nn.Upsample's default), True as COBRA's train_idc.py (``--preset cobra``;
+    DistillConfig.idc_upsample). COBRA orders the sub-images grid position
+    first; the class gradient is a mean over the class's rows, so the order
+    changes nothing but the order of floating-point additions.
     """
     if factor == 1:
         return stored
@@ -39,7 +44,7 @@ def decode(stored: Tensor, factor: int) -> Tensor:
     sh, sw = h // factor, w // factor
     parts = stored.reshape(n, c, factor, sh, factor, sw).permute(0, 2, 4, 1, 3, 5)
     parts = parts.reshape(n * factor * factor, c, sh, sw)
-    return F.interpolate(parts, size=(h, w), mode="bilinear", align_corners=False)
+    return F.interpolate(parts, size=(h, w), mode="bilinear", align_corners=align_corners)
 
 
 def encode(images: Tensor, factor: int) -> Tensor:
