@@ -409,3 +409,17 @@ def test_idc_upsampling_follows_the_preset() -> None:
     old_cobra = cobra.to_dict()  # a COBRA-preset IDC run from before: it upsampled as IDC does
     del old_cobra["idc_upsample"]
     assert resume_mismatch(old_cobra, cobra) == ["idc_upsample"]
+
+
+def test_idc_factor_follows_cobras_rule_for_face_sets() -> None:
+    from fastfair.distill.config import resolve
+
+    def factor(**kw):  # type: ignore[no-untyped-def]
+        return resolve(distill.DistillConfig(method="idc", **kw)).idc_factor
+
+    assert factor(dataset="cmnist-fg", ipc=10) == 2
+    assert factor(dataset="utkface", ipc=10) == 2  # FairDD's protocol: IDC's 2
+    assert factor(dataset="utkface", ipc=10, preset="cobra") == 4
+    assert factor(dataset="bffhq", ipc=100, preset="cobra") == 3
+    assert factor(dataset="cmnist-fg", ipc=10, preset="cobra") == 2
+    assert factor(dataset="utkface", ipc=10, preset="cobra", idc_factor=2) == 2  # given: kept

@@ -156,7 +156,8 @@ class DistillConfig:
     sample_per_group: bool = False       # draw each class batch equally from its groups
     fair_over: str = "intersection"      # several protected attributes: "intersection", "marginal" or
                                          # one attribute's name (fastfair.attributes; checked on the dataset)
-    idc_factor: int = 2                  # IDC multi-formation: factor x factor sub-images
+    idc_factor: int | None = None        # IDC multi-formation: factor x factor sub-images; None: 2, or
+                                         # under --preset cobra COBRA's rule (face sets 4, 3 at IPC >= 100)
     idc_upsample: str | None = None      # IDC decode's bilinear upsampling of the sub-images: "idc"
                                          # (align_corners=False, Kim et al.'s decode_zoom) or "cobra"
                                          # (align_corners=True, COBRA's train_idc.py); None: the preset's
@@ -244,6 +245,8 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
               "dream_kmeans_iters")
     if not dm:
         _positive(c, "outer_loop", "inner_loop")
+    if c.idc_factor is None:
+        c.idc_factor = idc_factor(c.preset, c.dataset, c.ipc)
     if c.method == "idc" and c.idc_factor < 1:
         raise ValueError(f"idc_factor must be >= 1, got {c.idc_factor}")
     if c.method == "idc":
@@ -298,6 +301,18 @@ def _resolve_cafe(c: DistillConfig) -> None:
         c.cafe_class_mean = ref.class_mean
     if c.groups == "pseudo":
         raise ValueError("CAFE takes true group labels; groups='pseudo' is supported by DM and the DC family")
+
+
+# COBRA's train_idc.py picks the multi-formation factor by dataset: 4 for its
+# face datasets (3 at IPC >= 100), 2 otherwise; IDC's and FairDD's runs use 2.
+COBRA_FACE_DATASETS = ("bffhq", "utkface")
+
+
+def idc_factor(preset: str, dataset: str, ipc: int) -> int:
+    """The preset's IDC multi-formation factor."""
+    if preset == "cobra" and dataset.lower() in COBRA_FACE_DATASETS:
+        return 3 if ipc >= 100 else 4
+    return 2
 
 
 # Fields added after checkpoints were written, with the value an older
