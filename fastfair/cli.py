@@ -218,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "of a DC-family method means fairdd-mean, what COBRA's --mode fairdd computes); both warm "
                         "COBRA's DM up 50 epochs at IPC 50, 100 at IPC 100, else 10. The preset also sets the "
                         "evaluation: fairdd 10 networks, DM 1000 epochs / DC 300; cobra 5 networks, DM 1500 / "
-                        "DC 1000; and IDC's multi-formation: upsampling with align_corners False as IDC's code, True "
-                        "as COBRA's train_idc.py, whose factor is 4 for BFFHQ / UTKFace (3 at IPC >= 100), else "
-                        "2 (default: fairdd)")
+                        "DC 1000; and IDC's multi-formation: IDC's code tiles factor^2 real images into each stored "
+                        "image and upsamples with align_corners False; COBRA's train_idc.py starts from one whole "
+                        "real image each, upsamples with align_corners True, and its factor is 4 for BFFHQ / "
+                        "UTKFace (3 at IPC >= 100), else 2 (default: fairdd)")
     s.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
     s.add_argument("--iterations", "--Iteration", type=int, default=None,
                    help="iterations; default: the preset's (DM 20000, COBRA's DM 2600, DC family 1000, CAFE 2000)"

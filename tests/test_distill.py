@@ -394,21 +394,21 @@ def test_idc_upsampling_follows_the_preset() -> None:
     base = dict(dataset="synthetic", method="idc", ipc=1)
     fair = resolve(distill.DistillConfig(**base))
     cobra = resolve(distill.DistillConfig(**base, preset="cobra"))
-    assert (fair.idc_upsample, cobra.idc_upsample) == ("idc", "cobra")
-    assert resolve(distill.DistillConfig(dataset="synthetic", method="dc", ipc=1)).idc_upsample is None
-    with pytest.raises(ValueError, match="unknown idc_upsample"):
-        resolve(distill.DistillConfig(**base, idc_upsample="nearest"))
+    assert (fair.idc_recipe, cobra.idc_recipe) == ("idc", "cobra")
+    assert resolve(distill.DistillConfig(dataset="synthetic", method="dc", ipc=1)).idc_recipe is None
+    with pytest.raises(ValueError, match="unknown idc_recipe"):
+        resolve(distill.DistillConfig(**base, idc_recipe="nearest"))
     x = torch.rand(2, 3, 8, 8)
     a, b = decode(x, 2), decode(x, 2, align_corners=True)
     want = torch.nn.Upsample(size=(8, 8), mode="bilinear", align_corners=True)(x[:, :, :4, :4])
     torch.testing.assert_close(b[0::4], want)
     assert not torch.allclose(a, b)
     old = fair.to_dict()
-    del old["idc_upsample"]
+    del old["idc_recipe"]
     assert resume_mismatch(old, fair) == []
     old_cobra = cobra.to_dict()  # a COBRA-preset IDC run from before: it upsampled as IDC does
-    del old_cobra["idc_upsample"]
-    assert resume_mismatch(old_cobra, cobra) == ["idc_upsample"]
+    del old_cobra["idc_recipe"]
+    assert resume_mismatch(old_cobra, cobra) == ["idc_recipe"]
 
 
 def test_idc_factor_follows_cobras_rule_for_face_sets() -> None:
@@ -423,3 +423,21 @@ def test_idc_factor_follows_cobras_rule_for_face_sets() -> None:
     assert factor(dataset="bffhq", ipc=100, preset="cobra") == 3
     assert factor(dataset="cmnist-fg", ipc=10, preset="cobra") == 2
     assert factor(dataset="utkface", ipc=10, preset="cobra", idc_factor=2) == 2  # given: kept
+
+
+def test_idc_recipe_decides_the_initialisation() -> None:
+    """IDC's recipe tiles factor^2 downsampled real images into a stored image
+    (its 'mix' init); COBRA's starts from one whole real image of the class."""
+    from fastfair.distill.synset import init_images
+
+    torch.manual_seed(0)
+    images = torch.rand(12, 1, 8, 8)
+    pools = [torch.arange(0, 6), torch.arange(6, 12)]
+    tiled, labels = init_images(pools, images, 2, "real", 2, torch.Generator().manual_seed(1))
+    whole, labels2 = init_images(pools, images, 2, "real", 2, torch.Generator().manual_seed(1), tile=False)
+    assert tiled.shape == whole.shape == (4, 1, 8, 8) and torch.equal(labels, labels2)
+    for c, pool in enumerate(pools):
+        for k in range(2):
+            img = whole[c * 2 + k]
+            assert any(torch.equal(img, images[i]) for i in pool.tolist())  # a real image of its class, whole
+            assert not any(torch.equal(tiled[c * 2 + k], images[i]) for i in range(12))

@@ -54,7 +54,7 @@ OUTER_LOOP_METHODS = (*DC_FAMILY, "cafe")
 # Whether a method distils with DSA when ``dsa`` is left None (module docstring).
 DSA_DEFAULT = {"dm": True, "dc": False, "dsa": True, "idc": True, "dream": True, "cafe": False}
 PRESETS = ("fairdd", "cobra")
-IDC_UPSAMPLE = ("idc", "cobra")
+IDC_RECIPES = ("idc", "cobra")
 # Where a preset's code distils a method with or without DSA unlike the
 # method's paper default: COBRA's train_idc.py defaults to no DSA strategy.
 PRESET_DSA = {("cobra", "idc"): False}
@@ -158,9 +158,11 @@ class DistillConfig:
                                          # one attribute's name (fastfair.attributes; checked on the dataset)
     idc_factor: int | None = None        # IDC multi-formation: factor x factor sub-images; None: 2, or
                                          # under --preset cobra COBRA's rule (face sets 4, 3 at IPC >= 100)
-    idc_upsample: str | None = None      # IDC decode's bilinear upsampling of the sub-images: "idc"
-                                         # (align_corners=False, Kim et al.'s decode_zoom) or "cobra"
-                                         # (align_corners=True, COBRA's train_idc.py); None: the preset's
+    idc_recipe: str | None = None        # IDC multi-formation as run by: "idc" (Kim et al.'s code: factor^2
+                                         # real images tiled into each stored image, bilinear upsampling
+                                         # with align_corners=False) or "cobra" (COBRA's train_idc.py: one
+                                         # whole real image per stored image, align_corners=True);
+                                         # None: the preset's
     dream_interval: int = 10             # DREAM: re-cluster every this many matching steps
     dream_pool: int = 1024               # DREAM: per-class pool that is clustered
     dream_kmeans_iters: int = 10
@@ -250,10 +252,10 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     if c.method == "idc" and c.idc_factor < 1:
         raise ValueError(f"idc_factor must be >= 1, got {c.idc_factor}")
     if c.method == "idc":
-        if c.idc_upsample is None:
-            c.idc_upsample = "cobra" if c.preset == "cobra" else "idc"
-        if c.idc_upsample not in IDC_UPSAMPLE:
-            raise ValueError(f"unknown idc_upsample {c.idc_upsample!r}; choose one of {', '.join(IDC_UPSAMPLE)}")
+        if c.idc_recipe is None:
+            c.idc_recipe = "cobra" if c.preset == "cobra" else "idc"
+        if c.idc_recipe not in IDC_RECIPES:
+            raise ValueError(f"unknown idc_recipe {c.idc_recipe!r}; choose one of {', '.join(IDC_RECIPES)}")
     if c.eval_every < 0 or c.cobra_warmup_epochs < 0:
         raise ValueError("eval_every and cobra_warmup_epochs must be >= 0")
     if not 0.0 <= c.group_noise <= 1.0:
@@ -318,7 +320,7 @@ def idc_factor(preset: str, dataset: str, ipc: int) -> int:
 # Fields added after checkpoints were written, with the value an older
 # version behaved as: a checkpoint without the field resumes under it.
 ADDED_FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "idc_upsample": lambda saved: "idc" if saved.get("method") == "idc" else None,
+    "idc_recipe": lambda saved: "idc" if saved.get("method") == "idc" else None,
 }
 
 

@@ -102,8 +102,8 @@ class RunContext:
 
     def decode(self, stored: Tensor) -> Tensor:
         """The synthetic set the stored images stand for: IDC's multi-formation
-        (upsampling as ``cfg.idc_upsample`` says), the images themselves otherwise."""
-        return decode(stored, self.factor, align_corners=self.cfg.idc_upsample == "cobra")
+        (upsampling as ``cfg.idc_recipe`` says), the images themselves otherwise."""
+        return decode(stored, self.factor, align_corners=self.cfg.idc_recipe == "cobra")
 
     def real_chunk(self, net: nn.Module, real: Tensor) -> int:
         """Rows per network pass over the real batch: ``cfg.real_chunk``, or

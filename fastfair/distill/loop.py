@@ -168,7 +168,7 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
         start, log, elapsed = int(saved["iteration"]), list(saved["log"]), float(saved["seconds"])
     else:
         images, _ = init_images(ctx.sampler.class_pool, ctx.train_images, cfg.ipc, cfg.init, ctx.factor,
-                                rng.generator(cfg.seed, 0, rng.INIT))
+                                rng.generator(cfg.seed, 0, rng.INIT), tile=cfg.idc_recipe != "cobra")
         images, buf = images.to(dev), None
         start, log, elapsed = 0, [], 0.0
     if write:

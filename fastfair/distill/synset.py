@@ -32,7 +32,7 @@ def decode(stored: Tensor, factor: int, align_corners: bool = False) -> Tensor:
     are rows i*f^2 .. i*f^2 + f^2 - 1 (row-major over the grid). Differentiable.
     Bilinear upsampling with ``align_corners`` False as IDC's decode_zoom
     (nn.Upsample's default), True as COBRA's train_idc.py (``--preset cobra``;
-    DistillConfig.idc_upsample). COBRA orders the sub-images grid position
+    DistillConfig.idc_recipe). COBRA orders the sub-images grid position
     first; the class gradient is a mean over the class's rows, so the order
     changes nothing but the order of floating-point additions.
     """
@@ -63,14 +63,18 @@ def encode(images: Tensor, factor: int) -> Tensor:
 
 
 def init_images(class_pools: list[Tensor], train_images: Tensor, ipc: int, init: str, factor: int,
-                gen: torch.Generator) -> tuple[Tensor, Tensor]:
+                gen: torch.Generator, tile: bool = True) -> tuple[Tensor, Tensor]:
     """Stored synthetic images [C * ipc, ...] (class-major) and their labels.
 
     ``init="real"``: random real images of each class (IDC: ``factor^2`` real
-    images tiled into each stored image; a class with fewer images than that
-    reuses its images cyclically). ``init="noise"``: standard normal pixels
-    (the data are normalised, so this is noise at the data's scale).
+    images tiled into each stored image, IDC's 'mix' initialisation; a class
+    with fewer images than that reuses its images cyclically; ``tile=False``:
+    one whole real image per stored image, as COBRA's train_idc.py
+    initialises). ``init="noise"``: standard normal pixels (the data are
+    normalised, so this is noise at the data's scale).
     """
+    if not tile:
+        factor = 1
     num_classes = len(class_pools)
     shape = tuple(train_images.shape[1:])
     for c, pool in enumerate(class_pools):
