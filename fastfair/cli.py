@@ -267,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DC family and CAFE: matching steps per iteration; default by IPC: 1, 10, 20, 30, 40, 50 at "
                         "IPC 1, 10, 20, 30, 40, 50; 100 above")
     s.add_argument("--inner-loop", type=int, default=None,
-                   help="DC family and CAFE: network epochs between steps; default by IPC: 1, 50, 25, 20, 15, 10 at "
-                        "IPC 1, 10, 20, 30, 40, 50; 10 above")
+                   help="DC family and CAFE: network epochs between steps (0: none); default by IPC: 1, 50, 25, "
+                        "20, 15, 10 at IPC 1, 10, 20, 30, 40, 50; 10 above; 0 for IDC under --preset cobra, as "
+                        "COBRA's train_idc.py")
     s.add_argument("--lr-net", "--lr_net", type=float, default=0.01,
                    help="SGD lr of the DC / CAFE inner loop and COBRA warm-up" + _family("--lr_net"))
     s.add_argument("--batch-train", "--batch_train", type=int, default=256,

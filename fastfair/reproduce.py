@@ -249,6 +249,10 @@ def cell_settings(table: Table, budget: Budget, dataset: str, method: str, objec
                "preset": table.preset, "seed": seed, **budget.distill.get(fam, {})}
     if over:
         distill["fair_over"] = over
+    if table.preset == "cobra" and method == "idc" and "inner_loop" in distill:
+        # A protocol feature, not a size: COBRA's train_idc.py trains no
+        # network between its matching steps, whatever the budget.
+        distill["inner_loop"] = 0
     net = {"width": budget.width} if budget.width is not None else {}
     if "depth" in distill:
         net["depth"] = distill["depth"]

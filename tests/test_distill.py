@@ -441,3 +441,34 @@ def test_idc_recipe_decides_the_initialisation() -> None:
             img = whole[c * 2 + k]
             assert any(torch.equal(img, images[i]) for i in pool.tolist())  # a real image of its class, whole
             assert not any(torch.equal(tiled[c * 2 + k], images[i]) for i in range(12))
+
+
+def test_cobra_idc_trains_no_network_between_matching_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """COBRA's train_idc.py matches outer_loop times on one fresh network and
+    never trains it in between: --preset cobra gives IDC inner_loop 0, and
+    the driver then never calls the inner training with any epoch."""
+    from fastfair import reproduce
+    from fastfair.distill.config import resolve
+    from fastfair.distill.context import RunContext
+
+    cobra = resolve(distill.DistillConfig(dataset="synthetic", method="idc", ipc=10, preset="cobra"))
+    fair = resolve(distill.DistillConfig(dataset="synthetic", method="idc", ipc=10))
+    assert (cobra.inner_loop, fair.inner_loop) == (0, 50)
+    assert resolve(distill.DistillConfig(dataset="synthetic", method="dc", ipc=10, preset="cobra")).inner_loop == 50
+    with pytest.raises(ValueError, match="inner_loop must be an integer >= 0"):
+        resolve(distill.DistillConfig(dataset="synthetic", method="dc", ipc=10, inner_loop=-1))
+    table = reproduce.TABLES["cobra"]
+    cpu = reproduce.BUDGETS["cpu"]
+    assert reproduce.cell_settings(table, cpu, "cmnist-fg", "idc", "cobra", 0)["distill"]["inner_loop"] == 0
+    assert reproduce.cell_settings(table, cpu, "cmnist-fg", "dc", "cobra", 0)["distill"]["inner_loop"] > 0
+
+    epochs: list[int] = []
+    real = RunContext.train_on_synset
+    monkeypatch.setattr(RunContext, "train_on_synset",
+                        lambda self, net, opt, x, y, n, gen: epochs.append(n) or real(self, net, opt, x, y, n, gen))
+    opts = {"num_classes": 2, "num_groups": 2, "image_size": 8, "n_per_class": 12}
+    ds = data.load("synthetic", **opts)
+    distill.run(distill.DistillConfig(dataset="synthetic", method="idc", preset="cobra", ipc=1, iterations=1,
+                                      width=4, depth=1, batch_real=4, outer_loop=3, extra={"data_options": opts}),
+                ds, device="cpu", progress=False)
+    assert epochs and set(epochs) == {0}

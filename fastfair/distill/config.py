@@ -234,8 +234,10 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
         c.dsa = PRESET_DSA.get((c.preset, c.method), DSA_DEFAULT[c.method])
     if not dm:
         outer, inner = dc_loops(c.ipc)
-        if c.preset == "cobra" and c.method == "idc" and c.ipc in (50, 100):
-            outer = 30  # COBRA's train_idc.py: "a wider gradient sweep" at IPC 50 and 100
+        if c.preset == "cobra" and c.method == "idc":
+            if c.ipc in (50, 100):
+                outer = 30  # COBRA's train_idc.py: "a wider gradient sweep" at IPC 50 and 100
+            inner = 0  # COBRA's train_idc.py never trains the network between its matching steps
         c.outer_loop = outer if c.outer_loop is None else c.outer_loop
         c.inner_loop = inner if c.inner_loop is None else c.inner_loop
     if c.cobra_warmup_epochs is None:
@@ -246,7 +248,10 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
               "checkpoint_every", "eval_runs", "pseudo_min_samples", "dream_interval", "dream_pool",
               "dream_kmeans_iters")
     if not dm:
-        _positive(c, "outer_loop", "inner_loop")
+        _positive(c, "outer_loop")
+        if c.inner_loop is None or c.inner_loop < 0:
+            raise ValueError(f"inner_loop must be an integer >= 0 (0: no network training between matching "
+                             f"steps), got {c.inner_loop!r}")
     if c.idc_factor is None:
         c.idc_factor = idc_factor(c.preset, c.dataset, c.ipc)
     if c.method == "idc" and c.idc_factor < 1:
