@@ -185,3 +185,17 @@ def test_memory_only_measures_peaks_without_timing(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["settings"]["memory_only"] is True
     assert (tmp_path / "mem_synthetic_dc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_max_seconds_caps_the_samples_at_three(tmp_path):
+    """Past --max-seconds an implementation keeps its 3 samples; with room
+    every one gets --repeats."""
+    tiny = [a if a != "1" or i == 0 or TINY[i - 1] != "--repeats" else "5" for i, a in enumerate(TINY)]
+    capped = st.main(["--device", "cpu", "--dataset", "synthetic", "--methods", "dm", "--groups", "2",
+                      "--max-seconds", "1e-9", "--json", str(tmp_path / "a.json"), *tiny])
+    assert {r["samples"] for r in capped if r["ms"] is not None} == {3}
+    roomy = st.main(["--device", "cpu", "--dataset", "synthetic", "--methods", "dm", "--groups", "2",
+                     "--max-seconds", "1000", "--json", str(tmp_path / "b.json"), *tiny])
+    assert {r["samples"] for r in roomy if r["ms"] is not None} == {5}
+    with pytest.raises(SystemExit):
+        st.main(["--device", "cpu", "--max-seconds", "0", "--json", str(tmp_path / "c.json"), *tiny])
