@@ -427,13 +427,6 @@ def dc_matching_terms(
     return MatchTerms(per_class, group_dist, counts)
 
 
-def _class_rows(segments: Tensor, num_classes: int, num_groups: int) -> list[int]:
-    """Row offsets of each class in a strictly increasing list of segment ids
-    (one host read: the per-class loop needs them as Python ints)."""
-    bounds = torch.arange(num_classes + 1, device=segments.device) * num_groups
-    return torch.searchsorted(segments, bounds).tolist()
-
-
 def _dc_terms_of_rows(real_grads: Sequence[Tensor], counts: Tensor, syn_grads: Sequence[Tensor], segments: Tensor,
                       obj: Objective, metric: Metric, group_terms: bool) -> MatchTerms:
     """dc_matching_terms over the P segments listed in ``segments`` (the
@@ -447,16 +440,20 @@ def _dc_terms_of_rows(real_grads: Sequence[Tensor], counts: Tensor, syn_grads: S
         raise ValueError(f"segments must be a 1-D integer tensor, got {segments.dtype} of shape "
                          f"{tuple(segments.shape)}")
     num_rows = segments.shape[0]
-    if num_rows and (bool((segments[1:] <= segments[:-1]).any()) or int(segments[0]) < 0
-                     or int(segments[-1]) >= num_classes * num_groups):
-        raise ValueError(f"segments must be strictly increasing ids in [0, {num_classes * num_groups})")
     segments = segments.long()
+    # One host read for the checks and the class offsets together (a sync on GPUs).
+    bounds = torch.arange(num_classes + 1, device=segments.device) * num_groups
+    bad = ((segments[1:] <= segments[:-1]).any() | (segments[:1] < 0).any()
+           | (segments[-1:] >= num_classes * num_groups).any())
+    read = torch.cat([bad.long().view(1), torch.searchsorted(segments, bounds)]).tolist()
+    if read[0]:
+        raise ValueError(f"segments must be strictly increasing ids in [0, {num_classes * num_groups})")
+    offsets = read[1:]
     for r, s in zip(real_grads, syn_grads):
         if r.shape[0] != num_rows or r.shape[1:] != s.shape[1:]:
             raise ValueError(f"real gradient {tuple(r.shape)} does not match {num_rows} segments x synthetic "
                              f"{tuple(s.shape[1:])}")
     per_group = obj.target == "groups"
-    offsets = _class_rows(segments, num_classes, num_groups)
     row_counts = counts.reshape(-1).index_select(0, segments)
     class_dist: list[Tensor] = []
     row_dist: list[Tensor] = []
