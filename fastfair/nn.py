@@ -160,7 +160,6 @@ class FairGradientMatching(nn.Module):
     def terms(self, real_images: Tensor, real_labels: Tensor, real_groups: Tensor, syn_images: Tensor,
               syn_labels: Tensor, model: nn.Module | None = None) -> objectives.MatchTerms:
         """The loss's terms (carrying autograd), without storing them."""
-        from . import distributed
         from .distill import dc
         from .pergroup import class_gradients, segment_gradients
 
@@ -190,8 +189,7 @@ class FairGradientMatching(nn.Module):
 
         # Only the segments present, as the driver's DC (fastfair.distill.dc):
         # one process, fair over the intersection.
-        compact = (dc.COMPACT_SEGMENTS and per_group and G > 1 and distributed.world_size() == 1
-                   and (self.attributes is None or self.fair_over == "intersection"))
+        compact = per_group and dc.compact_layout(G, self.fair_over)
         present = None
 
         def real_side() -> tuple[tuple[Tensor, ...], Tensor]:
@@ -199,13 +197,9 @@ class FairGradientMatching(nn.Module):
             ops.segment_count(syn_labels, C)  # class_gradients' masks would skip a bad label silently
             if compact:
                 counts = ops.segment_count(seg, width)  # the id check, before unique() could take a -1
-                present, rows = torch.unique(seg, sorted=True, return_inverse=True)
-                if not present.numel():
-                    params = [p for p in net.parameters() if p.requires_grad]
-                    return tuple(p.new_zeros((0, *p.shape)) for p in params), counts
-                grads = segment_gradients(net, real_images, real_labels.long(), rows, present.numel(),
-                                          chunk=self.chunk)
-                return tuple(g.detach() for g in grads), counts
+                grads, present = dc.present_segment_gradients(net, real_images, real_labels.long(), seg,
+                                                              self.chunk)
+                return grads, counts
             grads = segment_gradients(net, real_images, real_labels.long(), seg, width, chunk=self.chunk)
             return dc._global_segment_means(tuple(g.detach() for g in grads), seg, width)
 

@@ -111,7 +111,7 @@ def auto_block_classes(ctx: RunContext, net: nn.Module, num_groups: int) -> int:
     if key not in ctx.cache:
         param_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
         held = num_groups
-        if _compact(ctx, num_groups):  # a class holds at most one present segment per real row
+        if compact_layout(num_groups, ctx.cfg.fair_over):  # at most one present segment per real row
             held = min(num_groups, max(ctx.sampler.global_sizes(), default=num_groups))
         ctx.cache[key] = block_classes(None, ctx.num_classes, held, param_bytes,
                                        free_memory_bytes(ctx.device))
@@ -140,13 +140,30 @@ def _fair_means(ctx: RunContext, grads: tuple[Tensor, ...], counts: Tensor, clas
 COMPACT_SEGMENTS = True
 
 
-def _compact(ctx: RunContext, G: int) -> bool:
-    """Match only the (class, group) segments present in the batch: one
-    process (ranks would hold different segments, and their dense sums are
-    all-reduced), fair over the intersection (the marginal regrouping works on
-    the dense layout), more than one group. Same loss and image gradient as
-    the dense layout up to the order of floating-point additions."""
-    return COMPACT_SEGMENTS and G > 1 and dist.world_size() == 1 and ctx.cfg.fair_over == "intersection"
+def compact_layout(num_groups: int, fair_over: str) -> bool:
+    """Whether DC matches only the (class, group) segments present in the
+    batch: one process (ranks would hold different segments, and their dense
+    sums are all-reduced), fair over the intersection (the marginal
+    regrouping works on the dense layout), more than one group. Same loss and
+    image gradient as the dense layout up to the order of floating-point
+    additions. The driver and fastfair.nn.FairGradientMatching both ask here."""
+    return COMPACT_SEGMENTS and num_groups > 1 and dist.world_size() == 1 and fair_over == "intersection"
+
+
+def present_segment_gradients(net: nn.Module, real: Tensor, labels: Tensor, seg: Tensor,
+                              chunk: int | str | None) -> tuple[tuple[Tensor, ...], Tensor]:
+    """Mean gradients (detached) of the segments present in ``seg`` only, one
+    row per present segment in increasing id order, and those ids: at G = 100
+    a batch of 2560 holds ~200 of 1000 (class, group) cells, and the other
+    800 gradients would be zeros written, held and matched for nothing. One
+    host read (``torch.unique``)."""
+    from ..pergroup import segment_gradients
+
+    present, rows = torch.unique(seg, sorted=True, return_inverse=True)
+    if not present.numel():  # no real row: every class is skipped
+        return tuple(p.new_zeros((0, *p.shape)) for p in net.parameters() if p.requires_grad), present
+    grads = segment_gradients(net, real, labels, rows, present.numel(), chunk=chunk)
+    return tuple(g.detach() for g in grads), present
 
 
 def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Tensor, seg: Tensor, G: int,
@@ -185,16 +202,9 @@ def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Ten
         seg_b = seg[r0:r1] - c0 * G
         real_b = real[r0:r1] if augment is None else augment(real[r0:r1], sizes[c0:c1], c0)
         chunk = ctx.real_chunk(net, real_b)
-        if _compact(ctx, G):
-            # Only the segments present: at G = 100 a batch of 2560 holds ~200
-            # of 1000 (class, group) cells, and the other 800 gradients would
-            # be zeros written, held and matched for nothing.
-            present, rows = torch.unique(seg_b, sorted=True, return_inverse=True)
-            if present.numel():
-                grads = segment_gradients(net, real_b, labels[r0:r1], rows, present.numel(), chunk=chunk)
-            else:  # no real row in this block: every class in it is skipped
-                grads = tuple(p.new_zeros((0, *p.shape)) for p in net.parameters() if p.requires_grad)
-            loss = dc_matching_loss([g.detach() for g in grads], ops.segment_count(seg_b, width),
+        if compact_layout(G, cfg.fair_over):
+            grads, present = present_segment_gradients(net, real_b, labels[r0:r1], seg_b, chunk)
+            loss = dc_matching_loss(grads, ops.segment_count(seg_b, width),
                                     [leaf[c0:c1] for leaf in leaves], G, objective=cfg.objective,
                                     metric=cfg.dc_metric, segments=present)
         else:
