@@ -430,11 +430,10 @@ def dc_matching_terms(
 def _dc_terms_of_rows(real_grads: Sequence[Tensor], counts: Tensor, syn_grads: Sequence[Tensor], segments: Tensor,
                       obj: Objective, metric: Metric, group_terms: bool) -> MatchTerms:
     """dc_matching_terms over the P segments listed in ``segments`` (the
-    other segments' gradients are not given). A class at a time: its rows
-    against its one synthetic gradient (no [P, |W|] copy of the synthetic
-    gradients), the targets of pooled / barycenter objectives as one weighted
-    sum of its rows. The per-segment distances are placed into [C, G] terms,
-    then weighted and masked exactly as the dense layout is."""
+    other segments' gradients are not given): the per-segment distances a
+    class at a time, placed into [C, G] terms and weighted and masked exactly
+    as the dense layout is; the targets of pooled / barycenter objectives for
+    all classes at once."""
     num_classes, num_groups = counts.shape
     if segments.dim() != 1 or segments.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"segments must be a 1-D integer tensor, got {segments.dtype} of shape "
@@ -454,33 +453,38 @@ def _dc_terms_of_rows(real_grads: Sequence[Tensor], counts: Tensor, syn_grads: S
             raise ValueError(f"real gradient {tuple(r.shape)} does not match {num_rows} segments x synthetic "
                              f"{tuple(s.shape[1:])}")
     per_group = obj.target == "groups"
-    row_counts = counts.reshape(-1).index_select(0, segments)
-    class_dist: list[Tensor] = []
     row_dist: list[Tensor] = []
-    for c in range(num_classes):
-        lo, hi = offsets[c], offsets[c + 1]
-        if hi == lo:  # no real row of this class: skipped (class_ok below)
-            class_dist.append(syn_grads[0].new_zeros(1))
-            continue
-        rows = [r[lo:hi].detach().to(s.dtype) for r, s in zip(real_grads, syn_grads)]
-        syn = [s[c] for s in syn_grads]
-        if per_group or group_terms:
+    if per_group or group_terms:
+        # A class at a time: its rows against its one synthetic gradient,
+        # never a [P, |W|] copy of the synthetic gradients.
+        for c in range(num_classes):
+            lo, hi = offsets[c], offsets[c + 1]
+            if hi == lo:  # no real row of this class: skipped (class_ok below)
+                continue
             each = _MetricSum(metric)
-            for r, y in zip(rows, syn):
-                each.add(r, y.unsqueeze(0), y.dim())  # [P_c, ...] against [1, ...]
+            for r, s in zip(real_grads, syn_grads):
+                each.add(r[lo:hi].detach().to(s.dtype), s[c].unsqueeze(0), s.dim() - 1)
             d = each.value()
-            row_dist.append(d if d is not None else syn[0].new_zeros(hi - lo))
-        if not per_group:
-            n = row_counts[lo:hi].to(syn[0].dtype)
-            if obj.target == "pooled":
-                w = n / n.sum().clamp(min=1)
-            else:  # barycenter: the unweighted mean of the present groups' gradients
-                w = (n > 0).to(n.dtype) / (n > 0).sum().clamp(min=1).to(n.dtype)
-            one = _MetricSum(metric)
-            for r, y in zip(rows, syn):
-                one.add((w @ r.reshape(hi - lo, -1)).view(y.shape).unsqueeze(0), y.unsqueeze(0), y.dim())
-            d = one.value()
-            class_dist.append(d if d is not None else syn[0].new_zeros(1))
+            row_dist.append(d if d is not None else syn_grads[0].new_zeros(hi - lo))
+    main = None
+    if not per_group:
+        # The class targets of pooled / barycenter objectives at once: weights
+        # W [C, P] (class_target's rule on the rows given), one product per
+        # parameter, then the metric against the synthetic gradients as the
+        # dense layout applies it.
+        dt = syn_grads[0].dtype
+        n = counts.reshape(-1).index_select(0, segments).to(dt)
+        row_class = torch.div(segments, num_groups, rounding_mode="floor")
+        if obj.target == "pooled":
+            w = n / counts.sum(1).to(dt).clamp(min=1).index_select(0, row_class)
+        else:  # barycenter: the unweighted mean of the present groups' gradients
+            w = (n > 0).to(dt) / (counts > 0).sum(1).to(dt).clamp(min=1).index_select(0, row_class)
+        weights = w.new_zeros(num_classes, num_rows)
+        weights[row_class, torch.arange(num_rows, device=w.device)] = w
+        main = _MetricSum(metric)
+        for r, s in zip(real_grads, syn_grads):
+            target = (weights @ r.detach().to(s.dtype).reshape(num_rows, s.shape[1:].numel())).view(s.shape)
+            main.add(target, s, s.dim() - 1)
     zero = syn_grads[0].reshape(num_classes, -1).sum(1) * 0  # keeps the graph for 1-D-only 'ours'
     class_ok = counts.sum(1) > 0
     group_dist = None
@@ -493,6 +497,7 @@ def _dc_terms_of_rows(real_grads: Sequence[Tensor], counts: Tensor, syn_grads: S
     if per_group:
         per_class = reduce_group_terms(group_dist, counts, obj)
     else:
-        per_class = torch.cat(class_dist) + zero
+        d = main.value()
+        per_class = zero if d is None else d
     per_class = torch.where(class_ok, per_class, torch.zeros_like(per_class))
     return MatchTerms(per_class, group_dist, counts)
