@@ -86,6 +86,23 @@ def _cobra_rows() -> None:
 _fairdd_rows()
 _cobra_rows()
 
+# The preset (protocol) under which each source's numbers were measured: a
+# published number is shown only beside a cell run under the same protocol.
+# COBRA's `--mode fairdd` is FairDD's sum for DM but fairdd-mean for DC and
+# IDC, and COBRA evaluates on its own schedule, so FairDD's Table 1-2 numbers
+# do not describe the `cobra` table's cells (not even its vanilla ones).
+SOURCE_PRESET = {"FairDD Tables 1-2": "fairdd", "COBRA (EOD as DEO_M)": "cobra"}
+
+
+def published(table: str, dataset: str, ipc: int, method: str, objective: str,
+              ) -> tuple[float | None, float | None, float | None, str] | None:
+    """The published (DEO_M, DEO_A, Acc, source) of a cell of ``table``, or
+    None where no source measured that cell under the table's preset."""
+    p = PAPER.get((dataset, ipc, method, objective))
+    if p is None or SOURCE_PRESET[p[3]] != TABLES[table].preset:
+        return None
+    return p
+
 
 @dataclass(frozen=True)
 class Table:
@@ -554,7 +571,7 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
     rows = sorted(results, key=lambda r: (t.datasets.index(r["dataset"]) if r["dataset"] in t.datasets else 99,
                                           order.get((r["method"], r["objective"]), 99)))
     for r in rows:
-        p = PAPER.get((r["dataset"], r["ipc"], r["method"], r["objective"]))
+        p = published(table, r["dataset"], r["ipc"], r["method"], r["objective"])
         paper = " / ".join(_fmt(v) for v in p[:3]) if p else "-"
         mins = (r.get("distill_seconds", 0) + r.get("eval_seconds", 0)) / 60
         lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r['objective']} | "
@@ -564,14 +581,15 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
                      + "".join(f"{_fmt(r.get('per_attribute', {}).get(a, {}).get('deo_m'))} | " for a in attrs)
                      + f"{_fmt(r['worst_group_acc'])} | {paper} | "
                      f"{p[3] if p else '-'} | {mins:.1f} |")
-    whole = [(d, PAPER.get((d, t.ipc, "whole", "-"))) for d in t.datasets if (d, t.ipc, "whole", "-") in PAPER]
+    whole = [(d, published(table, d, t.ipc, "whole", "-")) for d in t.datasets]
+    whole = [(d, p) for d, p in whole if p]
     if whole:
         lines += ["", "Whole training set (paper, not run here): "
                   + "; ".join(f"{d} {' / '.join(_fmt(v) for v in p[:3])}" for d, p in whole if p) + "."]
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(results: list[dict[str, Any]], path: str, title: str) -> None:
+def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) -> None:
     """Measured (bars with std) and published (black ticks) DEO_M, DEO_A, Acc per cell."""
     import matplotlib
 
@@ -590,7 +608,7 @@ def bar_chart(results: list[dict[str, Any]], path: str, title: str) -> None:
         ax.bar(xs, [r[key] for r in results], yerr=[r[f"{key}_std"] for r in results], capsize=3,
                color=[colour.get(r["objective"], "#2ca02c") for r in results])
         for x, r in zip(xs, results):
-            p = PAPER.get((r["dataset"], r["ipc"], r["method"], r["objective"]))
+            p = published(table, r["dataset"], r["ipc"], r["method"], r["objective"])
             if p and p[idx] is not None:
                 ax.plot([x - 0.4, x + 0.4], [p[idx]] * 2, color="black", lw=2)
         ax.set_xticks(list(xs), names, fontsize=6, rotation=90)
@@ -614,8 +632,9 @@ def write_outputs(out: str, table: str, budget: str, results: list[dict[str, Any
     obj = {**info, "results": results,
            "paper": [{"dataset": d, "ipc": i, "method": m, "objective": o, "deo_m": v[0], "deo_a": v[1],
                       "acc": v[2], "source": v[3]} for (d, i, m, o), v in PAPER.items()
-                     if d in TABLES[table].datasets and i == TABLES[table].ipc]}
+                     if d in TABLES[table].datasets and i == TABLES[table].ipc
+                     and SOURCE_PRESET[v[3]] == TABLES[table].preset]}
     _write_json(os.path.join(out, "results.json"), obj)
     _write_text(os.path.join(out, "results.md"), markdown(table, budget, results, info))
-    bar_chart(results, os.path.join(out, "results.png"), f"fastfair reproduce {table}, {budget} budget")
+    bar_chart(table, results, os.path.join(out, "results.png"), f"fastfair reproduce {table}, {budget} budget")
     return obj

@@ -36,6 +36,23 @@ def test_paper_numbers_are_the_reference_tables():
     assert "10.10 / 5.89 / 97.71" in md  # the whole-set row of the paper
 
 
+def test_published_numbers_only_beside_cells_of_the_same_protocol():
+    # FairDD's Table 1-2 numbers describe FairDD's protocol; the `cobra` table runs COBRA's
+    # (fairdd-mean for DC, COBRA's evaluation schedule), so its cells get no FairDD number.
+    recs = [_record("cmnist-fg", "dc", "fairdd", 20.0), _record("cmnist-fg", "dm", "vanilla", 99.0)]
+    info = {"machine": {"cpu": "X", "cpu_count": 2}}
+    cobra_rows = [ln for ln in reproduce.markdown("cobra", "cpu", recs, info).splitlines()
+                  if ln.startswith("| cmnist-fg")]
+    assert len(cobra_rows) == 2
+    assert all(ln.split("|")[-4:-2] == [" - ", " - "] for ln in cobra_rows), cobra_rows
+    fairdd_md = reproduce.markdown("fairdd-cmnist", "cpu", recs, info)
+    assert "26.75 / 11.96 / 90.62" in fairdd_md and "100.00 / 99.96 / 25.01" in fairdd_md
+    assert reproduce.published("cobra", "cmnist-fg", 10, "dc", "fairdd") is None
+    assert reproduce.published("cobra-cmnist", "cmnist-bg", 50, "dm", "cobra")[0] == 7.46
+    assert reproduce.published("fairdd-cmnist", "cmnist-bg", 50, "dm", "cobra") is None
+    assert "Whole training set" not in reproduce.markdown("cobra", "cpu", recs, info)
+
+
 def _record(dataset: str, method: str, objective: str, deo_m: float) -> dict:
     return {"dataset": dataset, "ipc": 10, "method": method, "objective": objective, "deo_m": deo_m,
             "deo_m_std": 1.0, "deo_a": 5.0, "deo_a_std": 0.5, "acc": 90.0, "acc_std": 0.1,
