@@ -68,6 +68,7 @@ def test_dc_step_tiny_writes_json_and_png(tmp_path):
         ("loop", "vanilla"), ("loop", "fairdd"), ("fastfair", "vanilla"), ("fastfair", "fairdd")}
     # The check ran at every G and passed.
     assert set(payload["check_max_rel_err"]) == {"1", "2", "10"}
+    assert payload["layout"] == "compact" and all(r["layout"] == "compact" for r in rows)
     assert all(e <= 1e-3 for errs in payload["check_max_rel_err"].values() for e in errs.values())
     ratios = payload["ratios"]
     assert "fastfair fairdd / fastfair vanilla at G=10" in ratios
@@ -96,6 +97,34 @@ def test_dc_step_check_catches_a_different_computation(monkeypatch):
     monkeypatch.setitem(dc_step.FNS, ("fastfair", "fairdd"), wrong)
     with pytest.raises(AssertionError, match="fairdd: fastfair vs loop"):
         dc_step.check_point(model, params, batch, 3, 4, "cpu")
+
+
+def test_dc_step_compact_layout_is_the_drivers_and_checked(monkeypatch):
+    # The default fastfair fairdd row computes only the present segments, as the driver does
+    # (fastfair.distill.dc.compact_layout); the check compares it densified, so a present
+    # segment left out fails it.
+    model, params = _tiny_model()
+    batch = dc_step.make_batch(3, 5, 6, 16, torch.Generator().manual_seed(2), "cpu")
+    x, y, grp = batch
+    got = dc_step.FNS[("fastfair", "fairdd")](model, params, batch, 3, 6)
+    present = torch.unique(y * 6 + grp)
+    assert isinstance(got, dc_step.Present) and torch.equal(got.segments, present)
+    assert got.grads[0].shape[0] == present.numel() < 18  # 15 images over 18 cells: some absent
+    dense = dc_step.functions("dense")[("fastfair", "fairdd")](model, params, batch, 3, 6)
+    for a, b in zip(dc_step.densify(got, params, 18), dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    errs, _ = dc_step.check_point(model, params, batch, 3, 6, "cpu", dc_step.functions("compact"))
+    assert errs["fairdd"] <= 1e-3
+
+    def drops_one(model, params, batch, classes, groups):
+        full = dc_step.fastfair_fairdd_compact(model, params, batch, classes, groups)
+        return dc_step.Present(tuple(g[1:] for g in full.grads), full.segments[1:])
+
+    monkeypatch.setitem(dc_step.FNS, ("fastfair", "fairdd"), drops_one)
+    with pytest.raises(AssertionError, match="fairdd: fastfair vs loop"):
+        dc_step.check_point(model, params, batch, 3, 6, "cpu", dc_step.functions("compact"))
+    with pytest.raises(ValueError, match="unknown layout"):
+        dc_step.functions("sparse")
 
 
 def test_dc_step_batches_have_random_group_sizes():

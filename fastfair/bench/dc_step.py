@@ -14,9 +14,15 @@ side by side in one run:
                     (the FairDD reference code);
   fastfair vanilla  fastfair.pergroup.segment_gradients over the whole batch,
                     segment = class (S = C);
-  fastfair fairdd   segment_gradients over the whole batch, segment =
-                    class * G + group (S = C * G), and the segment counts
-                    that fastfair.objectives.dc_matching_loss needs.
+  fastfair fairdd   with --layout compact (the default; what the driver
+                    runs in one process): the gradients of the (class, group)
+                    segments present in the batch only
+                    (fastfair.distill.dc.present_segment_gradients: one
+                    torch.unique, then segment_gradients over the present
+                    ids); with --layout dense: segment_gradients over every
+                    segment = class * G + group (S = C * G), empty ones
+                    zero. Both also take the segment counts that
+                    fastfair.objectives.dc_matching_loss needs.
 
 The synthetic side (per-class gradients of the small synthetic batch, the
 matching loss and the image update) is the same for every row and is left
@@ -49,7 +55,7 @@ import contextlib
 import os
 import statistics
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +63,7 @@ from torch import Tensor, nn
 
 from .. import ops, wgrad
 from ..nets import get_network
+from ..distill.dc import compact_layout, present_segment_gradients
 from ..pergroup import segment_gradients
 from .segment import parse_groups
 from .timing import check_device, default_json, describe_machine, loglog_plot, samples_ms, stopped_cleanly, write_json
@@ -65,6 +72,7 @@ NAME = "dc_step"
 GROUPS = [1, 2, 5, 10, 20, 50, 100]
 IMPLS = ("loop", "fastfair")
 OBJECTIVES = ("vanilla", "fairdd")
+LAYOUTS = ("compact", "dense")
 # (G, numerator, denominator, target) of the ratios the issue sets targets for.
 RATIOS = [
     (10, ("fastfair", "fairdd"), ("fastfair", "vanilla"), "<= 1.3"),
@@ -135,12 +143,48 @@ def fastfair_fairdd(model: nn.Module, params: list[nn.Parameter], batch: Batch, 
     return grads
 
 
+class Present(NamedTuple):
+    """Gradients of the present segments only: row i is segment ``segments[i]``."""
+
+    grads: tuple[Tensor, ...]
+    segments: Tensor
+
+
+def fastfair_fairdd_compact(model: nn.Module, params: list[nn.Parameter], batch: Batch, classes: int,
+                            groups: int) -> tuple[Tensor, ...] | Present:
+    """The driver's layout: only the segments present (dense at G = 1, as there)."""
+    x, y, grp = batch
+    if not compact_layout(groups, "intersection"):
+        return fastfair_fairdd(model, params, batch, classes, groups)
+    seg = y * groups + grp
+    grads, present = present_segment_gradients(model, x, y, seg, chunk="auto")
+    ops.segment_count(seg, classes * groups)
+    return Present(grads, present)
+
+
 FNS: dict[tuple[str, str], Callable[..., object]] = {
     ("loop", "vanilla"): loop_vanilla,
     ("loop", "fairdd"): loop_fairdd,
     ("fastfair", "vanilla"): fastfair_vanilla,
-    ("fastfair", "fairdd"): fastfair_fairdd,
+    ("fastfair", "fairdd"): fastfair_fairdd_compact,
 }
+
+
+def functions(layout: str) -> dict[tuple[str, str], Callable[..., object]]:
+    """The timed implementations, fastfair fairdd in ``layout``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    return {**FNS, ("fastfair", "fairdd"): FNS[("fastfair", "fairdd")] if layout == "compact" else fastfair_fairdd}
+
+
+def densify(got: object, params: list[nn.Parameter], segments: int) -> Sequence[Tensor]:
+    """A compact result as the dense [S, ...] gradients (absent segments zero)."""
+    if not isinstance(got, Present):
+        return got  # type: ignore[return-value]
+    out = [p.new_zeros((segments, *p.shape)) for p in params]
+    for o, g in zip(out, got.grads):
+        o[got.segments] = g
+    return out
 
 
 def _dense(pairs: Sequence[tuple[int, tuple[Tensor, ...]]], params: list[nn.Parameter], segments: int) -> Grads:
@@ -193,18 +237,23 @@ def _timed(fn: Callable[[], object], device: str) -> tuple[object, float]:
 
 
 def check_point(model: nn.Module, params: list[nn.Parameter], batch: Batch, classes: int, groups: int,
-                device: str) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+                device: str, fns: dict[tuple[str, str], Callable[..., object]] | None = None,
+                ) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
     """Loop and fastfair agree (both objectives) on ``batch``; returns the
-    worst relative errors and the wall time of each call of the check."""
+    worst relative errors and the wall time of each call of the check. A
+    compact result is compared as its dense equivalent, so a present segment
+    it leaves out (or an absent one it invents) fails the check too."""
+    fns = FNS if fns is None else fns
     ms: dict[tuple[str, str], float] = {}
     errs: dict[str, float] = {}
     with _no_tf32():
         for obj in OBJECTIVES:
-            ref, ms[("loop", obj)] = _timed(lambda: FNS[("loop", obj)](model, params, batch, classes, groups), device)
-            got, ms[("fastfair", obj)] = _timed(
-                lambda: FNS[("fastfair", obj)](model, params, batch, classes, groups), device)
+            loop_fn, ff_fn = fns[("loop", obj)], fns[("fastfair", obj)]
+            ref, ms[("loop", obj)] = _timed(lambda f=loop_fn: f(model, params, batch, classes, groups), device)
+            got, ms[("fastfair", obj)] = _timed(lambda f=ff_fn: f(model, params, batch, classes, groups), device)
             segments = classes * (groups if obj == "fairdd" else 1)
-            errs[obj] = compare(got, _dense(ref, params, segments), f"dc_step G={groups} {obj}: fastfair vs loop")
+            errs[obj] = compare(densify(got, params, segments), _dense(ref, params, segments),
+                                f"dc_step G={groups} {obj}: fastfair vs loop")
     return errs, ms
 
 
@@ -227,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=wgrad.PRECISIONS,
                    help="CUDA weight-gradient path of the TIMED fastfair calls (the check runs in fp32); "
                         "no effect on CPU")
+    p.add_argument("--layout", default="compact", choices=LAYOUTS,
+                   help="fastfair fairdd: compact computes only the (class, group) segments present, as the "
+                        "driver does in one process; dense computes all C * G (the layout before it, and "
+                        "torchrun's) (default: compact)")
     p.add_argument("--seed", type=int, default=0, help="seed of the network and the batches")
     p.add_argument("--repeats", type=int, default=7, help=argparse.SUPPRESS)  # timed calls per point
     return p
@@ -266,7 +319,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"fastfair backend {ops.backend()}")
     base = {"device": device, "machine": machine["name"], "cpu": machine["cpu"], "gpu": machine["gpu"],
             "threads": machine["threads"], "torch": machine["torch"], "batch": per_class, "classes": a.classes,
-            "width": a.width, "depth": a.depth, "image_size": a.image_size, "backend": ops.backend()}
+            "width": a.width, "depth": a.depth, "image_size": a.image_size, "backend": ops.backend(),
+            "layout": a.layout}
     rows: list[dict] = []
     checks: dict[str, dict[str, float]] = {}
     gen = torch.Generator().manual_seed(a.seed)
@@ -277,7 +331,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def save() -> None:
         write_json(path, {"benchmark": NAME, "machine": machine, "setting": setting, "dtype": "float32",
-                          "precision": a.precision, "ratios": _ratios(rows), "check_max_rel_err": checks,
+                          "precision": a.precision, "layout": a.layout, "ratios": _ratios(rows), "check_max_rel_err": checks,
                           "complete": len(checks) == len(groups_list), "rows": rows})
 
     with stopped_cleanly(path):
@@ -299,21 +353,22 @@ def _point(a: argparse.Namespace, model: nn.Module, params: list[nn.Parameter], 
            gen: torch.Generator, device: str, base: dict, rows: list[dict], checks: dict) -> None:
     """One G: the fp32 check, then every implementation timed (fastfair at ``a.precision``)."""
     batches = [make_batch(a.classes, per_class, g, a.image_size, gen, device) for _ in range(3)]
-    errs, check_ms = check_point(model, params, batches[0], a.classes, g, device)
+    fns = functions(a.layout)
+    errs, check_ms = check_point(model, params, batches[0], a.classes, g, device, fns)
     checks[str(g)] = errs
     cells = []
     for impl in IMPLS:
         for obj in OBJECTIVES:
-            fn = FNS[(impl, obj)]
+            fn = fns[(impl, obj)]
             if impl == "loop" and check_ms[(impl, obj)] > a.loop_budget * 1e3:
                 ts = [check_ms[(impl, obj)]]  # too slow to repeat: its check call, already timed
             elif impl == "loop":
-                ts = samples_ms(lambda i: fn(model, params, batches[i % 3], a.classes, g), device=device,
+                ts = samples_ms(lambda i, fn=fn: fn(model, params, batches[i % 3], a.classes, g), device=device,
                                 warmup=1, repeats=min(3, a.repeats))
             else:
                 with wgrad.weight_grad_precision(a.precision), ops.validate_ids(False):
-                    ts = samples_ms(lambda i: fn(model, params, batches[i % 3], a.classes, g), device=device,
-                                    warmup=2, repeats=a.repeats)
+                    ts = samples_ms(lambda i, fn=fn: fn(model, params, batches[i % 3], a.classes, g),
+                                    device=device, warmup=2, repeats=a.repeats)
             ms = statistics.median(ts)
             rows.append({"impl": impl, "objective": obj, "groups": g, "ms": ms, "samples": len(ts), **base})
             cells.append(f"{ms:18.2f}")
