@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "their checkpoint and finished evaluation runs.")
     r.add_argument("--table", default="fairdd-cmnist", choices=list(TABLES),
                    help="fairdd-cmnist: C-MNIST FG and BG at IPC 10, DM, DC, IDC and DREAM, each vanilla and +FairDD, "
-                        "and DM+COBRA (FairDD Tables 1-2); fairdd-cfmnist: the same cells on C-FMNIST FG and BG; fairdd: every "
-                        "Table 1-2 dataset; cobra-cifar10s, cobra-cmnist: "
+                        "and DM+COBRA and DC+COBRA (FairDD Tables 1-2); fairdd-cfmnist: the same cells on C-FMNIST "
+                        "FG and BG; fairdd: every Table 1-2 dataset; cobra-cifar10s, cobra-cmnist: "
                         "COBRA's DM numbers under COBRA's preset; intersectional: fastfair's two-attribute "
                         "C-MNIST / C-FMNIST; cobra: COBRA's table (DM, DC, IDC x vanilla / FairDD / COBRA, CAFE vanilla "
                         "/ COBRA) under COBRA's preset; cobra-cafe: CAFE vanilla / FairDD / COBRA on C-MNIST and C-FMNIST "

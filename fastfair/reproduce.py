@@ -117,7 +117,7 @@ class Table:
 
 
 _CMNIST_CELLS = (("dm", "vanilla"), ("dm", "fairdd"), ("dm", "cobra"), ("dc", "vanilla"), ("dc", "fairdd"),
-                 ("idc", "vanilla"), ("idc", "fairdd"), ("dream", "vanilla"), ("dream", "fairdd"))
+                 ("dc", "cobra"), ("idc", "vanilla"), ("idc", "fairdd"), ("dream", "vanilla"), ("dream", "fairdd"))
 _CAFE_CELLS = (("cafe", "vanilla"), ("cafe", "fairdd"), ("cafe", "cobra"))
 _COBRA_CELLS = (*((m, o) for m in ("dm", "dc", "idc") for o in ("vanilla", "fairdd", "cobra")),
                 ("cafe", "vanilla"), ("cafe", "cobra"))
@@ -126,10 +126,10 @@ _INTERSECTIONAL_CELLS = tuple((m, o) for m in ("dm", "dc") for o in (
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table("fairdd-cmnist", ("cmnist-fg", "cmnist-bg"), 10, _CMNIST_CELLS, "fairdd",
           "FairDD Tables 1-2, C-MNIST FG and BG rows at IPC 10 (DM, DC, IDC, DREAM, each vanilla and +FairDD), "
-          "plus DM+COBRA"),
+          "plus DM+COBRA and DC+COBRA"),
     Table("fairdd-cfmnist", ("cfmnist-fg", "cfmnist-bg"), 10, _CMNIST_CELLS, "fairdd",
           "FairDD Tables 1-2, C-FMNIST FG and BG rows at IPC 10 (DM, DC, IDC, DREAM, each vanilla and +FairDD), "
-          "plus DM+COBRA"),
+          "plus DM+COBRA and DC+COBRA"),
     Table("fairdd", ("cmnist-fg", "cmnist-bg", "cfmnist-fg", "cfmnist-bg", "cifar10-s", "celeba"), 10,
           _CMNIST_CELLS, "fairdd", "FairDD Tables 1-2, every dataset row at IPC 10"),
     Table("cobra-cifar10s", ("cifar10-s",), 100, (("dm", "vanilla"), ("dm", "fairdd"), ("dm", "cobra")), "cobra",
