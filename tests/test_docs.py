@@ -53,3 +53,27 @@ def test_the_readmes_python_examples_run(tmp_path) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_readme_results_tables_are_the_committed_results() -> None:
+    # The README's per-dataset tables are generated from benchmarks/results/*/results.json;
+    # a cell committed without re-running benchmarks/readme_results.py leaves them stale.
+    from fastfair import results_summary
+
+    readme = (ROOT / "README.md").read_text()
+    assert results_summary.rewrite(readme, str(ROOT)) == readme, (
+        "README results tables differ from the results.json files: run python benchmarks/readme_results.py")
+    assert "| DM | " in readme.split(results_summary.BEGIN)[1]
+
+
+def test_results_tables_show_missing_cells_and_refuse_a_readme_without_markers(tmp_path) -> None:
+    from fastfair import results_summary
+
+    rec = {"dataset": "cmnist-fg", "ipc": 10, "method": "dm", "objective": "fairdd", "acc": 90.5, "deo_m": 23.12,
+           "deo_m_std": 7.37, "deo_a": 10.03}
+    md = results_summary.dataset_table("fairdd-cmnist", "cmnist-fg", [rec])
+    dm = next(ln for ln in md.splitlines() if ln.startswith("| DM |"))
+    assert dm.split(" | ")[3:5] == ["90.50 / 23.12 +- 7.4 / 10.03", "94.61 / 17.04 / 7.95"]
+    assert "not run yet" in dm  # DM vanilla and DM+COBRA
+    with pytest.raises(ValueError, match="no"):
+        results_summary.rewrite("# no markers\n", str(tmp_path))
