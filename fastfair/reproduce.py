@@ -523,7 +523,31 @@ def _merge_results(out: str, records: list[dict[str, Any]]) -> list[dict[str, An
     replaced when the cell finishes)."""
     mine = {_key(r) for r in records}
     disk = [r for r in _previous_results(os.path.join(out, "results.json")) if _key(r) not in mine]
-    return disk + records
+    return disk + _finished_cells(out, mine | {_key(r) for r in disk}) + records
+
+
+def _finished_cells(out: str, known: set[tuple]) -> list[dict[str, Any]]:
+    """Records of finished cells (``out/DATASET/CELL/cell.json``) that no
+    results.json lists: the cell folders are the ground truth, so a summary
+    written from a stale results.json (one restored from git while a run was
+    writing, say) loses no finished cell at the next write. A damaged
+    cell.json is left out here; a run that plans its cell reports it."""
+    found = []
+    for ds in sorted(os.listdir(out)):
+        ds_dir = os.path.join(out, ds)
+        if not os.path.isdir(ds_dir):
+            continue
+        for cell in sorted(os.listdir(ds_dir)):
+            try:
+                rec = _read_object(os.path.join(ds_dir, cell, "cell.json"), "a cell record")
+            except ValueError:
+                continue
+            if rec is None or not {"dataset", "method", "objective", "acc", "deo_m"} <= rec.keys():
+                continue
+            if _key(rec) not in known:
+                known.add(_key(rec))
+                found.append({k: v for k, v in rec.items() if k != "config"})
+    return found
 
 
 @contextlib.contextmanager

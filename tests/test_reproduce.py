@@ -184,3 +184,21 @@ def test_two_runs_into_one_out_keep_each_others_cells(tmp_path, monkeypatch):
     assert got == [("dc", "vanilla"), ("dm", "fairdd"), ("dm", "vanilla")]
     md = open(os.path.join(out, "results.md")).read()
     assert "| dc | vanilla |" in md and "| dm | fairdd |" in md
+
+
+def test_a_stale_results_file_loses_no_finished_cell(tmp_path):
+    # results.json restored from an older version (git stash / checkout while a run
+    # writes) lists fewer cells than the folders hold: the next write puts them back.
+    out = str(tmp_path / "r")
+    reproduce.reproduce("cdigits", "tiny", out, datasets=["cdigits-fg"], cells=[("dm", "vanilla"), ("dc", "vanilla")],
+                        threads=1)
+    path = os.path.join(out, "results.json")
+    res = json.loads(open(path).read())
+    res["results"] = [r for r in res["results"] if r["method"] == "dm"]  # the stale view: dc:vanilla gone
+    open(path, "w").write(json.dumps(res))
+    (tmp_path / "r" / "cdigits-fg" / "junk").mkdir()  # a folder without cell.json is no cell
+    reproduce.reproduce("cdigits", "tiny", out, datasets=["cdigits-fg"], cells=[("dm", "fairdd")], threads=1)
+    res = json.loads(open(path).read())
+    got = sorted((r["method"], r["objective"]) for r in res["results"])
+    assert got == [("dc", "vanilla"), ("dm", "fairdd"), ("dm", "vanilla")]
+    assert all("config" not in r for r in res["results"])
