@@ -227,3 +227,16 @@ def test_cafe_step_check_catches_a_different_computation(tmp_path, monkeypatch):
     monkeypatch.setitem(cafe_step.FNS, "fastfair", wrong)
     with pytest.raises(AssertionError, match="G=10 fairdd: fastfair and the loop differ"):
         cafe_step.main(TINY_CAFE + ["--groups", "10", "--json", str(tmp_path / "c.json")])
+
+
+def test_round_robin_hands_consecutive_calls_different_inputs_and_rotates_the_order():
+    # Every call of a round used to get the round's index, so with inputs rotated by it the
+    # first implementation of each round read cold data and the rest found it in cache.
+    calls = []
+    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in ("a", "b", "c")}
+    out = segment.round_robin_ms(fns, device="cpu", repeats=4, warmup=1)
+    assert {k: len(v) for k, v in out.items()} == {"a": 4, "b": 4, "c": 4}
+    idx = [i for _, i in calls]
+    assert idx == list(range(len(calls)))  # one index per call: consecutive calls differ
+    timed = [name for name, _ in calls[3:]]
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]

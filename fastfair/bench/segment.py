@@ -143,24 +143,36 @@ def _check(name: str, got: Tensor, ref: Tensor, ids: Tensor) -> None:
 
 def round_robin_ms(fns: dict[str, Callable[[int], object]], *, device: str, repeats: int, warmup: int = 2,
                    max_seconds: float = 20.0) -> dict[str, list[float]]:
-    """Wall times (ms) of every fn(i), one call of each in turn per round, so
-    that a burst of load from other processes lands on all of them alike; i
-    rotates the inputs. CUDA: events around each call after an L2 flush. An
-    implementation stops after ``max_seconds`` (with >= 3 samples), so a slow
-    baseline does not stall the sweep."""
+    """Wall times (ms) of every fn(i), one call of each per round, so that a
+    burst of load from other processes lands on all of them alike. ``i``
+    counts calls (of any implementation), so a caller that rotates its inputs
+    by ``i`` modulo more inputs than there are implementations never hands a
+    call the input the call before it read: every implementation meets the
+    caches alike (when every call of a round read the round's input, the
+    first paid the memory reads and the others found it in cache: 0.9 against
+    0.5 ms at 2560 x 2048 on this CPU). The order of the implementations
+    rotates by one each round, so none always follows the same one (its
+    thread wake-ups, its allocations). CUDA: events around each call after an
+    L2 flush. An implementation stops after ``max_seconds`` (with >= 3
+    samples), so a slow baseline does not stall the sweep."""
     cuda = torch.device(device).type == "cuda"
-    for i in range(warmup):
-        for fn in fns.values():
-            fn(i)
+    names = list(fns)
+    calls = 0
+    for _ in range(warmup):
+        for name in names:
+            fns[name](calls)
+            calls += 1
     if cuda:
         torch.cuda.synchronize()
     out: dict[str, list[float]] = {k: [] for k in fns}
     spent: dict[str, float] = {k: 0.0 for k in fns}
     for r in range(repeats):
-        for name, fn in fns.items():
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
             if len(out[name]) >= 3 and spent[name] > max_seconds:
                 continue
-            ms = time_call_ms(fn, warmup + r, device)
+            ms = time_call_ms(fns[name], calls, device)
+            calls += 1
             out[name].append(ms)
             spent[name] += ms * 1e-3
     return out
@@ -242,7 +254,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def save() -> None:  # after every point: a cut-off run keeps what finished
         payload = {"benchmark": NAME, "machine": machine, "dtype": "float32", "torch_scatter": scatter_status,
-                   "copy_bandwidth_gbs": bw, "timing": "round-robin, median", "rows": rows,
+                   "copy_bandwidth_gbs": bw, "timing": "round-robin (order rotated each round; inputs rotated per call, one set more than implementations), median", "rows": rows,
                    "cases": [c.__dict__ | {"groups": list(c.groups)} for c in todo]}
         if len(todo) == 1:
             payload |= {"n": todo[0].n, "d": todo[0].d}
@@ -285,9 +297,11 @@ def _run_case(a: argparse.Namespace, case: Case, device: str, gen: torch.Generat
     print(f"[{case.name}] segment {case.op}, N={n} D={d}; torch_scatter: {scatter_status}", flush=True)
     bytes_moved = n * d * 4  # the read of x dominates; outputs are G x D
     for g in case.groups:
-        # Three input sets, rotated between calls.
-        xs = [torch.randn(n, d, generator=gen, device=device) for _ in range(3)]
-        idss = [torch.randint(0, g, (n,), generator=gen, device=device) for _ in range(3)]
+        # One input set more than there are implementations, rotated by call
+        # (round_robin_ms): no call reads what the call before it read.
+        k = len(fns) + 1
+        xs = [torch.randn(n, d, generator=gen, device=device) for _ in range(k)]
+        idss = [torch.randint(0, g, (n,), generator=gen, device=device) for _ in range(k)]
         ref = fns["fastfair"](xs[0], idss[0], g)
         timed: dict[str, Callable[[int], object]] = {}
         line = [f"G={g:>6}"]
@@ -297,7 +311,7 @@ def _run_case(a: argparse.Namespace, case: Case, device: str, gen: torch.Generat
                 continue
             if name != "fastfair":
                 _check(name, fn(xs[0], idss[0], g), ref, idss[0])
-            timed[name] = lambda i, fn=fn: fn(xs[i % 3], idss[i % 3], g)
+            timed[name] = lambda i, fn=fn: fn(xs[i % k], idss[i % k], g)
         samples = round_robin_ms(timed, device=device, repeats=a.repeats)
         for name, ts in samples.items():
             ms = statistics.median(ts)
