@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def save() -> None:  # after every point: a cut-off run keeps what finished
         payload = {"benchmark": NAME, "machine": machine, "dtype": "float32", "torch_scatter": scatter_status,
-                   "copy_bandwidth_gbs": bw, "timing": "round-robin (order rotated each round; inputs rotated per call, one set more than implementations), median", "rows": rows,
+                   "copy_bandwidth_gbs": bw, "rows": rows,
+                   "timing": "round-robin (order rotated each round; inputs rotated per call, one set more than "
+                             "implementations), median",
                    "cases": [c.__dict__ | {"groups": list(c.groups)} for c in todo]}
         if len(todo) == 1:
             payload |= {"n": todo[0].n, "d": todo[0].d}
