@@ -126,7 +126,7 @@ STRATEGY_SHAPES = {
     "sorted_mostly_empty": (5000, 32, 50000),
     "sorted_partial_too_big": (9000, 300, 500),  # row chunks' partial would be 600 KB
     "sorted_few_rows": (3000, 130, 7),
-    "sorted_few_wide_rows": (2500, 512, 16),  # would be 4 row chunks
+    "row_chunks_few_wide_rows_more_segments": (2500, 512, 16),  # 4 chunks (the sorted pass before v6)
     "sorted_tiled_one_segment": (400, 600, 1),  # 2 tiles of 300 columns
     "sorted_tiled": (250, 1030, 3),  # 3 ranges x 4 tiles of 258 columns
 }

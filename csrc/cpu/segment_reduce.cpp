@@ -150,16 +150,13 @@ constexpr int64_t kPrefetchRows = 8;
 // overrun L1.
 constexpr int64_t kMaxPrefetchLines = 8;
 
-// Measured with the vectorised loops (2 threads, AVX-512, medians of 15
-// round-robin rounds against scatter_reduce_): at 2500 x 512 the row chunks
-// took 92 / 85 / 108 us at G = 16 / 50 / 100 where the sorted pass took 76 /
-// 69 / 65 (scatter_reduce_ 87 / 76 / 74); at 2560 x 2048, G = 30: 653 vs 552
-// (580). At 16384 x 64 and at 20000 x 512 the row chunks stay faster (the
-// serial sort of many rows, the gather from memory). G = 4 at 2500 x 512 went
-// either way in repeated runs (86 / 81 / 83 us, then 65 / 86 / 88).
-constexpr int64_t kSortedFewRows = 4096;
-constexpr int64_t kSortedFewRowsCols = 256;
-constexpr int64_t kSortedFewRowsSegments = 8;
+// v4 sent few wide rows (N <= 4096, D >= 256, G >= 8) to the sorted pass,
+// from a round-robin in which every implementation of a round read the same
+// input, so the first one paid the memory reads. Timed with each call on an
+// input the previous call did not read (benchmarks/NOTES.md, v6), the row
+// chunks win there: 2500 x 512, G = 8 / 16 / 50 / 100: 0.71-0.77 of the best
+// of index_add_ / scatter_reduce_ against the sorted pass's 0.73-1.01;
+// 2560 x 2048, G = 8..50: 0.79-0.87 against 0.94-1.18. No such rule now.
 
 int64_t min_chunk_rows(int64_t d) {
   return kMinChunkElems / std::max<int64_t>(d, 64);
@@ -178,11 +175,6 @@ Strategy choose_strategy(int64_t n, int64_t d, int64_t num_segments,
                          int64_t acc_bytes) {
   if (n <= min_chunk_rows(d))
     return d >= kMinSortedCols ? Strategy::kSorted : Strategy::kColumns;
-  // Few wide rows in a few segments or more: the counting sort costs next to
-  // nothing and the rows fit in cache, so one gathering pass beats the row
-  // chunks' partial buffers and their extra parallel region.
-  if (n <= kSortedFewRows && d >= kSortedFewRowsCols && num_segments >= kSortedFewRowsSegments)
-    return Strategy::kSorted;
   // Few segments: row chunks stream x in order, the cheapest parallel pass.
   const int64_t nchunks = num_row_chunks(n, d, num_segments);
   if (nchunks >= 2 && nchunks * num_segments * d <= kMaxPartial &&
