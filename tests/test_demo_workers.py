@@ -30,7 +30,10 @@ def _workers(pid: int) -> list[int]:
     return kids
 
 
-def _stop_after_first_cell(out, how: str) -> tuple[subprocess.Popen, str, float, list[int]]:
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
+@pytest.mark.parametrize("how", ["kill-worker", "ctrl-c"])
+def test_demo_stops_promptly_and_keeps_the_finished_cells(tmp_path, how: str) -> None:
+    out = tmp_path / "demo"
     p = subprocess.Popen([sys.executable, "-m", "fastfair", "demo", "--tiny", "--jobs", "2", "--out", str(out),
                           "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
@@ -49,26 +52,10 @@ def _stop_after_first_cell(out, how: str) -> tuple[subprocess.Popen, str, float,
     finally:
         if p.poll() is None:
             p.kill()
-    return p, err, took, workers
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
-@pytest.mark.parametrize("how", ["kill-worker", "ctrl-c"])
-def test_demo_stops_promptly_and_keeps_the_finished_cells(tmp_path, how: str) -> None:
-    # On a loaded machine the parent can print its first row only after the workers have
-    # finished every cell (seen in a full run beside four other jobs): the stop then lands on
-    # a finished demo, which is correct but tests nothing, so such a try is repeated.
-    for attempt in range(4):
-        out = tmp_path / f"demo{attempt}"
-        p, err, took, workers = _stop_after_first_cell(out, how)
-        res = json.load(open(out / "results.json"))
-        if "unfinished" in res or len(res["results"]) < 5:
-            break
-    else:
-        pytest.fail("every cell had finished before the stop landed, in 4 tries")
     assert took < 30 and "Traceback" not in err, err
     assert not [w for w in workers if os.path.exists(f"/proc/{w}") and
                 open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"], "workers left running"
+    res = json.load(open(out / "results.json"))
     assert len(res["results"]) >= 1 and res["unfinished"]
     assert len(res["results"]) + len(res["unfinished"]) == 5
     if how == "kill-worker":
