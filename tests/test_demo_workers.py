@@ -34,8 +34,12 @@ def _workers(pid: int) -> list[int]:
 @pytest.mark.parametrize("how", ["kill-worker", "ctrl-c"])
 def test_demo_stops_promptly_and_keeps_the_finished_cells(tmp_path, how: str) -> None:
     out = tmp_path / "demo"
+    # The child gets Ctrl-C's default action: a test run started in the background (`pytest &`
+    # from a script) ignores SIGINT, the child would inherit that, and Python then installs no
+    # KeyboardInterrupt handler, so the interrupt below would never arrive.
     p = subprocess.Popen([sys.executable, "-m", "fastfair", "demo", "--tiny", "--jobs", "2", "--out", str(out),
-                          "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                          "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in p.stdout:  # until the first cell has finished
             if ": acc " in line:
