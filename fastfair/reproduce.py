@@ -572,6 +572,11 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} +- {std:.2f}"
 
 
+def _attr(r: dict[str, Any], attr: str) -> str:
+    a = r.get("per_attribute", {}).get(attr)
+    return "-" if a is None else f"{_fmt(a.get('deo_m'))} / {_fmt(a.get('deo_a'))}"
+
+
 def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[str, Any]) -> str:
     """The measured numbers beside the published ones, one row per cell."""
     t, b = TABLES[table], BUDGETS[budget]
@@ -585,10 +590,10 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
               + (f"; {info['note']}" if info.get("note") else "") + ".", ""]
     lines += ["| dataset | IPC | method | objective | DEO_M | DEO_A | Acc | SUF_M | SUF_A | worst cell "
               "| paper DEO_M / DEO_A / Acc | source | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    # Several protected attributes: each attribute's marginal DEO_M beside the intersectional one.
+    # Several protected attributes: each attribute's marginal DEO_M / DEO_A beside the intersectional ones.
     attrs = list(dict.fromkeys(a for r in results for a in r.get("per_attribute", {})))
     if attrs:
-        lines[-2] = lines[-2].replace(" | worst cell |", " | " + " | ".join(f"{a} DEO_M" for a in attrs)
+        lines[-2] = lines[-2].replace(" | worst cell |", " | " + " | ".join(f"{a} DEO_M / DEO_A" for a in attrs)
                                       + " | worst cell |")
         lines[-1] = lines[-1] + "---|" * len(attrs)
     order = {c: i for i, c in enumerate(t.cells)}
@@ -602,9 +607,14 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
                      f"{_fmt(r['deo_m'], r['deo_m_std'])} | {_fmt(r['deo_a'], r['deo_a_std'])} | "
                      f"{_fmt(r['acc'], r['acc_std'])} | {_fmt(r.get('suf_m'), r.get('suf_m_std'))} | "
                      f"{_fmt(r.get('suf_a'), r.get('suf_a_std'))} | "
-                     + "".join(f"{_fmt(r.get('per_attribute', {}).get(a, {}).get('deo_m'))} | " for a in attrs)
+                     + "".join(f"{_attr(r, a)} | " for a in attrs)
                      + f"{_fmt(r['worst_group_acc'])} | {paper} | "
                      f"{p[3] if p else '-'} | {mins:.1f} |")
+    cells = sorted({(r["dataset"], r["test_cells"]) for r in rows if r.get("per_attribute") and "test_cells" in r})
+    if cells:
+        lines += ["", "DEO over the intersectional groups (DEO_M / DEO_A columns) and over each attribute's "
+                  "values (the attribute columns); test cells used, (class, intersectional group) cells with "
+                  "test images: " + "; ".join(f"{d} {n}" for d, n in cells) + "."]
     whole = [(d, published(table, d, t.ipc, "whole", "-")) for d in t.datasets]
     whole = [(d, p) for d, p in whole if p]
     if whole:

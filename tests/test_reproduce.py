@@ -202,3 +202,17 @@ def test_a_stale_results_file_loses_no_finished_cell(tmp_path):
     got = sorted((r["method"], r["objective"]) for r in res["results"])
     assert got == [("dc", "vanilla"), ("dm", "fairdd"), ("dm", "vanilla")]
     assert all("config" not in r for r in res["results"])
+
+
+def test_several_attribute_rows_show_each_attributes_deo_and_the_test_cells():
+    rec = {**_record("cmnist-fgbg", "dm", "fairdd@intersection", 90.0), "test_cells": 1000,
+           "per_attribute": {"fg": {"deo_m": 30.5, "deo_a": 12.25}, "bg": {"deo_m": 20.0, "deo_a": 8.0}}}
+    md = reproduce.markdown("intersectional", "cpu", [rec, _record("cmnist-fgbg", "dm", "vanilla", 100.0)],
+                            {"machine": {"cpu": "X", "cpu_count": 2}})
+    head = next(ln for ln in md.splitlines() if ln.startswith("| dataset"))
+    assert "| fg DEO_M / DEO_A | bg DEO_M / DEO_A | worst cell |" in head
+    row = next(ln for ln in md.splitlines() if "fairdd@intersection" in ln)
+    assert "| 30.50 / 12.25 | 20.00 / 8.00 |" in row
+    vanilla = next(ln for ln in md.splitlines() if "| vanilla |" in ln)
+    assert "| - | - |" in vanilla  # a record without per-attribute metrics
+    assert "cmnist-fgbg 1000" in md
