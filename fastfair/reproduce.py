@@ -225,7 +225,8 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
     # iterations of 5 x 5 at lr 0.1: vanilla 19.1 / 100, FairDD 88.1 / 32.5, COBRA 81.9 / 73.5
     # (Acc / DEO_M; COBRA's class terms are divided by C, so its step is 10x smaller); COBRA at lr 1
     # 87.6 / 34.1.
-    _cpu_budget("cpu", "reduced for a 2-core CPU (about 50 min per C-MNIST dataset, 1 thread)",
+    _cpu_budget("cpu", "reduced for a 2-core CPU (about 50 min for the DM and DC cells of a C-MNIST dataset, "
+                       "1 thread; 40-60 min for each IDC or DREAM cell)",
                 dm={"iterations": 1000, "lr_img": LR_DM, "batch_real": 256, "width": 16},
                 dc={**_DC_CPU_20, "iterations": 80, "batch_real": 256},
                 eval_epochs={"dm": 500, "dc": 300, "cafe": 300}, eval_runs=5, width=32,
