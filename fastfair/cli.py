@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budget", default="cpu", choices=list(BUDGETS),
                    help="paper: the full protocol (GPU hours); cpu: a stated reduced protocol for a 2-core CPU "
                         "(about 50 min for the DM and DC cells of a C-MNIST dataset, 1 thread, and 40-60 min "
-                        "for each IDC or DREAM cell; the summary is in the outputs); cpu-20min, cpu-short: the earlier, smaller cpu budgets (about 20 and 15 "
-                        "min), kept so that their committed results stay reproducible; tiny: seconds, for "
-                        "tests")
+                        "for each IDC or DREAM cell; the summary is in the outputs); cpu-20min, cpu-short: the "
+                        "earlier, smaller cpu budgets (about 20 and 15 min), kept so that their committed results "
+                        "stay reproducible; tiny: seconds, for tests")
     r.add_argument("--out", required=True, help="output directory (one folder per cell, results.*)")
     r.add_argument("--root", default=None,
                    help="data directory (e.g. ../shared/data for the real MNIST); default: $FASTFAIR_DATA, "

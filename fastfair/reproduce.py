@@ -620,7 +620,7 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
     whole = [(d, p) for d, p in whole if p]
     if whole:
         lines += ["", "Whole training set (paper, not run here): "
-                  + "; ".join(f"{d} {' / '.join(_fmt(v) for v in p[:3])}" for d, p in whole if p) + "."]
+                  + "; ".join(f"{d} {' / '.join(_fmt(v) for v in p[:3])}" for d, p in whole) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -667,8 +667,7 @@ def write_outputs(out: str, table: str, budget: str, results: list[dict[str, Any
     obj = {**info, "results": results,
            "paper": [{"dataset": d, "ipc": i, "method": m, "objective": o, "deo_m": v[0], "deo_a": v[1],
                       "acc": v[2], "source": v[3]} for (d, i, m, o), v in PAPER.items()
-                     if d in TABLES[table].datasets and i == TABLES[table].ipc
-                     and SOURCE_PRESET[v[3]] == TABLES[table].preset]}
+                     if d in TABLES[table].datasets and i == TABLES[table].ipc and published(table, d, i, m, o)]}
     _write_json(os.path.join(out, "results.json"), obj)
     _write_text(os.path.join(out, "results.md"), markdown(table, budget, results, info))
     bar_chart(table, results, os.path.join(out, "results.png"), f"fastfair reproduce {table}, {budget} budget")
