@@ -171,6 +171,9 @@ class Budget:
     distill: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval_epochs: dict[str, int | None] = field(default_factory=dict)
     eval_runs: int = 5
+    # preset -> family -> epochs, where a preset's reference evaluates for
+    # another length than FairDD's (COBRA: DM 1500, DC 1000 against 1000 / 300).
+    preset_eval_epochs: dict[str, dict[str, int]] = field(default_factory=dict)
     width: int | None = None
 
 
@@ -189,7 +192,8 @@ def _real_batch(n: int) -> str:
 
 
 def _cpu_budget(name: str, intro: str, dm: dict[str, Any], dc: dict[str, Any], eval_epochs: dict[str, int],
-                eval_runs: int, width: int, cafe: dict[str, Any] | None = None) -> Budget:
+                eval_runs: int, width: int, cafe: dict[str, Any] | None = None,
+                cobra_eval: dict[str, int] | None = None) -> Budget:
     """A reduced budget whose summary is written from its settings (so the
     two cannot drift apart), each beside the paper's value."""
     nets = (f"width-{dm['width']} ConvNets (distil and eval)" if width == dm["width"] else
@@ -210,7 +214,13 @@ def _cpu_budget(name: str, intro: str, dm: dict[str, Any], dc: dict[str, Any], e
                     f"{cafe['inner_loop']} inner epochs (COBRA's code 2000 of 10 with 50) at image lr "
                     f"{cafe['lr_img']:g} (0.1) with {_real_batch(cafe['batch_real'])}, evaluated "
                     f"{eval_epochs['cafe']} epochs without augmentation (1000)")
-    return Budget(name, summary, distill=distill, eval_epochs=eval_epochs, eval_runs=eval_runs, width=width)
+    preset_eval = {}
+    if cobra_eval is not None:
+        preset_eval["cobra"] = cobra_eval
+        summary += (f"; under the cobra preset the evaluation keeps COBRA's proportions: DM {cobra_eval['dm']} "
+                    f"epochs with DSA, DC and IDC {cobra_eval['dc']} without (COBRA's code 1500 / 1000)")
+    return Budget(name, summary, distill=distill, eval_epochs=eval_epochs, eval_runs=eval_runs, width=width,
+                  preset_eval_epochs=preset_eval)
 
 
 BUDGETS: dict[str, Budget] = {b.name: b for b in (
@@ -231,7 +241,9 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
                 dc={**_DC_CPU_20, "iterations": 80, "batch_real": 256},
                 eval_epochs={"dm": 500, "dc": 300, "cafe": 300}, eval_runs=5, width=32,
                 cafe={"iterations": CAFE_CPU_ITERATIONS, "outer_loop": 5, "inner_loop": 5, "lr_img": LR_CAFE,
-                      "batch_real": 256, "width": 16}),
+                      "batch_real": 256, "width": 16},
+                # FairDD's DM evaluation halved (1000 -> 500) and its DC one kept whole: COBRA's the same way.
+                cobra_eval={"dm": 750, "dc": 1000}),
     _cpu_budget("cpu-20min", "the second cpu budget (about 20 min per C-MNIST dataset, 1 thread)",
                 dm={"iterations": 400, "lr_img": LR_DM, "batch_real": 256, "width": 16}, dc=_DC_CPU_20,
                 eval_epochs={"dm": 300, "dc": 300}, eval_runs=2, width=32),
@@ -274,7 +286,8 @@ def cell_settings(table: Table, budget: Budget, dataset: str, method: str, objec
     net = {"width": budget.width} if budget.width is not None else {}
     if "depth" in distill:
         net["depth"] = distill["depth"]
-    return {"distill": distill, "eval": {"epochs": budget.eval_epochs.get(fam), "runs": budget.eval_runs,
+    epochs = budget.preset_eval_epochs.get(table.preset, {}).get(fam, budget.eval_epochs.get(fam))
+    return {"distill": distill, "eval": {"epochs": epochs, "runs": budget.eval_runs,
                                          "net_kwargs": net, "seed": seed}, "budget": budget.name}
 
 

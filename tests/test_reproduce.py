@@ -72,6 +72,19 @@ def test_cell_settings_follow_the_budget():
     assert paper["eval"]["epochs"] is None  # the method's reference protocol
 
 
+def test_cpu_budget_evaluates_the_cobra_table_in_cobras_proportions():
+    # COBRA's code evaluates DM 1500 and DC 1000 epochs (FairDD's 1000 / 300); the cpu
+    # budget halves FairDD's DM length and keeps its DC one, so under COBRA: 750 / 1000.
+    b = reproduce.BUDGETS["cpu"]
+    cobra, fairdd = reproduce.TABLES["cobra"], reproduce.TABLES["fairdd-cmnist"]
+    ep = {m: reproduce.cell_settings(cobra, b, "cmnist-fg", m, "vanilla", 0)["eval"]["epochs"]
+          for m in ("dm", "dc", "idc", "cafe")}
+    assert ep == {"dm": 750, "dc": 1000, "idc": 1000, "cafe": 300}
+    assert [reproduce.cell_settings(fairdd, b, "cmnist-fg", m, "vanilla", 0)["eval"]["epochs"]
+            for m in ("dm", "dc", "idc")] == [500, 300, 300]
+    assert "750" in b.summary and "COBRA's code 1500 / 1000" in b.summary
+
+
 def test_tiny_run_writes_outputs_and_resumes(tmp_path, capsys):
     out = tmp_path / "r"
     argv = ["reproduce", "--table", "cdigits", "--budget", "tiny", "--datasets", "cdigits-fg",
