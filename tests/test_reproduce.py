@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from fastfair import choices, reproduce
+import fastfair
+from fastfair import choices, ops, reproduce
 from fastfair.cli import main
 from fastfair.distill import config
 
@@ -97,6 +98,9 @@ def test_tiny_run_writes_outputs_and_resumes(tmp_path, capsys):
         assert len(r["cell_acc"]) == 10 and len(r["cell_acc"][0]) == 10
     dc = res["results"][1]
     assert dc["eval_dsa"] is False and dc["settings"]["distill"]["method"] == "dc"
+    # Which code made the cell travels with it (a kernel change moves numbers at rounding level).
+    cell = json.loads((out / "cdigits-fg" / "dc_vanilla_ipc10" / "cell.json").read_text())
+    assert cell["build"]["backend"] == ops.backend() and cell["build"]["fastfair"] == fastfair.__version__
     assert (out / "results.md").read_text().count("| cdigits-fg |") == 2
     assert (out / "results.png").stat().st_size > 0
     cell = out / "cdigits-fg" / "dm_fairdd_ipc10"

@@ -1,0 +1,132 @@
+"""The files ``fastfair reproduce`` writes beside its cells: results.json,
+results.md (measured beside published) and results.png, each written whole
+(an interrupt leaves the old file or the new one, never half)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from .provenance import machine
+from .reproduce_tables import BUDGETS, PAPER, TABLES, published
+
+
+def _write_text(path: str, text: str) -> None:
+    """Through outdir.atomic_write: the old file or the new one, never half, and
+    no temporary left behind on any exit (Ctrl-C and SIGTERM included)."""
+    from .distill.outdir import atomic_write
+
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _fmt(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} +- {std:.2f}"
+
+
+def _attr(r: dict[str, Any], attr: str) -> str:
+    a = r.get("per_attribute", {}).get(attr)
+    return "-" if a is None else f"{_fmt(a.get('deo_m'))} / {_fmt(a.get('deo_a'))}"
+
+
+def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    """The measured numbers beside the published ones, one row per cell."""
+    t, b = TABLES[table], BUDGETS[budget]
+    lines = [f"# `fastfair reproduce --table {table} --budget {budget}`", "",
+             f"{t.description}. Measured: mean +- std (population) over the evaluation runs; "
+             f"paper: the published mean. SUF_M / SUF_A: COBRA's max / mean sufficiency gap ('-': runs "
+             f"recorded before fastfair reported it). Budget `{budget}`: {b.summary}.", ""]
+    mach = info.get("machine", {})
+    lines += [f"Machine: {mach.get('cpu', mach.get('processor', '?'))}, {mach.get('cpu_count', '?')} cores, "
+              f"torch {mach.get('torch', '?')}, {mach.get('threads', '?')} threads"
+              + (f"; {info['note']}" if info.get("note") else "") + ".", ""]
+    lines += ["| dataset | IPC | method | objective | DEO_M | DEO_A | Acc | SUF_M | SUF_A | worst cell "
+              "| paper DEO_M / DEO_A / Acc | source | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    # Several protected attributes: each attribute's marginal DEO_M / DEO_A beside the intersectional ones.
+    attrs = list(dict.fromkeys(a for r in results for a in r.get("per_attribute", {})))
+    if attrs:
+        lines[-2] = lines[-2].replace(" | worst cell |", " | " + " | ".join(f"{a} DEO_M / DEO_A" for a in attrs)
+                                      + " | worst cell |")
+        lines[-1] = lines[-1] + "---|" * len(attrs)
+    order = {c: i for i, c in enumerate(t.cells)}
+    rows = sorted(results, key=lambda r: (t.datasets.index(r["dataset"]) if r["dataset"] in t.datasets else 99,
+                                          order.get((r["method"], r["objective"]), 99)))
+    for r in rows:
+        p = published(table, r["dataset"], r["ipc"], r["method"], r["objective"])
+        paper = " / ".join(_fmt(v) for v in p[:3]) if p else "-"
+        mins = (r.get("distill_seconds", 0) + r.get("eval_seconds", 0)) / 60
+        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r['objective']} | "
+                     f"{_fmt(r['deo_m'], r['deo_m_std'])} | {_fmt(r['deo_a'], r['deo_a_std'])} | "
+                     f"{_fmt(r['acc'], r['acc_std'])} | {_fmt(r.get('suf_m'), r.get('suf_m_std'))} | "
+                     f"{_fmt(r.get('suf_a'), r.get('suf_a_std'))} | "
+                     + "".join(f"{_attr(r, a)} | " for a in attrs)
+                     + f"{_fmt(r['worst_group_acc'])} | {paper} | "
+                     f"{p[3] if p else '-'} | {mins:.1f} |")
+    cells = sorted({(r["dataset"], r["test_cells"]) for r in rows if r.get("per_attribute") and "test_cells" in r})
+    if cells:
+        lines += ["", "DEO over the intersectional groups (DEO_M / DEO_A columns) and over each attribute's "
+                  "values (the attribute columns); test cells used, (class, intersectional group) cells with "
+                  "test images: " + "; ".join(f"{d} {n}" for d, n in cells) + "."]
+    whole = [(d, published(table, d, t.ipc, "whole", "-")) for d in t.datasets]
+    whole = [(d, p) for d, p in whole if p]
+    if whole:
+        lines += ["", "Whole training set (paper, not run here): "
+                  + "; ".join(f"{d} {' / '.join(_fmt(v) for v in p[:3])}" for d, p in whole) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) -> None:
+    """Measured (bars with std) and published (black ticks) DEO_M, DEO_A, Acc per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        return
+    names = [f"{r['dataset']}\n{r['method']}+{r['objective']}" for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.1 * len(results) * 1.5, 3.8))
+    colour = {"vanilla": "#8c8c8c", "fairdd": "#1f77b4", "cobra": "#d62728"}
+    for ax, (key, label, idx) in zip(axes, (("deo_m", "DEO_M (%) lower is fairer", 0),
+                                            ("deo_a", "DEO_A (%) lower is fairer", 1),
+                                            ("acc", "Acc (%) higher is better", 2))):
+        xs = range(len(results))
+        ax.bar(xs, [r[key] for r in results], yerr=[r[f"{key}_std"] for r in results], capsize=3,
+               color=[colour.get(r["objective"], "#2ca02c") for r in results])
+        for x, r in zip(xs, results):
+            p = published(table, r["dataset"], r["ipc"], r["method"], r["objective"])
+            if p and p[idx] is not None:
+                ax.plot([x - 0.4, x + 0.4], [p[idx]] * 2, color="black", lw=2)
+        ax.set_xticks(list(xs), names, fontsize=6, rotation=90)
+        ax.set_title(label + "\n(black: paper)", fontsize=8)
+        ax.set_ylim(0, 105)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    from .distill.outdir import atomic_write
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def write_outputs(out: str, table: str, budget: str, results: list[dict[str, Any]], started: str,
+                  note: str | None) -> dict[str, Any]:
+    info = {"table": table, "budget": budget, "budget_summary": BUDGETS[budget].summary,
+            "description": TABLES[table].description, "started": started,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "note": note}
+    obj = {**info, "results": results,
+           "paper": [{"dataset": d, "ipc": i, "method": m, "objective": o, "deo_m": v[0], "deo_a": v[1],
+                      "acc": v[2], "source": v[3]} for (d, i, m, o), v in PAPER.items()
+                     if d in TABLES[table].datasets and i == TABLES[table].ipc and published(table, d, i, m, o)]}
+    _write_json(os.path.join(out, "results.json"), obj)
+    _write_text(os.path.join(out, "results.md"), markdown(table, budget, results, info))
+    bar_chart(table, results, os.path.join(out, "results.png"), f"fastfair reproduce {table}, {budget} budget")
+    return obj
