@@ -411,6 +411,18 @@ def test_idc_upsampling_follows_the_preset() -> None:
     assert resume_mismatch(old_cobra, cobra) == ["idc_recipe"]
 
 
+def test_checkpoint_from_before_several_attributes_resumes() -> None:
+    # A checkpoint written before fair_over existed (one attribute: its group id is the
+    # intersection) resumes; one written over another attribute does not.
+    from fastfair.distill.config import resolve, resume_mismatch
+
+    cfg = resolve(distill.DistillConfig(dataset="cdigits-fg", method="dm", ipc=1))
+    old = cfg.to_dict()
+    del old["fair_over"]
+    assert resume_mismatch(old, cfg) == []
+    assert resume_mismatch({**old, "fair_over": "fg"}, cfg) == ["fair_over"]
+
+
 def test_idc_factor_follows_cobras_rule_for_face_sets() -> None:
     from fastfair.distill.config import resolve
 

@@ -326,6 +326,8 @@ def idc_factor(preset: str, dataset: str, ipc: int) -> int:
 # version behaved as: a checkpoint without the field resumes under it.
 ADDED_FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "idc_recipe": lambda saved: "idc" if saved.get("method") == "idc" else None,
+    # Before several attributes, a run had one group id per sample: the intersection of one attribute.
+    "fair_over": lambda saved: "intersection",
 }
 
 
