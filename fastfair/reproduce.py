@@ -36,10 +36,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .provenance import build, machine  # noqa: F401  (re-exported)
-from .reproduce_outputs import _write_json, markdown, write_outputs  # noqa: F401
-from .reproduce_tables import (BUDGETS, PAPER, SOURCE_PRESET, TABLES, Budget, Table,  # noqa: F401
-                               cell_name, cell_settings, published)
+from .provenance import build, machine
+from .reproduce_outputs import _write_json, markdown, write_outputs
+from .reproduce_tables import (BUDGETS, PAPER, SOURCE_PRESET, TABLES, Budget, Table, cell_name, cell_settings,
+                               published)
+
+# The tables, budgets and outputs are this module's face too (fastfair.reproduce.TABLES, ...).
+__all__ = ["BUDGETS", "PAPER", "SOURCE_PRESET", "TABLES", "Budget", "Table", "build", "cell_name", "cell_settings",
+           "machine", "markdown", "published", "reproduce", "run_cell", "write_outputs"]
 
 # --------------------------------------------------------------------------- running
 
