@@ -45,3 +45,14 @@ def test_machine_reports_torch_and_threads():
 
     m = provenance.machine()
     assert m["torch"] == torch.__version__ and m["threads"] == torch.get_num_threads()
+
+
+def test_parser_and_tables_stay_torch_free():
+    # `fastfair --help` and reproduce's table listing must not pay for importing torch.
+    import subprocess
+    import sys
+
+    code = ("import sys, fastfair.cli_parser, fastfair.reproduce_tables; "
+            "fastfair.cli_parser.build_parser(); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
