@@ -11,7 +11,7 @@ from __future__ import annotations
 OBJECTIVES = ("vanilla", "fairdd", "fairdd-mean", "cobra", "fairdd-iw", "fairdd-ldam", "fairdd-groupdro")
 METHODS = ("dm", "dc", "dsa", "idc", "dream", "cafe")
 PRESETS = ("fairdd", "cobra")
-BUDGETS = ("paper", "cpu", "cpu-20min", "cpu-short", "tiny")
+BUDGETS = ("paper", "cpu", "cpu-long", "cpu-20min", "cpu-short", "tiny")
 TABLES = ("fairdd-cmnist", "fairdd-cfmnist", "fairdd", "cobra-cifar10s", "cobra-cmnist", "intersectional",
           "cdigits-intersectional", "cobra", "cobra-cafe", "cdigits-cafe", "cdigits")
 INITS = ("real", "noise")

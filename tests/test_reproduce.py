@@ -73,6 +73,18 @@ def test_cell_settings_follow_the_budget():
     assert paper["eval"]["epochs"] is None  # the method's reference protocol
 
 
+def test_cpu_long_differs_from_cpu_in_dms_iterations_only():
+    cpu, long = reproduce.BUDGETS["cpu"], reproduce.BUDGETS["cpu-long"]
+    t = reproduce.TABLES["fairdd-cfmnist"]
+    for m in ("dm", "dc", "idc", "dream"):
+        a = reproduce.cell_settings(t, cpu, "cfmnist-bg", m, "fairdd", 0)
+        b = reproduce.cell_settings(t, long, "cfmnist-bg", m, "fairdd", 0)
+        if m == "dm":
+            assert b["distill"].pop("iterations") == 6 * a["distill"].pop("iterations") == 6000
+        assert (a["distill"], a["eval"]) == (b["distill"], b["eval"])
+    assert "DM 6000 iterations" in long.summary
+
+
 def test_cpu_budget_evaluates_the_cobra_table_in_cobras_proportions():
     # COBRA's code evaluates DM 1500 and DC 1000 epochs (FairDD's 1000 / 300); the cpu
     # budget halves FairDD's DM length and keeps its DC one, so under COBRA: 750 / 1000.
