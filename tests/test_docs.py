@@ -75,5 +75,12 @@ def test_results_tables_show_missing_cells_and_refuse_a_readme_without_markers(t
     dm = next(ln for ln in md.splitlines() if ln.startswith("| DM |"))
     assert dm.split(" | ")[3:5] == ["90.50 / 23.12 +- 7.4 / 10.03", "94.61 / 17.04 / 7.95"]
     assert "not run yet" in dm  # DM vanilla and DM+COBRA
+    # A larger budget's cells add a row named by the budget, for the methods it ran only.
+    longer = {**rec, "acc": 92.0, "deo_m": 18.0}
+    md = results_summary.dataset_table("fairdd-cmnist", "cmnist-fg", [rec], (("cpu-long", [longer]),))
+    rows = [ln for ln in md.splitlines() if ln.startswith("| DM")]
+    assert [r.split(" | ")[0] for r in rows] == ["| DM", "| DM, `cpu-long`"]
+    assert rows[1].split(" | ")[3] == "92.00 / 18.00 +- 7.4 / 10.03"
+    assert not any(ln.startswith("| DC, ") for ln in md.splitlines())
     with pytest.raises(ValueError, match="no"):
         results_summary.rewrite("# no markers\n", str(tmp_path))
