@@ -119,12 +119,11 @@ def _run_cell(method: str, objective: str, p: dict[str, Any], seed: int, device:
         ds = data.load(DATASET)
     cfg = _config(method, objective, p, seed)
     t0 = time.perf_counter()
-    on_log = None
-    if report is not None:  # a worker: its iterations go to the parent's per-cell bars
-        def on_log(entry: dict[str, Any]) -> None:
-            if "iteration" in entry:
-                report.put((f"{method}+{objective}", int(entry["iteration"]), cfg.iterations))
-    res = run(cfg, ds, device=dev, progress=progress, on_log=on_log)
+    def to_parent(entry: dict[str, Any]) -> None:  # a worker's iterations go to the parent's per-cell bars
+        if "iteration" in entry:
+            report.put((f"{method}+{objective}", int(entry["iteration"]), cfg.iterations))
+
+    res = run(cfg, ds, device=dev, progress=progress, on_log=None if report is None else to_parent)
     t_distil = time.perf_counter() - t0
     # method=: DM sets are evaluated with DSA, DC sets without (the reference's evaluation).
     ev = evaluate_synset(res.images, res.labels, ds, epochs=p["eval_epochs"], runs=p["eval_runs"], seed=seed,
