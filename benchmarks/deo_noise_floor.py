@@ -1,0 +1,101 @@
+"""What DEO_M would a perfectly fair model score on a dataset's test set?
+
+DEO_M is a max over classes of a range over the (class, group) test cells:
+binomial sampling alone spreads the cells, so even a model whose accuracy
+does not depend on the group at all scores well above 0 (over 100 (fg, bg)
+groups of ~60 images per cell: ~30). This script measures that floor by
+simulation: for every class c a group-invariant model with accuracy p_c
+(taken from a metrics.json or a reproduce cell.json, or a constant), each
+cell's hits drawn Binomial(n_cell, p_c) with the real test set's cell sizes,
+and DEO_M / DEO_A computed as fastfair.metrics does, over the groups and,
+with several attributes, over each attribute's marginal groups.
+
+    python benchmarks/deo_noise_floor.py --root ../shared/data \
+        --metrics benchmarks/results/explore_intersectional/dm_fairdd_intersection_sample_per_group/metrics.json
+    python benchmarks/deo_noise_floor.py --dataset cfmnist-bg --root ../shared/data \
+        --metrics benchmarks/results/reproduce_cpu-long_cfmnist/cfmnist-bg/dm_fairdd_ipc10/cell.json
+
+Writes the floors as JSON (``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from fastfair import data
+
+
+def _floor(cnt: np.ndarray, p_class: np.ndarray, sizes: tuple[int, ...], trials: int,
+           rng: np.random.Generator) -> dict[str, list[float]]:
+    C = cnt.shape[0]
+    n_attr = cnt.reshape(C, *sizes)
+    rows = []
+    for _ in range(trials):
+        hits = rng.binomial(cnt, p_class[:, None])
+        r = hits / cnt
+        gap = r.max(1) - r.min(1)
+        row = [gap.max(), gap.mean()]
+        if len(sizes) > 1:  # groups are the mixed-radix index of the values (fastfair.attributes)
+            h = hits.reshape(C, *sizes)
+            for a in range(len(sizes)):
+                other = tuple(i + 1 for i in range(len(sizes)) if i != a)
+                m = h.sum(other) / n_attr.sum(other)
+                row.append((m.max(1) - m.min(1)).max())
+        rows.append(row)
+    a = np.array(rows) * 100.0
+    return {k: [float(a[:, i].mean()), float(np.percentile(a[:, i], 5)), float(np.percentile(a[:, i], 95))]
+            for i, k in enumerate(["deo_m", "deo_a"] + [f"attr{j}_deo_m" for j in range(a.shape[1] - 2)])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="cmnist-fgbg", help="any dataset name fastfair.data.load takes")
+    ap.add_argument("--root", default="../shared/data", help="where the MNIST files are")
+    ap.add_argument("--metrics", help="a metrics.json or reproduce cell.json whose per-class accuracies the "
+                                      "fair model takes")
+    ap.add_argument("--acc", type=float, nargs="*", default=[85.0, 90.0, 95.0],
+                    help="also: every class at this accuracy (percent)")
+    ap.add_argument("--trials", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="write the floors here as JSON")
+    args = ap.parse_args()
+
+    ds = data.load(args.dataset, root=args.root)
+    names = list(ds.attributes.names)
+    sizes = tuple(len(v) for v in ds.attributes.values)
+    C, G = ds.num_classes, ds.num_groups
+    y, g = ds.test.labels.numpy(), ds.test.groups.numpy()
+    cnt = np.bincount(y * G + g, minlength=C * G).reshape(C, G)
+    if cnt.min() == 0:
+        raise SystemExit("a (class, group) cell of the test set is empty; the floor assumes none is")
+    print(f"{args.dataset}: {C} classes x {G} groups; test cells hold {cnt.min()}-{cnt.max()} images "
+          f"(median {np.median(cnt):.0f})")
+    rng = np.random.default_rng(args.seed)
+    cases: list[tuple[str, np.ndarray]] = []
+    if args.metrics:
+        with open(args.metrics) as fh:
+            m = json.load(fh)
+        cell = np.array([[np.nan if v is None else v for v in row] for row in m["cell_acc"]], dtype=float)
+        if cell.shape != (C, G):
+            raise SystemExit(f"{args.metrics} holds {cell.shape} cells; {args.dataset} has {(C, G)}")
+        cases.append((f"per-class accuracy of {args.metrics} (overall {m['acc']:.2f}, DEO_M {m['deo_m']:.2f})",
+                      np.nanmean(cell, 1) / 100))
+    cases += [(f"every class {a:g}%", np.full(C, a / 100)) for a in args.acc]
+    out = {"dataset": args.dataset, "attributes": names, "trials": args.trials,
+           "cell_sizes": [int(cnt.min()), int(cnt.max())], "cases": []}
+    for name, p in cases:
+        f = _floor(cnt, p, sizes, args.trials, rng)
+        f = {(f"{names[int(k[4:-6])]}_deo_m" if k.startswith("attr") else k): v for k, v in f.items()}
+        out["cases"].append({"model": name, "class_acc": [float(v) * 100 for v in p], **f})
+        extra = "".join(f"; {n} DEO_M {f[n + '_deo_m'][0]:.1f}" for n in names if n + "_deo_m" in f)
+        print(f"{name}: DEO_M {f['deo_m'][0]:.1f} (5-95%: {f['deo_m'][1]:.1f}-{f['deo_m'][2]:.1f}), "
+              f"DEO_A {f['deo_a'][0]:.1f}{extra}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
