@@ -61,6 +61,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the floors here as JSON")
     args = ap.parse_args()
+    if any(not 0.0 <= a <= 100.0 for a in args.acc):
+        ap.error(f"--acc takes accuracies in percent, in [0, 100]; got {args.acc}")
+    if args.trials < 1:
+        ap.error(f"--trials must be >= 1, got {args.trials}")
 
     ds = data.load(args.dataset, root=args.root)
     names = list(ds.attributes.names)
