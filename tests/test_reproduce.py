@@ -73,16 +73,22 @@ def test_cell_settings_follow_the_budget():
     assert paper["eval"]["epochs"] is None  # the method's reference protocol
 
 
-def test_cpu_long_differs_from_cpu_in_dms_iterations_only():
+def test_cpu_long_differs_from_cpu_in_iterations_only():
+    # DM 6x, IDC and DREAM 2x; DC, CAFE and every evaluation as the cpu budget.
     cpu, long = reproduce.BUDGETS["cpu"], reproduce.BUDGETS["cpu-long"]
-    t = reproduce.TABLES["fairdd-cfmnist"]
-    for m in ("dm", "dc", "idc", "dream"):
-        a = reproduce.cell_settings(t, cpu, "cfmnist-bg", m, "fairdd", 0)
-        b = reproduce.cell_settings(t, long, "cfmnist-bg", m, "fairdd", 0)
-        if m == "dm":
-            assert b["distill"].pop("iterations") == 6 * a["distill"].pop("iterations") == 6000
-        assert (a["distill"], a["eval"]) == (b["distill"], b["eval"])
-    assert "DM 6000 iterations" in long.summary
+    factor = {"dm": 6, "idc": 2, "dream": 2}
+    for t, methods in ((reproduce.TABLES["fairdd-cfmnist"], ("dm", "dc", "idc", "dream")),
+                       (reproduce.TABLES["cobra"], ("dm", "dc", "idc", "cafe"))):
+        for m in methods:
+            a = reproduce.cell_settings(t, cpu, "cfmnist-bg", m, "fairdd", 0)
+            b = reproduce.cell_settings(t, long, "cfmnist-bg", m, "fairdd", 0)
+            if m in factor:
+                assert b["distill"].pop("iterations") == factor[m] * a["distill"].pop("iterations")
+            assert (a["distill"], a["eval"]) == (b["distill"], b["eval"]), (t.name, m)
+    assert "DM 6000 iterations" in long.summary and "IDC and DREAM 160 outer iterations (DC 80)" in long.summary
+    # The cobra preset's IDC protocol (no inner training) still applies to a method-keyed entry.
+    idc = reproduce.cell_settings(reproduce.TABLES["cobra"], long, "cmnist-fg", "idc", "cobra", 0)["distill"]
+    assert (idc["iterations"], idc["inner_loop"]) == (160, 0)
 
 
 def test_cpu_budget_evaluates_the_cobra_table_in_cobras_proportions():
