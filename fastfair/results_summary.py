@@ -22,7 +22,8 @@ END = "<!-- results:end -->"
 # (table, results.json files relative to the repository root) shown in the README: the first
 # file's budget fills every row; each further file (a larger budget for some cells) adds rows
 # for the methods it has cells of, named by its budget.
-SOURCES = (("fairdd-cmnist", ("benchmarks/results/reproduce_cpu_cmnist/results.json",)),
+SOURCES = (("fairdd-cmnist", ("benchmarks/results/reproduce_cpu_cmnist/results.json",
+                              "benchmarks/results/reproduce_cpu-long_cmnist/results.json")),
            ("fairdd-cfmnist", ("benchmarks/results/reproduce_cpu_cfmnist/results.json",
                                "benchmarks/results/reproduce_cpu-long_cfmnist/results.json")))
 TITLES = {"cmnist-fg": "C-MNIST FG", "cmnist-bg": "C-MNIST BG", "cfmnist-fg": "C-FMNIST FG",
