@@ -137,7 +137,8 @@ class Budget:
     """How much of the protocol a run spends. ``distill[key]``: DistillConfig
     overrides (empty: the preset's paper values), keyed by a method family
     (``dm``, ``dc``, ``cafe``) or by a method of the DC family (``idc``,
-    ``dream``), which then replaces its family's entry; ``eval_epochs[method]``: None
+    ``dream``), which then replaces its family's entry; ``eval_epochs[key]``
+    (the same keys): None
     takes the method's reference protocol; ``width``: None is the ConvNet's 128."""
 
     name: str
@@ -184,8 +185,11 @@ def _cpu_budget(name: str, intro: str, dm: dict[str, Any], dc: dict[str, Any], e
     distill = {"dm": dm, "dc": dc}
     if idc_dream_iterations is not None:
         distill["idc"] = distill["dream"] = {**dc, "iterations": idc_dream_iterations}
+        # The reference evaluates IDC and DREAM sets as it evaluates DM's (1000 epochs with DSA).
+        eval_epochs = {**eval_epochs, "idc": eval_epochs["dm"], "dream": eval_epochs["dm"]}
         summary += (f"; IDC and DREAM {idc_dream_iterations} outer iterations (DC {dc['iterations']}), the rest "
-                    "as DC")
+                    f"as DC, evaluated as DM ({eval_epochs['dm']} epochs with DSA; the reference evaluates them "
+                    "as DM)")
     if cafe is not None:
         distill["cafe"] = cafe
         summary += (f"; CAFE {cafe['iterations']} iterations of {cafe['outer_loop']} matching steps with "
@@ -282,6 +286,7 @@ def cell_settings(table: Table, budget: Budget, dataset: str, method: str, objec
     net = {"width": budget.width} if budget.width is not None else {}
     if "depth" in distill:
         net["depth"] = distill["depth"]
-    epochs = budget.preset_eval_epochs.get(table.preset, {}).get(fam, budget.eval_epochs.get(fam))
+    epochs = budget.preset_eval_epochs.get(table.preset, {}).get(
+        fam, budget.eval_epochs.get(method, budget.eval_epochs.get(fam)))
     return {"distill": distill, "eval": {"epochs": epochs, "runs": budget.eval_runs,
                                          "net_kwargs": net, "seed": seed}, "budget": budget.name}

@@ -73,8 +73,9 @@ def test_cell_settings_follow_the_budget():
     assert paper["eval"]["epochs"] is None  # the method's reference protocol
 
 
-def test_cpu_long_differs_from_cpu_in_iterations_only():
-    # DM 6x, IDC and DREAM 2x; DC, CAFE and every evaluation as the cpu budget.
+def test_cpu_long_differs_from_cpu_in_iterations_and_idc_dream_evaluation_only():
+    # DM 6x, IDC and DREAM 2x and evaluated as DM (as the reference evaluates them) except
+    # under COBRA's protocol (its own IDC length); DC, CAFE and every other evaluation as cpu.
     cpu, long = reproduce.BUDGETS["cpu"], reproduce.BUDGETS["cpu-long"]
     factor = {"dm": 6, "idc": 2, "dream": 2}
     for t, methods in ((reproduce.TABLES["fairdd-cfmnist"], ("dm", "dc", "idc", "dream")),
@@ -84,8 +85,11 @@ def test_cpu_long_differs_from_cpu_in_iterations_only():
             b = reproduce.cell_settings(t, long, "cfmnist-bg", m, "fairdd", 0)
             if m in factor:
                 assert b["distill"].pop("iterations") == factor[m] * a["distill"].pop("iterations")
+            if t.preset == "fairdd" and m in ("idc", "dream"):
+                assert (a["eval"].pop("epochs"), b["eval"].pop("epochs")) == (300, 500)
             assert (a["distill"], a["eval"]) == (b["distill"], b["eval"]), (t.name, m)
     assert "DM 6000 iterations" in long.summary and "IDC and DREAM 160 outer iterations (DC 80)" in long.summary
+    assert "evaluated as DM (500 epochs with DSA" in long.summary
     # The cobra preset's IDC protocol (no inner training) still applies to a method-keyed entry.
     idc = reproduce.cell_settings(reproduce.TABLES["cobra"], long, "cmnist-fg", "idc", "cobra", 0)["distill"]
     assert (idc["iterations"], idc["inner_loop"]) == (160, 0)
