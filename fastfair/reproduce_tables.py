@@ -237,7 +237,9 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
     # 6000 iterations: 63.5 / 58.3, 63.8 / 53.7, 65.5 / 53.3, 65.5 / 50.0, 65.6 / 38.7, 66.0 / 41.0.
     # IDC and DREAM measured before (NOTES, "C-MNIST FG IDC+FairDD and DREAM+FairDD at twice the outer
     # iterations"): C-MNIST FG IDC+FairDD at 80 outer iterations 88.30 / 26.50 / 12.27 (Acc / DEO_M /
-    # DEO_A, 5 runs), at 160 89.73 / 20.03 / 10.66.
+    # DEO_A, 5 runs), at 160 89.73 / 20.03 / 10.66. Their evaluation length (500, DM's) was set after
+    # the 160-iteration DREAM+FairDD set read 87.15 / 22.62 at 300 epochs and 88.12 / 21.65 at 500: the
+    # reference evaluates IDC and DREAM as DM, so the cpu budget's 300 (its DC family's) was the outlier.
     _cpu_budget("cpu-long", f"the cpu budget with DM run {DM_LONG_ITERATIONS // 1000}x as long and IDC and "
                             "DREAM twice as long, where the iteration curves say the budget buys fairness "
                             "(C-FMNIST DM, C-MNIST IDC; about 35 min for a DM+FairDD cell, 1 thread, 30-45 min for "
