@@ -33,7 +33,8 @@ def _floor(cnt: np.ndarray, p_class: np.ndarray, names: list[str], sizes: tuple[
     and, with several attributes, each attribute's marginal DEO_M."""
     C = cnt.shape[0]
     hits = rng.binomial(cnt, p_class[:, None], size=(trials, *cnt.shape))  # [T, C, G]
-    gap = (hits / cnt).max(-1) - (hits / cnt).min(-1)  # [T, C]
+    rate = hits / cnt
+    gap = rate.max(-1) - rate.min(-1)  # [T, C]
     stats = {"deo_m": gap.max(-1), "deo_a": gap.mean(-1)}
     if len(sizes) > 1:
         # Row-major reshape = fastfair.attributes' mixed-radix group ids (last attribute fastest).
