@@ -277,3 +277,25 @@ def test_reproduce_and_eval_draw_a_heatmap_per_attribute(tmp_path, capsys) -> No
         assert (tmp_path / name).stat().st_size > 0, name
     assert set(json.loads((tmp_path / "m.json").read_text())["per_attribute_cells"]) == {"fg", "bg"}
     capsys.readouterr()
+
+
+def test_evaluations_during_a_run_report_each_attribute(tmp_path, capsys) -> None:
+    """A curve over iterations (--eval-every) on two attributes logs each one's
+    marginal gaps beside the intersection's, as metrics.json does."""
+    import json
+
+    from fastfair.cli import main
+
+    out = tmp_path / "o"
+    assert main(["distill", "--dataset", "cdigits-fgbg", "--method", "dm", "--objective", "fairdd", "--ipc", "1",
+                 "--iterations", "2", "--width", "8", "--depth", "2", "--batch-real", "8", "--eval-every", "2",
+                 "--eval-epochs", "1", "--eval-runs", "1", "--no-progress", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr()
+    ev = next(json.loads(line)["eval"] for line in (out / "log.jsonl").read_text().splitlines()
+              if "eval" in json.loads(line))
+    assert set(ev["per_attribute"]) == {"fg", "bg"}
+    for m in ev["per_attribute"].values():
+        deo_m, std = m["deo_m"]
+        assert 0 <= deo_m <= 100 and std == 0  # one run
+    assert "fg DEO_M" in err.out + err.err and "bg DEO_M" in err.out + err.err

@@ -100,7 +100,11 @@ def _evaluate(cfg: DistillConfig, images: Tensor, labels: Tensor, dataset: Any, 
     res = evaluate_synset(images, labels, dataset, model=cfg.eval_model, epochs=cfg.eval_epochs,
                           runs=cfg.eval_runs, seed=cfg.seed, device=device, progress=False, method=cfg.method,
                           preset=cfg.preset, **kw)
-    return {k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std", "suf_m", "suf_m_std", "suf_a", "suf_a_std")}
+    ev = {k: res[k] for k in ("acc", "acc_std", "deo_m", "deo_m_std", "deo_a", "deo_a_std", "suf_m", "suf_m_std",
+                              "suf_a", "suf_a_std")}
+    if res["per_attribute"]:  # several attributes: a curve over iterations needs each one's marginal gaps too
+        ev["per_attribute"] = res["per_attribute"]
+    return ev
 
 
 def run(config: DistillConfig, dataset: Any = None, out_dir: str | None = None,
@@ -258,8 +262,10 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
                         from ..evaluate import chance_note
 
                         note = chance_note(ev["acc"], ctx.num_classes)
+                        marg = "".join(f"  {name} DEO_M {m['deo_m'][0]:.2f}"
+                                       for name, m in ev.get("per_attribute", {}).items())
                         bar.write(f"[{desc}] iteration {done}: acc {ev['acc']:.2f}  DEO_M {ev['deo_m']:.2f}  "
-                                  f"DEO_A {ev['deo_a']:.2f}" + (f"  ({note})" if note else ""))
+                                  f"DEO_A {ev['deo_a']:.2f}{marg}" + (f"  ({note})" if note else ""))
                         if write:
                             ck.append_log(out_dir, entry)
                         if on_log is not None:
