@@ -123,7 +123,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
         seed=a.seed, cafe_inner_weight=a.inner_weight,
         cafe_class_mean=None if a.cafe_class_mean is None else a.cafe_class_mean == "on",
         log_every=a.log_every, checkpoint_every=a.checkpoint_every, eval_every=a.eval_every,
-        eval_model=a.eval_model, eval_epochs=a.eval_epochs, eval_runs=a.eval_runs, root=a.root,
+        eval_model=a.eval_model, eval_epochs=a.eval_epochs, eval_runs=a.eval_runs, eval_width=a.eval_width, root=a.root,
         bias_ratio=a.bias_ratio, extra={"data_options": options} if options else {},
     )
     weights = _cafe_weights(a)

@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-epochs", "--epoch_eval_train", type=int, default=None,
                    help="epochs of those evaluations; default: the method's under the preset (fairdd: DM, DSA, "
                         "IDC, DREAM 1000, DC 300; cobra: DM 1500, DC 1000; CAFE 1000 under both)" + _family("--epoch_eval_train"))
+    s.add_argument("--eval-width", type=int, default=None,
+                   help="width of the network of those evaluations (default: the network's, 128 for ConvNet; "
+                        "the cpu budgets evaluate at 32)")
     s.add_argument("--eval-runs", "--num_eval", type=int, default=None,
                    help="trained networks per evaluation; default: the preset's (fairdd 10, as FairDD's scripts "
                         "pass; cobra 5, and 2 for CAFE as COBRA's run_cafe.sh)" + _family("--num_eval", "the family's argparse default is 20"))

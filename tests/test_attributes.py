@@ -289,7 +289,7 @@ def test_evaluations_during_a_run_report_each_attribute(tmp_path, capsys) -> Non
     out = tmp_path / "o"
     assert main(["distill", "--dataset", "cdigits-fgbg", "--method", "dm", "--objective", "fairdd", "--ipc", "1",
                  "--iterations", "2", "--width", "8", "--depth", "2", "--batch-real", "8", "--eval-every", "2",
-                 "--eval-epochs", "1", "--eval-runs", "1", "--no-progress", "--device", "cpu",
+                 "--eval-epochs", "1", "--eval-width", "4", "--eval-runs", "1", "--no-progress", "--device", "cpu",
                  "--out", str(out)]) == 0
     err = capsys.readouterr()
     ev = next(json.loads(line)["eval"] for line in (out / "log.jsonl").read_text().splitlines()
@@ -299,3 +299,5 @@ def test_evaluations_during_a_run_report_each_attribute(tmp_path, capsys) -> Non
         deo_m, std = m["deo_m"]
         assert 0 <= deo_m <= 100 and std == 0  # one run
     assert "fg DEO_M" in err.out + err.err and "bg DEO_M" in err.out + err.err
+    syn = torch.load(out / "synset.pt", weights_only=True)
+    assert syn["config"]["eval_width"] == 4  # --eval-width reached the run's evaluations

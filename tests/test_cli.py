@@ -62,6 +62,7 @@ def _png(path: str) -> None:
     (["distill", "--dataset", "cdigits-fg", "--ipc", "0", "--out", "{tmp}/o"], ["ipc", "0"]),
     (["distill", "--dataset", "cdigits-fg", "--eval-model", "LeNet", "--eval-every", "1", "--iterations", "1",
       "--out", "{tmp}/o", *TINY_DISTILL], ["'LeNet'", "--eval-model"]),
+    (["distill", "--dataset", "cdigits-fg", "--eval-width", "0", "--out", "{tmp}/o"], ["eval_width", "0"]),
     (["distill", "--dataset", "cdigits-fg", "--device", "toaster", "--out", "{tmp}/o"], ["'toaster'"]),
     (["distill", "--dataset", "cdigits-fg", "--out", "{tmp}/a_file"], ["a_file", "not a directory"]),
     (["distill", "--dataset", "cdigits-fg", "--bias-ratio", "1.5", "--out", "{tmp}/o"], ["bias_ratio", "1.5"]),

@@ -247,6 +247,8 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     _positive(c, "ipc", "iterations", "batch_real", "batch_train", "width", "depth", "log_every",
               "checkpoint_every", "eval_runs", "pseudo_min_samples", "dream_interval", "dream_pool",
               "dream_kmeans_iters")
+    if c.eval_width is not None:
+        _positive(c, "eval_width")
     if not dm:
         _positive(c, "outer_loop")
         if c.inner_loop is None or c.inner_loop < 0:
