@@ -8,7 +8,8 @@ tables; tests/test_cli.py checks that the two agree.
 """
 from __future__ import annotations
 
-OBJECTIVES = ("vanilla", "fairdd", "fairdd-mean", "cobra", "fairdd-iw", "fairdd-ldam", "fairdd-groupdro")
+OBJECTIVES = ("vanilla", "fairdd", "fairdd-mean", "cobra", "fairdd-iw", "fairdd-ldam", "fairdd-groupdro",
+              "fairdd-raked")
 METHODS = ("dm", "dc", "dsa", "idc", "dream", "cafe")
 PRESETS = ("fairdd", "cobra")
 BUDGETS = ("paper", "cpu", "cpu-long", "cpu-20min", "cpu-short", "tiny")

@@ -51,7 +51,8 @@ def loop_dc_loss(real_grads, counts, syn_grads, C, G, objective, metric):  # noq
             total = total + match(tgt, syn, metric)
         else:
             terms = torch.stack([match(grp, syn, metric) for grp in groups])
-            w = {"fairdd": torch.ones_like(n), "fairdd-mean": torch.ones_like(n) / len(present), "fairdd-iw": (1 / n) / (1 / n).mean(),
+            # (fairdd-raked without attribute sizes weighs as fairdd; tests/test_raked.py has it with them)
+            w = {"fairdd": torch.ones_like(n), "fairdd-raked": torch.ones_like(n), "fairdd-mean": torch.ones_like(n) / len(present), "fairdd-iw": (1 / n) / (1 / n).mean(),
                  "fairdd-ldam": n ** -0.25 / (n ** -0.25).mean()}.get(objective)
             total = total + (terms.max() if objective == "fairdd-groupdro" else (w * terms).sum())
     return total

@@ -32,7 +32,7 @@ def loop_loss(real, labels, groups, syn, syn_labels, C, G, objective):
         else:
             terms = torch.stack([(mu - nu).pow(2).sum() for mu in mus])
             n = torch.tensor(ns, dtype=real.dtype)
-            if objective == "fairdd":
+            if objective in ("fairdd", "fairdd-raked"):  # raked without attribute sizes: FairDD's weights
                 w = torch.ones_like(n)
             elif objective == "fairdd-mean":  # COBRA's FairDD baseline: a mean over the present groups
                 w = torch.ones_like(n) / len(ns)

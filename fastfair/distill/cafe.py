@@ -43,7 +43,6 @@ from ..attributes import partitions
 from ..cafe import cafe_layer_terms, discrimination_terms, lr_at
 from ..cafe import real_layer_sums as cafe_real_sums
 from ..nets import layer_features
-from ..objectives import get_objective
 from . import rng
 from .context import RunContext
 from .synset import sgd_step
@@ -78,7 +77,7 @@ def cafe_step_loss(ctx: RunContext, net: torch.nn.Module, x: Tensor, real: Tenso
     step; ``class_sizes``: the real rows' class-major sizes (Batch.sizes)."""
     cfg = ctx.cfg
     C = ctx.num_classes
-    obj = get_objective(cfg.objective)
+    obj = ctx.objective
     per_group = obj.target != "pooled"
     G = ctx.num_groups if per_group else 1
     seg = labels * G + groups if per_group else labels

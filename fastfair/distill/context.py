@@ -5,6 +5,7 @@ training a network on the synthetic set).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from .. import distributed as dist
 from ..augment import DSAParams, dsa
 from ..attributes import regroup
 from ..nets import get_network
+from ..objectives import Objective, get_objective
 from ..pergroup import auto_chunk
 from . import rng
 from .config import DistillConfig
@@ -61,6 +63,19 @@ class RunContext:
         if self.cfg.fair_over == "intersection" or attrs is None or self.cfg.groups == "pseudo":
             return seg_sum, counts, self.num_groups
         return regroup(seg_sum, counts, num_classes, attrs, self.cfg.fair_over)
+
+    @property
+    def objective(self) -> Objective:
+        """The run's objective, resolved against the data's group layout:
+        ``raked`` learns the attribute sizes of the intersectional groups it
+        weighs (objectives.raking_weights); over a marginal, one attribute or
+        pseudo groups it has none and weighs as ``fairdd`` does."""
+        obj = get_objective(self.cfg.objective)
+        attrs = getattr(self.dataset, "attributes", None)
+        if (obj.weighting == "raked" and attrs is not None and self.cfg.fair_over == "intersection"
+                and self.cfg.groups != "pseudo"):
+            return dataclasses.replace(obj, group_sizes=attrs.sizes)
+        return obj
 
     # ------------------------------------------------------------------ nets
 

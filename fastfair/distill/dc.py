@@ -205,14 +205,14 @@ def _blocked_matching(ctx: RunContext, net: nn.Module, real: Tensor, labels: Ten
         if compact_layout(G, cfg.fair_over):
             grads, present = present_segment_gradients(net, real_b, labels[r0:r1], seg_b, chunk)
             loss = dc_matching_loss(grads, ops.segment_count(seg_b, width),
-                                    [leaf[c0:c1] for leaf in leaves], G, objective=cfg.objective,
+                                    [leaf[c0:c1] for leaf in leaves], G, objective=ctx.objective,
                                     metric=cfg.dc_metric, segments=present)
         else:
             grads = segment_gradients(net, real_b, labels[r0:r1], seg_b, width, chunk=chunk)
             grads, counts = _global_segment_means(tuple(g.detach() for g in grads), seg_b, width)
             grads, counts, fair_groups = _fair_means(ctx, grads, counts, c1 - c0, G)
             loss = dc_matching_loss(grads, counts, [leaf[c0:c1] for leaf in leaves], fair_groups,
-                                    objective=cfg.objective, metric=cfg.dc_metric)
+                                    objective=ctx.objective, metric=cfg.dc_metric)
         del grads
         loss.backward()  # into the leaves' .grad only: they are the graph's sole leaves
         total = total + loss.detach()

@@ -58,7 +58,7 @@ def dm_iteration(ctx: RunContext, images: Tensor, buf: Tensor | None, it: int) -
     real_sum, real_count, fair_groups = ctx.fair_statistics(real_sum, real_count, C)
     syn_mean = ops.segment_mean(syn_emb, ctx.syn_labels, C)
     syn_count = ops.segment_count(ctx.syn_labels, C)
-    loss = dm_matching_loss(real_sum, real_count, syn_mean, syn_count, fair_groups, cfg.objective)
+    loss = dm_matching_loss(real_sum, real_count, syn_mean, syn_count, fair_groups, ctx.objective)
     (grad,) = torch.autograd.grad(loss, x)
     new_images, new_buf = sgd_step(images.detach(), buf, grad, cfg.lr_img, cfg.momentum)
     return new_images, new_buf, loss.detach()
