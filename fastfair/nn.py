@@ -81,7 +81,7 @@ class FairDMLoss(nn.Module):
         super().__init__()
         self.num_classes = ops._as_size(num_classes, "num_classes", "FairDMLoss")
         self.num_groups = ops._as_size(num_groups, "num_groups", "FairDMLoss")
-        self.objective = objectives.get_objective(objective)
+        self.objective = objectives.with_group_layout(objective, attributes, fair_over)
         self.reduction = _check_reduction(reduction)
         check_loss_attributes("FairDMLoss", attributes, fair_over, self.num_groups)
         self.attributes, self.fair_over = attributes, fair_over
@@ -147,7 +147,7 @@ class FairGradientMatching(nn.Module):
         self.model = model
         self.num_classes = ops._as_size(num_classes, "num_classes", op)
         self.num_groups = ops._as_size(num_groups, "num_groups", op)
-        self.objective = objectives.get_objective(objective)
+        self.objective = objectives.with_group_layout(objective, attributes, fair_over)
         if metric not in ("ours", "mse", "cos"):
             raise ValueError(f"unknown metric {metric!r}; choose 'ours', 'mse' or 'cos'")
         self.metric = metric
@@ -266,7 +266,7 @@ class FairCAFELoss(nn.Module):
         op = "FairCAFELoss"
         self.num_classes = ops._as_size(num_classes, "num_classes", op)
         self.num_groups = ops._as_size(num_groups, "num_groups", op)
-        self.objective = objectives.get_objective(objective)
+        self.objective = objectives.with_group_layout(objective, attributes, fair_over)
         ref = cafe.reference_weights(self.objective)
         self.weights = [float(w) for w in (ref.layers if weights is None else weights)]
         self.inner_weight = float(ref.inner_weight if inner_weight is None else inner_weight)

@@ -20,9 +20,10 @@ main_DC.py sums them, ``fairdd``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -96,6 +97,21 @@ def get_objective(name: str | Objective) -> Objective:
         raise ValueError(
             f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}"
         ) from None
+
+
+def with_group_layout(objective: str | Objective, attributes: Any, fair_over: str = "intersection") -> Objective:
+    """The objective resolved against the data's group layout
+    (``attributes``: a :class:`fastfair.attributes.Attributes` or None):
+    ``raked`` weighting learns the attribute sizes of the intersectional
+    groups it weighs; over a marginal or one attribute (or without
+    attributes) it has none and weighs as FairDD does. Other objectives are
+    returned as they are."""
+    obj = get_objective(objective)
+    if obj.weighting != "raked":
+        return obj
+    attribute_sizes = getattr(attributes, "sizes", None)
+    sizes = tuple(attribute_sizes) if attribute_sizes is not None and fair_over == "intersection" else None
+    return dataclasses.replace(obj, group_sizes=sizes)
 
 
 def group_weights(counts: Tensor, objective: Objective, dtype: torch.dtype = torch.float32) -> Tensor:

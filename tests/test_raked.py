@@ -134,3 +134,32 @@ def test_the_driver_gives_raked_the_intersection_sizes_only() -> None:
         _, _, losses[obj] = dm_iteration(c, x, None, 0)
     assert torch.isfinite(losses["fairdd-raked"])
     assert not torch.allclose(losses["fairdd"], losses["fairdd-raked"])  # a biased batch: uneven presence
+
+
+def test_fair_dm_loss_module_rakes_over_the_intersection_only() -> None:
+    from fastfair.attributes import Attributes
+    from fastfair.nn import FairDMLoss
+
+    attrs = Attributes(("fg", "bg"), (("r", "g", "b"), ("x", "y")))
+    gen = torch.Generator().manual_seed(3)
+    C, G, D = 2, 6, 4
+    labels = torch.arange(C).repeat_interleave(9)
+    groups = torch.tensor([0, 0, 0, 0, 1, 2, 3, 5, 5, 0, 1, 1, 1, 1, 4, 4, 2, 2])  # uneven presence
+    real = torch.randn(18, D, generator=gen, dtype=torch.float64)
+    syn = torch.randn(4, D, generator=gen, dtype=torch.float64)
+    syn_labels = torch.arange(C).repeat_interleave(2)
+    got = FairDMLoss(C, G, "fairdd-raked", attributes=attrs)(real, labels, groups, syn, syn_labels)
+    counts = torch.bincount(labels * G + groups, minlength=C * G).view(C, G)
+    w = raking_weights(counts > 0, (3, 2), torch.float64)
+    want = torch.zeros((), dtype=torch.float64)
+    for c in range(C):
+        nu = syn[syn_labels == c].mean(0)
+        for g in range(G):
+            m = (labels == c) & (groups == g)
+            if m.any():
+                want = want + w[c, g] * (real[m].mean(0) - nu).pow(2).sum()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    over_fg = FairDMLoss(C, G, "fairdd-raked", attributes=attrs, fair_over="fg")(real, labels, groups, syn,
+                                                                                syn_labels)
+    plain_fg = FairDMLoss(C, G, "fairdd", attributes=attrs, fair_over="fg")(real, labels, groups, syn, syn_labels)
+    torch.testing.assert_close(over_fg, plain_fg, rtol=0, atol=0)

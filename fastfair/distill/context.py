@@ -5,7 +5,6 @@ training a network on the synthetic set).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +16,7 @@ from .. import distributed as dist
 from ..augment import DSAParams, dsa
 from ..attributes import regroup
 from ..nets import get_network
-from ..objectives import Objective, get_objective
+from ..objectives import Objective, with_group_layout
 from ..pergroup import auto_chunk
 from . import rng
 from .config import DistillConfig
@@ -70,12 +69,8 @@ class RunContext:
         ``raked`` learns the attribute sizes of the intersectional groups it
         weighs (objectives.raking_weights); over a marginal, one attribute or
         pseudo groups it has none and weighs as ``fairdd`` does."""
-        obj = get_objective(self.cfg.objective)
-        attrs = getattr(self.dataset, "attributes", None)
-        if (obj.weighting == "raked" and attrs is not None and self.cfg.fair_over == "intersection"
-                and self.cfg.groups != "pseudo"):
-            return dataclasses.replace(obj, group_sizes=attrs.sizes)
-        return obj
+        attrs = getattr(self.dataset, "attributes", None) if self.cfg.groups != "pseudo" else None
+        return with_group_layout(self.cfg.objective, attrs, self.cfg.fair_over)
 
     # ------------------------------------------------------------------ nets
 

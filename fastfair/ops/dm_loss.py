@@ -60,7 +60,7 @@ def fair_dm_terms(
     group) distances [C, G'] for per-group objectives or with ``group_terms``,
     real rows per segment [C, G'], G' the groups the loss is fair over)."""
     op = "fair_dm_loss"
-    obj = objectives.get_objective(objective)
+    obj = objectives.with_group_layout(objective, attributes, fair_over)
     C, G = _check_dm_args(real_emb, real_labels, real_groups, syn_emb, syn_labels, num_classes, num_groups, op)
     check_loss_attributes(op, attributes, fair_over, G)
     checks = [("real_labels", real_labels, C, "num_classes"), ("real_groups", real_groups, G, "num_groups"),
