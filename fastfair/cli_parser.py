@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--objective", default=None, choices=list(OBJECTIVES),
                    help="matching objective: vanilla, fairdd (FairDD, sum over groups), fairdd-mean (COBRA's "
                         "re-implementation of the FairDD DC baseline: the mean over the groups present), cobra "
-                        "(COBRA barycenter), fairdd-iw / -ldam / -groupdro (FairDD's Table 7 ablations). Default: "
+                        "(COBRA barycenter), fairdd-iw / -ldam / -groupdro (FairDD's Table 7 ablations), fairdd-raked "
+                        "(fastfair's, several attributes: the intersection's FairDD terms weighted so each "
+                        "attribute's marginal weight is uniform; docs/methods.md). Default: "
                         "fairdd; but a command line in the DC/DM family's spelling (--Iteration, --num_eval, ...) "
                         "means what it means in FairDD's code: vanilla unless it says --FairDD")
     s.add_argument("--FairDD", dest="fairdd_flag", action="store_true",
