@@ -182,6 +182,24 @@ def test_intersectional_cells_carry_what_they_are_fair_over() -> None:
     assert s["objective"] == "fairdd" and s["fair_over"] == "fg"
     assert "fair_over" not in reproduce.cell_settings(t, b, "cmnist-fgbg", "dm", "vanilla", 0)["distill"]
     assert reproduce.cell_name("dm", "fairdd@fg", 10) == "dm_fairdd_over_fg_ipc10"
+    assert "sample_per_group" not in s
+
+
+def test_balanced_cells_sample_every_group(tmp_path, capsys) -> None:
+    t, b = reproduce.TABLES["intersectional"], reproduce.BUDGETS["tiny"]
+    s = reproduce.cell_settings(t, b, "cmnist-fgbg", "dm", "fairdd@intersection+balanced", 0)["distill"]
+    assert s["objective"] == "fairdd" and s["fair_over"] == "intersection" and s["sample_per_group"] is True
+    with pytest.raises(ValueError, match="unknown sampling 'lucky'"):
+        reproduce.cell_settings(t, b, "cmnist-fgbg", "dm", "fairdd@intersection+lucky", 0)
+    out = tmp_path / "r"
+    assert main(["reproduce", "--table", "cdigits-intersectional", "--budget", "tiny", "--cells",
+                 "dm:fairdd@intersection+balanced", "--out", str(out), "--threads", "1"]) == 0
+    cell = out / "cdigits-fgbg" / "dm_fairdd_over_intersection_balanced_ipc10"
+    rec = json.loads((cell / "cell.json").read_text())
+    assert rec["objective"] == "fairdd@intersection+balanced"
+    assert rec["config"]["sample_per_group"] is True  # what the distillation really ran with
+    assert "fairdd@intersection+balanced" in (out / "results.md").read_text()
+    capsys.readouterr()
 
 
 def test_cafe_table_runs_every_objective(tmp_path, capsys) -> None:
