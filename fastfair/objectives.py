@@ -150,7 +150,11 @@ def raking_weights(present: Tensor, sizes: Sequence[int], dtype: torch.dtype = t
     num_classes, num_groups = present.shape
     if math.prod(sizes) != num_groups:
         raise ValueError(f"group_sizes {tuple(sizes)} do not multiply to the {num_groups} groups")
-    mask = present.to(torch.float64).reshape(num_classes, *sizes)
+    # On the host: the fitting is ~10^3 tiny ops on a few thousand cells, which
+    # on a GPU would be as many kernel launches (milliseconds, a DM step's
+    # order); one copy each way costs one synchronisation instead.
+    device = present.device
+    mask = present.to("cpu", torch.float64).reshape(num_classes, *sizes)
     w = mask.clone()
     axes = tuple(range(1, 1 + len(sizes)))
     for _ in range(iterations):
@@ -162,9 +166,9 @@ def raking_weights(present: Tensor, sizes: Sequence[int], dtype: torch.dtype = t
             target = total / here.sum(dim=k, keepdim=True).clamp(min=1)
             w = w * torch.where(here, target / marg.clamp(min=1e-300), torch.zeros_like(marg))
     w = w.reshape(num_classes, num_groups)
-    n_present = present.sum(1, keepdim=True).clamp(min=1).to(torch.float64)
+    n_present = mask.reshape(num_classes, num_groups).sum(1, keepdim=True).clamp(min=1)
     w = w * n_present / w.sum(1, keepdim=True).clamp(min=1e-300)
-    return w.to(dtype)
+    return w.to(device=device, dtype=dtype)
 
 
 def reduce_group_terms(terms: Tensor, counts: Tensor, objective: Objective) -> Tensor:
