@@ -100,7 +100,7 @@ _COBRA_CELLS = (*((m, o) for m in ("dm", "dc", "idc") for o in ("vanilla", "fair
 _INTERSECTIONAL_CELLS = (*((m, o) for m in ("dm", "dc") for o in (
     "vanilla", "fairdd@fg", "fairdd@bg", "fairdd@marginal", "fairdd@intersection", "cobra@intersection")),
     ("dm", "fairdd@intersection+balanced"), ("dm", "cobra@intersection+balanced"),
-    ("dc", "fairdd@intersection+balanced"))
+    ("dc", "fairdd@intersection+balanced"), ("dm", "fairdd-raked@intersection+balanced"))
 SAMPLINGS = {"balanced": {"sample_per_group": True}}
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table("fairdd-cmnist", ("cmnist-fg", "cmnist-bg"), 10, _CMNIST_CELLS, "fairdd",
@@ -118,8 +118,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("intersectional", ("cmnist-fgbg", "cfmnist-fgbg"), 10, _INTERSECTIONAL_CELLS, "fairdd",
           "fastfair's two-attribute C-MNIST / C-FMNIST (digit colour x background colour, 10 x 10 groups) at IPC "
           "10: vanilla, FairDD over fg only, over bg only, over the marginals, over the intersection, COBRA over "
-          "the intersection, and FairDD / COBRA over the intersection with every group sampled (+balanced) (no "
-          "published numbers: no paper defines these sets)"),
+          "the intersection, and FairDD / COBRA / fastfair's raked FairDD over the intersection with every group "
+          "sampled (+balanced) (no published numbers: no paper defines these sets)"),
     Table("cdigits-intersectional", ("cdigits-fgbg",), 10, _INTERSECTIONAL_CELLS, "fairdd",
           "the intersectional cells on the embedded cdigits-fgbg (4 x 4 groups; needs no download)"),
     Table("cobra", ("cmnist-fg", "cmnist-bg", "cfmnist-fg", "cfmnist-bg"), 10, _COBRA_CELLS, "cobra",

@@ -189,6 +189,9 @@ def test_balanced_cells_sample_every_group(tmp_path, capsys) -> None:
     t, b = reproduce.TABLES["intersectional"], reproduce.BUDGETS["tiny"]
     s = reproduce.cell_settings(t, b, "cmnist-fgbg", "dm", "fairdd@intersection+balanced", 0)["distill"]
     assert s["objective"] == "fairdd" and s["fair_over"] == "intersection" and s["sample_per_group"] is True
+    s = reproduce.cell_settings(t, b, "cmnist-fgbg", "dm", "fairdd-raked@intersection+balanced", 0)["distill"]
+    assert s["objective"] == "fairdd-raked" and s["sample_per_group"] is True
+    assert ("dm", "fairdd-raked@intersection+balanced") in t.cells
     with pytest.raises(ValueError, match="unknown sampling 'lucky'"):
         reproduce.cell_settings(t, b, "cmnist-fgbg", "dm", "fairdd@intersection+lucky", 0)
     out = tmp_path / "r"
