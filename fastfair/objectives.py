@@ -59,7 +59,8 @@ class Objective:
       sum over present groups gives each value of each attribute the same
       total weight, where the uniform sum gives it its number of present
       cells. Needs ``group_sizes``; without it (one attribute, or groups that
-      are not an intersection) it is ``uniform``.
+      are not an intersection) it is ``uniform``, which is also what raking
+      one attribute gives.
     dm_distance: DM's distance; COBRA's DM uses L1, the others squared L2.
     group_sizes: the attribute sizes (K_1, ..., K_A) whose mixed-radix
       product the group ids index (fastfair.attributes), set by the driver
@@ -109,9 +110,9 @@ def with_group_layout(objective: str | Objective, attributes: Any, fair_over: st
     obj = get_objective(objective)
     if obj.weighting != "raked":
         return obj
-    attribute_sizes = getattr(attributes, "sizes", None)
-    sizes = tuple(attribute_sizes) if attribute_sizes is not None and fair_over == "intersection" else None
-    return dataclasses.replace(obj, group_sizes=sizes)
+    sizes = tuple(getattr(attributes, "sizes", None) or ())
+    # One attribute has nothing to rake: its raking is the present mask.
+    return dataclasses.replace(obj, group_sizes=sizes if len(sizes) > 1 and fair_over == "intersection" else None)
 
 
 def group_weights(counts: Tensor, objective: Objective, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -122,7 +123,7 @@ def group_weights(counts: Tensor, objective: Objective, dtype: torch.dtype = tor
     """
     present = counts > 0
     c = counts.to(dtype)
-    if objective.weighting == "raked" and objective.group_sizes is not None and len(objective.group_sizes) > 1:
+    if objective.weighting == "raked" and objective.group_sizes is not None:
         return raking_weights(present, objective.group_sizes, c.dtype)
     if objective.weighting in ("uniform", "max", "raked"):
         return present.to(c.dtype)
@@ -157,13 +158,17 @@ def raking_weights(present: Tensor, sizes: Sequence[int], dtype: torch.dtype = t
     mask = present.to("cpu", torch.float64).reshape(num_classes, *sizes)
     w = mask.clone()
     axes = tuple(range(1, 1 + len(sizes)))
+    # Per attribute k, fixed by the mask: the other axes, which of its values
+    # are present in the class, and how many.
+    fits = []
+    for k in axes:
+        other = tuple(a for a in axes if a != k)
+        here = mask.sum(dim=other, keepdim=True) > 0
+        fits.append((k, other, here, here.sum(dim=k, keepdim=True).clamp(min=1)))
     for _ in range(iterations):
-        for k in axes:
-            other = tuple(a for a in axes if a != k)
+        for k, other, here, n_here in fits:
             marg = w.sum(dim=other, keepdim=True)
-            here = mask.sum(dim=other, keepdim=True) > 0  # values of attribute k present in the class
-            total = marg.sum(dim=k, keepdim=True)
-            target = total / here.sum(dim=k, keepdim=True).clamp(min=1)
+            target = marg.sum(dim=k, keepdim=True) / n_here
             w = w * torch.where(here, target / marg.clamp(min=1e-300), torch.zeros_like(marg))
     w = w.reshape(num_classes, num_groups)
     n_present = mask.reshape(num_classes, num_groups).sum(1, keepdim=True).clamp(min=1)

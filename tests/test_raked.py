@@ -5,6 +5,8 @@ is checked on masks where it is reachable; the losses against float64 loops
 that apply the weights one (class, group) at a time."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,6 +18,10 @@ from fastfair.objectives import (dc_matching_terms, dm_matching_loss, get_object
                                  raking_weights)
 
 RAKED = get_objective("fairdd-raked")
+
+
+def _raked(sizes: tuple[int, ...]):  # noqa: ANN202
+    return dataclasses.replace(RAKED, group_sizes=sizes)
 
 
 def _permutation_union(num_classes: int, k: int, perms: int, gen: torch.Generator) -> torch.Tensor:
@@ -66,14 +72,7 @@ def test_raked_without_sizes_or_with_one_attribute_is_fairdd() -> None:
     counts = torch.tensor([[3, 0, 1, 5], [0, 0, 2, 2]])
     uniform = group_weights(counts, get_objective("fairdd"))
     torch.testing.assert_close(group_weights(counts, RAKED), uniform)
-    one = RAKED.__class__(**{**RAKED.__dict__, "group_sizes": (4,)})
-    torch.testing.assert_close(group_weights(counts, one), uniform)
-
-
-def _raked(sizes: tuple[int, ...]):  # noqa: ANN202
-    import dataclasses
-
-    return dataclasses.replace(RAKED, group_sizes=sizes)
+    torch.testing.assert_close(group_weights(counts, _raked((4,))), uniform)  # one attribute: nothing to rake
 
 
 def test_dm_loss_raked_equals_the_weighted_loop() -> None:
