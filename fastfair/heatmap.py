@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from .interrupts import holds_interrupts
+
 
 def _save(fig: Any, path: str) -> str:
     """``fig`` as a PNG through fastfair.distill.outdir.atomic_write: a reader
@@ -21,6 +23,7 @@ def _save(fig: Any, path: str) -> str:
     return path
 
 
+@holds_interrupts
 def cell_heatmap(cell_acc: Sequence[Sequence[float | None]], path: str, title: str = "",
                  class_names: Sequence[str] | None = None, group_names: Sequence[str] | None = None) -> str:
     """Draw ``cell_acc`` ([C][G] accuracy in percent, None for a cell without
@@ -55,6 +58,7 @@ def cell_heatmap(cell_acc: Sequence[Sequence[float | None]], path: str, title: s
     return _save(fig, path)
 
 
+@holds_interrupts
 def worst_cells_plot(cell_acc: Sequence[Sequence[float | None]], path: str, title: str = "",
                      class_names: Sequence[str] | None = None, group_names: Sequence[str] | None = None,
                      k: int = 20) -> str:

@@ -8,6 +8,7 @@ import os
 import time
 from typing import Any
 
+from .interrupts import holds_interrupts
 from .provenance import machine
 from .reproduce_tables import BUDGETS, PAPER, TABLES, published
 
@@ -117,6 +118,7 @@ def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) 
         plt.close(fig)
 
 
+@holds_interrupts  # a Ctrl-C / SIGTERM lands after the three files, never inside matplotlib
 def write_outputs(out: str, table: str, budget: str, results: list[dict[str, Any]], started: str,
                   note: str | None) -> dict[str, Any]:
     info = {"table": table, "budget": budget, "budget_summary": BUDGETS[budget].summary,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from ..interrupts import holds_interrupts
+
 # Issue #6 targets for fastfair FairDD / vanilla, and the FairDD paper's own code at G = 10.
 TIME_TARGETS = {("dm", 10): 1.05, ("dm", 100): 1.1, ("dc", 10): 1.3, ("dc", 100): 1.5}
 PAPER_CODE_AT_10 = {"dm": 1.41, "dc": 3.0}
@@ -72,6 +74,7 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+@holds_interrupts
 def plot(rows: list[dict], dataset: str, method: str, title: str, path: str) -> None:
     """ms and peak_mb against G (log-x; log-y where the values span a decade),
     one line per implementation."""

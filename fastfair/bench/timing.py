@@ -15,6 +15,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..interrupts import holds_interrupts
+
 
 def check_device(device: str) -> str:
     """``device`` (default: cuda when available, else cpu); ValueError (one
@@ -175,6 +177,7 @@ def write_json(path: str, payload: object) -> None:
     os.replace(tmp, path)
 
 
+@holds_interrupts
 def loglog_plot(rows: Sequence[dict], x: str, y: str, series: str | Callable[[dict], str], title: str,
                 path: str) -> None:
     """One line per implementation (``series``: a row key or a function of

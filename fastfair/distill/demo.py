@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..interrupts import holds_interrupts
 from .config import DistillConfig
 from .loop import run
 from .synset import save_grid
@@ -78,6 +79,7 @@ def _config(method: str, objective: str, p: dict[str, Any], seed: int) -> Distil
     )
 
 
+@holds_interrupts
 def bar_chart(rows: list[dict[str, Any]], path: str, title: str) -> None:
     import matplotlib
 

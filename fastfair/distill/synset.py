@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..interrupts import holds_interrupts
 from .outdir import atomic_write
 
 
@@ -94,6 +95,7 @@ def init_images(class_pools: list[Tensor], train_images: Tensor, ipc: int, init:
     return encode(real, factor).clone(), labels
 
 
+@holds_interrupts
 def save_grid(images: Tensor, labels: Tensor, num_classes: int, denormalize: Any, path: str) -> None:
     """PNG grid, one row per class (images in label order), denormalised to
     [0, 1], tiles separated by 1 px of white (PIL only: the loss and the
