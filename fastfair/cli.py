@@ -157,8 +157,11 @@ def cmd_distill(a: argparse.Namespace) -> int:
     writer_class = _tensorboard_writer_class() if a.tensorboard else None
     # The lock first: a second run into --out fails before it loads anything.
     with outdir.main_rank_lock(a.out), dist.process_group(device=a.device), contextlib.ExitStack() as stack:
-        _resume_notice(a.out, a.resume)
         ds = _load_data(cfg.dataset, a.root, a.bias_ratio, options, a.download)
+        from .distill.context import check_fair_over
+
+        check_fair_over(cfg, ds)  # a wrong --fair-over fails before the checkpoint notice below
+        _resume_notice(a.out, a.resume)
         on_log = None
         if writer_class is not None and dist.is_main():
             from .tboard import TensorBoardLogger

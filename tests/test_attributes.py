@@ -301,3 +301,19 @@ def test_evaluations_during_a_run_report_each_attribute(tmp_path, capsys) -> Non
     assert "fg DEO_M" in err.out + err.err and "bg DEO_M" in err.out + err.err
     syn = torch.load(out / "synset.pt", weights_only=True)
     assert syn["config"]["eval_width"] == 4  # --eval-width reached the run's evaluations
+
+
+def test_a_wrong_fair_over_fails_before_the_checkpoint_notice(tmp_path, capsys) -> None:
+    """A folder with a checkpoint and a misspelt --fair-over: one error naming
+    the attributes, and no "overwriting" notice (nothing is overwritten)."""
+    from fastfair.cli import EXIT_USAGE, main
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"kept")
+    assert main(["distill", "--dataset", "cdigits-fgbg", "--method", "dm", "--ipc", "1", "--iterations", "1",
+                 "--fair-over", "age", "--no-progress", "--device", "cpu", "--out", str(out)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "unknown attribute 'age'" in err and "fg, bg" in err, err
+    assert "overwriting" not in err, err
+    assert (out / "checkpoint.pt").read_bytes() == b"kept"

@@ -229,6 +229,16 @@ class RunContext:
                 opt.step()
 
 
+def check_fair_over(cfg: DistillConfig, dataset: Any) -> None:
+    """``cfg.fair_over`` against the dataset's attributes: a ValueError naming
+    them. Public so the CLI can check it before it says anything about --out."""
+    attrs = getattr(dataset, "attributes", None)
+    if attrs is not None:
+        attrs.check_fair_over(cfg.fair_over)
+    elif cfg.fair_over not in ("intersection", "marginal"):
+        raise ValueError(f"fair_over={cfg.fair_over!r}: this dataset declares no attributes")
+
+
 def build_context(cfg: DistillConfig, dataset: Any, device: torch.device) -> RunContext:
     """Move the data where the steps need it and fix every static shape."""
     train = dataset.train
@@ -239,11 +249,7 @@ def build_context(cfg: DistillConfig, dataset: Any, device: torch.device) -> Run
                          "distributed runs (every rank would cluster its own shard differently)")
     if cfg.groups == "pseudo" and cfg.sample_per_group:
         raise ValueError("sample_per_group needs group labels; it cannot be combined with groups='pseudo'")
-    attrs = getattr(dataset, "attributes", None)
-    if attrs is not None:
-        attrs.check_fair_over(cfg.fair_over)  # ValueError naming the dataset's attributes
-    elif cfg.fair_over not in ("intersection", "marginal"):
-        raise ValueError(f"fair_over={cfg.fair_over!r}: this dataset declares no attributes")
+    check_fair_over(cfg, dataset)
     labels = train.labels.long()
     groups = train.groups.long()
     if cfg.group_noise > 0:
