@@ -8,7 +8,9 @@ simulation: for every class c a group-invariant model with accuracy p_c
 (taken from a metrics.json or a reproduce cell.json, or a constant), each
 cell's hits drawn Binomial(n_cell, p_c) with the real test set's cell sizes,
 and DEO_M / DEO_A computed as fastfair.metrics does, over the groups and,
-with several attributes, over each attribute's marginal groups.
+with several attributes, over each attribute's marginal groups
+(fastfair.metrics.deo_chance_floor, which every evaluation now reports as
+``deo_floor``; this script asks it for any accuracies).
 
     python benchmarks/deo_noise_floor.py --root ../shared/data \
         --metrics benchmarks/results/explore_intersectional/dm_fairdd_intersection_sample_per_group/metrics.json
@@ -25,26 +27,8 @@ import json
 import numpy as np
 
 from fastfair import data
-
-
-def _floor(cnt: np.ndarray, p_class: np.ndarray, names: list[str], sizes: tuple[int, ...], trials: int,
-           rng: np.random.Generator) -> dict[str, list[float]]:
-    """Mean, 5th and 95th percentile over ``trials`` draws of DEO_M / DEO_A
-    and, with several attributes, each attribute's marginal DEO_M."""
-    C = cnt.shape[0]
-    hits = rng.binomial(cnt, p_class[:, None], size=(trials, *cnt.shape))  # [T, C, G]
-    rate = hits / cnt
-    gap = rate.max(-1) - rate.min(-1)  # [T, C]
-    stats = {"deo_m": gap.max(-1), "deo_a": gap.mean(-1)}
-    if len(sizes) > 1:
-        # Row-major reshape = fastfair.attributes' mixed-radix group ids (last attribute fastest).
-        h, n = hits.reshape(trials, C, *sizes), cnt.reshape(C, *sizes)
-        for k, name in enumerate(names):
-            other = tuple(i + 1 for i in range(len(sizes)) if i != k)
-            m = h.sum(tuple(i + 1 for i in other)) / n.sum(other)  # [T, C, sizes[k]]
-            stats[f"{name}_deo_m"] = (m.max(-1) - m.min(-1)).max(-1)
-    return {k: [float(v.mean() * 100), float(np.percentile(v, 5) * 100), float(np.percentile(v, 95) * 100)]
-            for k, v in stats.items()}
+from fastfair.evaluate import cell_test_counts
+from fastfair.metrics import class_accuracy, deo_chance_floor
 
 
 def main() -> None:
@@ -65,29 +49,25 @@ def main() -> None:
         ap.error(f"--trials must be >= 1, got {args.trials}")
 
     ds = data.load(args.dataset, root=args.root)
-    names, sizes = list(ds.attributes.names), ds.attributes.sizes
+    names = list(ds.attributes.names)
     C, G = ds.num_classes, ds.num_groups
-    y, g = ds.test.labels.numpy(), ds.test.groups.numpy()
-    cnt = np.bincount(y * G + g, minlength=C * G).reshape(C, G)
-    if cnt.min() == 0:
-        raise SystemExit("a (class, group) cell of the test set is empty; the floor assumes none is")
+    cnt = cell_test_counts(ds)
     print(f"{args.dataset}: {C} classes x {G} groups; test cells hold {cnt.min()}-{cnt.max()} images "
           f"(median {np.median(cnt):.0f})")
-    rng = np.random.default_rng(args.seed)
     cases: list[tuple[str, np.ndarray]] = []
     if args.metrics:
         with open(args.metrics) as fh:
             m = json.load(fh)
-        cell = np.array([[np.nan if v is None else v for v in row] for row in m["cell_acc"]], dtype=float)
-        if cell.shape != (C, G):
-            raise SystemExit(f"{args.metrics} holds {cell.shape} cells; {args.dataset} has {(C, G)}")
+        shape = (len(m["cell_acc"]), len(m["cell_acc"][0]) if m["cell_acc"] else 0)
+        if shape != (C, G):
+            raise SystemExit(f"{args.metrics} holds {shape} cells; {args.dataset} has {(C, G)}")
         cases.append((f"per-class accuracy of {args.metrics} (overall {m['acc']:.2f}, DEO_M {m['deo_m']:.2f})",
-                      np.nanmean(cell, 1) / 100))
+                      class_accuracy(m["cell_acc"], cnt)))
     cases += [(f"every class {a:g}%", np.full(C, a / 100)) for a in args.acc]
     out = {"dataset": args.dataset, "attributes": names, "trials": args.trials,
            "cell_sizes": [int(cnt.min()), int(cnt.max())], "cases": []}
     for name, p in cases:
-        f = _floor(cnt, p, names, sizes, args.trials, rng)
+        f = deo_chance_floor(cnt, p, ds.attributes, trials=args.trials, seed=args.seed)
         out["cases"].append({"model": name, "class_acc": [float(v) * 100 for v in p], **f})
         extra = "".join(f"; {n} DEO_M {f[n + '_deo_m'][0]:.1f}" for n in names if n + "_deo_m" in f)
         print(f"{name}: DEO_M {f['deo_m'][0]:.1f} (5-95%: {f['deo_m'][1]:.1f}-{f['deo_m'][2]:.1f}), "

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from .choices import DSA_STRATEGY
 from .cli_parser import EXIT_INTERRUPT, EXIT_USAGE, UsageError, _cafe_weights, build_parser
-from .report import format_table
+from .report import floor_line, format_table
 
 
 # --------------------------------------------------------------------------- helpers
@@ -323,7 +323,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     for name, m in res["per_attribute"].items():  # several protected attributes: each one's marginal fairness
         print(f"  attribute {name}: DEO_M {m['deo_m'][0]:.2f} +- {m['deo_m'][1]:.2f}  DEO_A {m['deo_a'][0]:.2f}  "
               f"SUF_M {m['suf_m'][0]:.2f}")
-    row.update(test_cells=res["test_cells"], per_attribute=res["per_attribute"])
+    row.update(test_cells=res["test_cells"], per_attribute=res["per_attribute"], deo_floor=res["deo_floor"])
+    print(floor_line(res["deo_floor"]))
     note = chance_note(row["acc"], ds.num_classes)
     row["near_chance"] = note is not None
     if note:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .augment import DEFAULT_STRATEGY, dsa as dsa_augment
-from .metrics import attribute_reports, fairness_report
+from .metrics import attribute_reports, class_accuracy, deo_chance_floor, fairness_report
 from .nets import get_network
 
 DEFAULT_EPOCHS = 1000
@@ -223,6 +223,7 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "
     out["cell_acc_std"] = [[None if empty[c, a] else float(std[c, a]) for a in range(cells.shape[2])]
                            for c in range(cells.shape[1])]
     out["test_cells"] = dataset.num_classes * dataset.num_groups - len(per_run[0]["empty_cells"])
+    out["deo_floor"] = chance_floor(out["cell_acc"], dataset)
     # Several attributes: each attribute's marginal fairness, mean and std over runs.
     out["per_attribute"] = {
         name: {k: (float(np.mean(v)), float(np.std(v)))
@@ -234,6 +235,21 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset: Any, model: str = "
                                   for name in per_run[0]["per_attribute"]}
     out.update(runs=per_run, model=model, epochs=epochs, dsa=dsa)
     return out
+
+
+def cell_test_counts(dataset: Any) -> np.ndarray:
+    """[C, G] test samples per (class, group) of ``dataset.test``."""
+    C, G = int(dataset.num_classes), int(dataset.num_groups)
+    cell = dataset.test.labels.long().cpu() * G + dataset.test.groups.long().cpu()
+    return torch.bincount(cell, minlength=C * G).view(C, G).numpy()
+
+
+def chance_floor(cell_acc: list, dataset: Any) -> dict[str, list[float]]:
+    """DEO_M / DEO_A (and each attribute's DEO_M) that a group-blind model with
+    the per-class accuracies of ``cell_acc`` would score on ``dataset.test``
+    by chance (fastfair.metrics.deo_chance_floor): [mean, 5%, 95%]."""
+    counts = cell_test_counts(dataset)
+    return deo_chance_floor(counts, class_accuracy(cell_acc, counts), getattr(dataset, "attributes", None))
 
 
 def _mean_cells(mats: list) -> list:

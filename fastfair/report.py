@@ -25,3 +25,11 @@ def format_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
                      f"{_pm(r['deo_m'], r['deo_m_std']):>15} {_pm(r['deo_a'], r['deo_a_std']):>15} {suf:>15} "
                      f"{(f'{secs:8.1f}' if secs is not None else '-'):>8}")
     return "\n".join(lines)
+
+
+def floor_line(floor: dict[str, list[float]]) -> str:
+    """One line for fastfair.metrics.deo_chance_floor's result."""
+    m = floor["deo_m"]
+    extra = "".join(f", {k[:-len('_deo_m')]} {v[0]:.1f}" for k, v in floor.items() if k.endswith("_deo_m"))
+    return (f"chance floor (a group-blind model with these class accuracies, same test cells): DEO_M {m[0]:.1f} "
+            f"(5-95%: {m[1]:.1f}-{m[2]:.1f}), DEO_A {floor['deo_a'][0]:.1f}{extra}")

@@ -117,7 +117,7 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
     import numpy as np
 
     from . import distill
-    from .evaluate import evaluate_synset
+    from .evaluate import chance_floor, evaluate_synset
     from .heatmap import cell_heatmap
 
     settings = cell_settings(table, budget, dataset, method, objective, seed)
@@ -167,6 +167,7 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
         out["test_cells"] = runs[0]["test_cells"]
     cells = np.array([[[np.nan if v is None else v for v in row] for row in r["cell_acc"]] for r in runs])
     out["cell_acc"] = [[None if np.isnan(v) else float(v) for v in row] for row in cells.mean(0)]
+    out["deo_floor"] = chance_floor(out["cell_acc"], ds)
     out.update(eval_epochs=runs[0]["epochs"], eval_dsa=runs[0]["dsa"], eval_runs=len(runs),
                distill_seconds=round(t_distil, 1), eval_seconds=round(t_eval, 1),
                wall_seconds=round(time.perf_counter() - t0, 1), build=build())
