@@ -56,6 +56,11 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
         lines[-2] = lines[-2].replace(" | worst cell |", " | " + " | ".join(f"{a} DEO_M / DEO_A" for a in attrs)
                                       + " | worst cell |")
         lines[-1] = lines[-1] + "---|" * len(attrs)
+    # Cells evaluated since fastfair reports it: the DEO_M a group-blind model would score by chance.
+    floors = any("deo_floor" in r for r in results)
+    if floors:
+        lines[-2] = lines[-2].replace(" | worst cell |", " | worst cell | chance DEO_M |")
+        lines[-1] = lines[-1] + "---|"
     order = {c: i for i, c in enumerate(t.cells)}
     rows = sorted(results, key=lambda r: (t.datasets.index(r["dataset"]) if r["dataset"] in t.datasets else 99,
                                           order.get((r["method"], r["objective"]), 99)))
@@ -68,13 +73,19 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
                      f"{_fmt(r['acc'], r['acc_std'])} | {_fmt(r.get('suf_m'), r.get('suf_m_std'))} | "
                      f"{_fmt(r.get('suf_a'), r.get('suf_a_std'))} | "
                      + "".join(f"{_attr(r, a)} | " for a in attrs)
-                     + f"{_fmt(r['worst_group_acc'])} | {paper} | "
+                     + f"{_fmt(r['worst_group_acc'])} | "
+                     + (f"{_fmt(r['deo_floor']['deo_m'][0]) if 'deo_floor' in r else '-'} | " if floors else "")
+                     + f"{paper} | "
                      f"{p[3] if p else '-'} | {mins:.1f} |")
     cells = sorted({(r["dataset"], r["test_cells"]) for r in rows if r.get("per_attribute") and "test_cells" in r})
     if cells:
         lines += ["", "DEO over the intersectional groups (DEO_M / DEO_A columns) and over each attribute's "
                   "values (the attribute columns); test cells used, (class, intersectional group) cells with "
                   "test images: " + "; ".join(f"{d} {n}" for d, n in cells) + "."]
+    if floors:
+        lines += ["", "chance DEO_M: what a model whose accuracy does not depend on the group would score on "
+                  "the same test cells with the cell's per-class accuracies (mean of 1000 binomial draws; "
+                  "docs/methods.md); '-': a cell evaluated before fastfair reported it."]
     whole = [(d, published(table, d, t.ipc, "whole", "-")) for d in t.datasets]
     whole = [(d, p) for d, p in whole if p]
     if whole:

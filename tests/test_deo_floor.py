@@ -110,3 +110,20 @@ def test_every_evaluation_reports_the_floor():
     want = deo_chance_floor(counts, class_accuracy(res["cell_acc"], counts), ds.attributes)
     assert res["deo_floor"] == want
     assert torch.isfinite(torch.tensor(res["deo_floor"]["deo_m"])).all()
+
+
+def test_reproduce_tables_show_the_floor_where_a_cell_has_it():
+    from fastfair.reproduce_outputs import markdown
+
+    base = {"dataset": "cmnist-fg", "ipc": 10, "method": "dm", "objective": "fairdd", "deo_m": 20.0,
+            "deo_m_std": 1.0, "deo_a": 10.0, "deo_a_std": 1.0, "acc": 90.0, "acc_std": 0.5,
+            "worst_group_acc": 70.0}
+    old = markdown("fairdd", "cpu", [base], {})
+    assert "chance DEO_M" not in old
+    new = markdown("fairdd", "cpu", [base, {**base, "method": "dc", "deo_floor": {"deo_m": [14.25, 12.0, 17.0]}}],
+                   {})
+    header = next(line for line in new.splitlines() if line.startswith("| dataset"))
+    col = header.split(" | ").index("chance DEO_M")
+    rows = [line.split(" | ") for line in new.splitlines() if line.startswith("| cmnist-fg")]
+    assert sorted(r[col] for r in rows) == ["-", "14.25"]
+    assert all(len(r) == len(header.split(" | ")) for r in rows)
