@@ -127,3 +127,18 @@ def test_reproduce_tables_show_the_floor_where_a_cell_has_it():
     rows = [line.split(" | ") for line in new.splitlines() if line.startswith("| cmnist-fg")]
     assert sorted(r[col] for r in rows) == ["-", "14.25"]
     assert all(len(r) == len(header.split(" | ")) for r in rows)
+
+
+def test_many_cells_are_drawn_in_blocks(monkeypatch):
+    """Many classes x groups: the draws go in blocks (bounded memory), and
+    the floor is the same statistic as in one block."""
+    import fastfair.metrics as m
+
+    counts, p = np.full((6, 50), 30), np.linspace(0.6, 0.95, 6)
+    one = m.deo_chance_floor(counts, p, trials=400, seed=1)
+    monkeypatch.setattr(m, "_FLOOR_DRAWS_AT_ONCE", 6 * 50 * 7)  # blocks of 7 trials, the last one short
+    blocks = m.deo_chance_floor(counts, p, trials=400, seed=1)
+    for k in one:
+        assert blocks[k] == pytest.approx(one[k], abs=2.0)
+    monkeypatch.setattr(m, "_FLOOR_DRAWS_AT_ONCE", 1)  # one trial per block
+    assert len(m.deo_chance_floor(counts, p, trials=3, seed=1)["deo_m"]) == 3
