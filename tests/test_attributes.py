@@ -299,6 +299,8 @@ def test_evaluations_during_a_run_report_each_attribute(tmp_path, capsys) -> Non
         deo_m, std = m["deo_m"]
         assert 0 <= deo_m <= 100 and std == 0  # one run
     assert "fg DEO_M" in err.out + err.err and "bg DEO_M" in err.out + err.err
+    assert set(ev["deo_floor"]) == {"deo_m", "deo_a", "fg_deo_m", "bg_deo_m"}  # each point's chance floor
+    assert "chance DEO_M" in err.out + err.err
     syn = torch.load(out / "synset.pt", weights_only=True)
     assert syn["config"]["eval_width"] == 4  # --eval-width reached the run's evaluations
 

@@ -104,6 +104,7 @@ def _evaluate(cfg: DistillConfig, images: Tensor, labels: Tensor, dataset: Any, 
                               "suf_a", "suf_a_std")}
     if res["per_attribute"]:  # several attributes: a curve over iterations needs each one's marginal gaps too
         ev["per_attribute"] = res["per_attribute"]
+    ev["deo_floor"] = res["deo_floor"]  # what a group-blind model would score at this point's accuracies
     return ev
 
 
@@ -265,7 +266,8 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
                         marg = "".join(f"  {name} DEO_M {m['deo_m'][0]:.2f}"
                                        for name, m in ev.get("per_attribute", {}).items())
                         bar.write(f"[{desc}] iteration {done}: acc {ev['acc']:.2f}  DEO_M {ev['deo_m']:.2f}  "
-                                  f"DEO_A {ev['deo_a']:.2f}{marg}" + (f"  ({note})" if note else ""))
+                                  f"DEO_A {ev['deo_a']:.2f}{marg}  (chance DEO_M {ev['deo_floor']['deo_m'][0]:.1f})"
+                                  + (f"  ({note})" if note else ""))
                         if write:
                             ck.append_log(out_dir, entry)
                         if on_log is not None:
