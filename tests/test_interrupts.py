@@ -11,8 +11,26 @@ from fastfair import cli
 from fastfair.interrupts import deferred_interrupts
 
 
+@pytest.fixture(autouse=True)
+def _sigint_raises():
+    """Python's own SIGINT handler for each test: a job started in the
+    background (CI under nohup) inherits SIGINT ignored."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def _send(sig: int) -> None:
     os.kill(os.getpid(), sig)
+
+
+def test_an_ignored_signal_stays_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    done = []
+    with deferred_interrupts():
+        _send(signal.SIGINT)
+        done.append(True)
+    assert done == [True] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_sigterm_under_the_cli_handler_arrives_after_the_block() -> None:
