@@ -240,3 +240,18 @@ def test_round_robin_hands_consecutive_calls_different_inputs_and_rotates_the_or
     assert idx == list(range(len(calls)))  # one index per call: consecutive calls differ
     timed = [name for name, _ in calls[3:]]
     assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+
+
+def test_step_ratios_divide_the_named_rows_and_skip_unmeasured_pairs():
+    from fastfair.bench.timing import step_ratios
+
+    rows = [{"impl": "fastfair", "objective": "vanilla", "groups": 10, "ms": 4.0},
+            {"impl": "fastfair", "objective": "fairdd", "groups": 10, "ms": 5.0},
+            {"impl": "loop", "objective": "fairdd", "groups": 10, "ms": 60.0},
+            {"impl": "fastfair", "objective": "fairdd", "groups": 100, "ms": 7.0}]
+    spec = [(10, ("fastfair", "fairdd"), ("fastfair", "vanilla"), "<= 1.3"),
+            (10, ("loop", "fairdd"), ("fastfair", "fairdd"), None),
+            (100, ("fastfair", "fairdd"), ("fastfair", "vanilla"), None)]  # G = 100 vanilla not measured
+    got = step_ratios(rows, spec)
+    assert got == {"fastfair fairdd / fastfair vanilla at G=10": {"groups": 10, "ratio": 1.25, "target": "<= 1.3"},
+                   "loop fairdd / fastfair fairdd at G=10": {"groups": 10, "ratio": 12.0, "target": None}}

@@ -49,7 +49,8 @@ from .. import ops
 from ..nets import get_network, layer_features
 from .dc_step import make_batch
 from .segment import parse_groups, round_robin_ms
-from .timing import check_device, default_json, describe_machine, loglog_plot, stopped_cleanly, write_json
+from .timing import (check_device, default_json, describe_machine, loglog_plot, step_ratios, stopped_cleanly,
+                     write_json)
 
 NAME = "cafe_step"
 GROUPS = [1, 10, 100]
@@ -177,16 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ratios(rows: list[dict]) -> dict[str, dict]:
-    ms = {(r["impl"], r["objective"], r["groups"]): r["ms"] for r in rows}
-    out: dict[str, dict] = {}
-    for g, num, den, target in RATIOS:
-        a, b = ms.get((*num, g)), ms.get((*den, g))
-        if a is not None and b is not None:
-            out[f"{' '.join(num)} / {' '.join(den)} at G={g}"] = {"groups": g, "ratio": a / b, "target": target}
-    return out
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -218,7 +209,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def save() -> None:
         write_json(path, {"benchmark": NAME, "machine": machine, "setting": setting, "dtype": "float32",
                           "timing": f"round-robin, median of {a.repeats}",
-                          "ratios": _ratios(rows), "check_max_rel_err": checks,
+                          "ratios": step_ratios(rows, RATIOS), "check_max_rel_err": checks,
                           "complete": len(checks) == len(groups_list), "rows": rows})
 
     print(f"{'G':>5} " + " ".join(f"{i + ' ' + o:>16}" for i in FNS for o in OBJECTIVES) + "   (ms)")
@@ -246,7 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 cells.append(f"{ms:16.1f}")
             print(f"{g:>5} " + " ".join(cells), flush=True)
             save()
-    for name, r in _ratios(rows).items():
+    for name, r in step_ratios(rows, RATIOS).items():
         print(f"{name}: {r['ratio']:.2f}" + (f"  (target {r['target']})" if r["target"] else ""))
     png = os.path.splitext(path)[0] + ".png"
     loglog_plot(rows, "groups", "ms", lambda r: f"{r['impl']} {r['objective']}",

@@ -66,7 +66,8 @@ from ..nets import get_network
 from ..distill.dc import compact_layout, present_segment_gradients
 from ..pergroup import segment_gradients
 from .segment import parse_groups
-from .timing import check_device, default_json, describe_machine, loglog_plot, samples_ms, stopped_cleanly, write_json
+from .timing import (check_device, default_json, describe_machine, loglog_plot, samples_ms, step_ratios,
+                     stopped_cleanly, write_json)
 
 NAME = "dc_step"
 GROUPS = [1, 2, 5, 10, 20, 50, 100]
@@ -285,17 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ratios(rows: list[dict]) -> dict[str, dict]:
-    ms = {(r["impl"], r["objective"], r["groups"]): r["ms"] for r in rows}
-    out: dict[str, dict] = {}
-    for g, num, den, target in RATIOS:
-        a, b = ms.get((*num, g)), ms.get((*den, g))
-        if a is None or b is None:
-            continue
-        out[f"{' '.join(num)} / {' '.join(den)} at G={g}"] = {"groups": g, "ratio": a / b, "target": target}
-    return out
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -331,14 +321,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def save() -> None:
         write_json(path, {"benchmark": NAME, "machine": machine, "setting": setting, "dtype": "float32",
-                          "precision": a.precision, "layout": a.layout, "ratios": _ratios(rows), "check_max_rel_err": checks,
+                          "precision": a.precision, "layout": a.layout, "ratios": step_ratios(rows, RATIOS), "check_max_rel_err": checks,
                           "complete": len(checks) == len(groups_list), "rows": rows})
 
     with stopped_cleanly(path):
         for g in groups_list:
             _point(a, model, params, g, per_class, gen, device, base, rows, checks)
             save()
-    ratios = _ratios(rows)
+    ratios = step_ratios(rows, RATIOS)
     for name, r in ratios.items():
         print(f"{name}: {r['ratio']:.2f}" + (f"  (target {r['target']})" if r["target"] else ""))
     png = os.path.splitext(path)[0] + ".png"

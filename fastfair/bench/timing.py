@@ -169,6 +169,19 @@ def stopped_cleanly(path: str) -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def step_ratios(rows: Sequence[dict], ratios: Sequence[tuple]) -> dict[str, dict]:
+    """The step benchmarks' target ratios: for each ``(G, (impl, objective),
+    (impl, objective), target)`` whose two rows were measured, the ratio of
+    their ``ms`` under a readable name; pairs not measured are left out."""
+    ms = {(r["impl"], r["objective"], r["groups"]): r["ms"] for r in rows}
+    out: dict[str, dict] = {}
+    for g, num, den, target in ratios:
+        a, b = ms.get((*num, g)), ms.get((*den, g))
+        if a is not None and b is not None:
+            out[f"{' '.join(num)} / {' '.join(den)} at G={g}"] = {"groups": g, "ratio": a / b, "target": target}
+    return out
+
+
 def write_json(path: str, payload: object) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = path + ".tmp"
