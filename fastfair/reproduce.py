@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .eval_protocol import method_protocol
 from .provenance import build, machine
 from .reproduce_outputs import _write_json, markdown, write_outputs
 from .reproduce_tables import (BUDGETS, PAPER, SOURCE_PRESET, TABLES, Budget, Table, cell_name, cell_settings,
@@ -78,6 +79,19 @@ def _previous_results(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _as_recorded(settings: Any) -> Any:
+    """A cell's settings as they read today. Records written before the
+    evaluation's DSA was part of the settings were evaluated with FairDD's
+    protocol for the method (reproduce did not pass the preset then), so
+    that is what their missing ``dsa`` means: equal to today's wherever the
+    presets agree, and a different result where they do not (COBRA's IDC),
+    which is then evaluated again."""
+    if not isinstance(settings, dict) or not isinstance(settings.get("eval"), dict) or "dsa" in settings["eval"]:
+        return settings
+    method = settings.get("distill", {}).get("method") if isinstance(settings.get("distill"), dict) else None
+    return {**settings, "eval": {**settings["eval"], "dsa": method_protocol(method)[1]}}
+
+
 def _eval_runs_done(path: str, settings: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Finished evaluation runs of this cell's settings, in run order
     (``settings`` None: only check the file's shape)."""
@@ -92,7 +106,7 @@ def _eval_runs_done(path: str, settings: dict[str, Any] | None) -> list[dict[str
                 break
             if not isinstance(rec, dict) or not isinstance(rec.get("result"), dict):
                 raise _bad_state(path, "an evaluation-runs file")
-            if rec.get("settings") != settings or rec.get("run") != len(done):
+            if _as_recorded(rec.get("settings")) != settings or rec.get("run") != len(done):
                 break
             done.append(rec["result"])
     return done
@@ -123,7 +137,7 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
     settings = cell_settings(table, budget, dataset, method, objective, seed)
     os.makedirs(out_dir, exist_ok=True)
     done = _read_object(os.path.join(out_dir, "cell.json"), "a cell record")
-    if done is not None and done.get("settings") == settings:
+    if done is not None and _as_recorded(done.get("settings")) == settings:
         return done
     # root is recorded so that `fastfair eval CELL_DIR` finds the data again.
     cfg = distill.DistillConfig(**settings["distill"], root=root, log_every=10, checkpoint_every=10)
@@ -138,7 +152,8 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
     t1 = time.perf_counter()
     for r in range(len(runs), ev["runs"]):
         one = evaluate_synset(res.images, res.labels, ds, epochs=ev["epochs"], runs=1, seed=ev["seed"] + r,
-                              device=device, progress=progress, net_kwargs=ev["net_kwargs"], method=method)
+                              dsa=ev["dsa"], device=device, progress=progress, net_kwargs=ev["net_kwargs"],
+                              method=method)
         rec = {k: one[k] for k in ("acc", "deo_m", "deo_a", "suf_m", "suf_a", "worst_group_acc", "cell_acc",
                                    "epochs", "dsa", "test_cells")}
         if one["per_attribute"]:  # several protected attributes: each one's marginal DEO / SUF

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .eval_protocol import method_protocol
+
 # --------------------------------------------------------------------------- published numbers
 
 # (dataset, ipc, method, objective) -> (DEO_M, DEO_A, Acc, source); None where
@@ -304,5 +306,8 @@ def cell_settings(table: Table, budget: Budget, dataset: str, method: str, objec
         net["depth"] = distill["depth"]
     epochs = budget.preset_eval_epochs.get(table.preset, {}).get(
         fam, budget.eval_epochs.get(method, budget.eval_epochs.get(fam)))
+    # Augmentation is the preset's protocol, never the budget's: COBRA's
+    # train_idc.py evaluates IDC without DSA where FairDD's code uses it.
+    dsa = method_protocol(method, table.preset)[1]
     return {"distill": distill, "eval": {"epochs": epochs, "runs": budget.eval_runs,
-                                         "net_kwargs": net, "seed": seed}, "budget": budget.name}
+                                         "net_kwargs": net, "seed": seed, "dsa": dsa}, "budget": budget.name}

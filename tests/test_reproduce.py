@@ -276,3 +276,60 @@ def test_several_attribute_rows_show_each_attributes_deo_and_the_test_cells():
     vanilla = next(ln for ln in md.splitlines() if "| vanilla |" in ln)
     assert "| - | - |" in vanilla  # a record without per-attribute metrics
     assert "cmnist-fgbg 1000" in md
+
+
+def test_evaluation_augmentation_is_the_presets_protocol():
+    # COBRA's train_idc.py evaluates IDC sets without DSA, FairDD's code with it;
+    # DM always with, DC never (both codes).
+    b = reproduce.BUDGETS["cpu"]
+    cobra, fairdd = reproduce.TABLES["cobra"], reproduce.TABLES["fairdd-cmnist"]
+    dsa = {(t, m): reproduce.cell_settings(reproduce.TABLES[t], b, "cmnist-fg", m, "vanilla", 0)["eval"]["dsa"]
+           for t in ("cobra", "fairdd-cmnist") for m in ("dm", "dc", "idc")}
+    assert dsa == {("cobra", "dm"): True, ("cobra", "dc"): False, ("cobra", "idc"): False,
+                   ("fairdd-cmnist", "dm"): True, ("fairdd-cmnist", "dc"): False, ("fairdd-cmnist", "idc"): True}
+    assert cobra.preset == "cobra" and fairdd.preset == "fairdd"
+
+
+def _drop_recorded_dsa(cell) -> None:
+    """Rewrite a cell's records as reproduce wrote them before the evaluation's
+    DSA was part of a cell's settings."""
+    rec = json.loads((cell / "cell.json").read_text())
+    del rec["settings"]["eval"]["dsa"]
+    (cell / "cell.json").write_text(json.dumps(rec))
+    lines = [json.loads(x) for x in (cell / "eval_runs.jsonl").read_text().splitlines()]
+    for x in lines:
+        del x["settings"]["eval"]["dsa"]
+    (cell / "eval_runs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_cells_recorded_without_their_dsa_are_kept_where_the_protocol_agrees(tmp_path):
+    from fastfair import data
+
+    b = reproduce.BUDGETS["tiny"]
+    ds = data.load("cdigits-fg")
+    # FairDD's DM (DSA on in both readings): the finished cell is reused as it is.
+    cell = tmp_path / "dm"
+    reproduce.run_cell(ds, reproduce.TABLES["cdigits"], b, "cdigits-fg", "dm", "vanilla", str(cell))
+    _drop_recorded_dsa(cell)
+    stamp = (cell / "cell.json").stat().st_mtime_ns
+    again = reproduce.run_cell(ds, reproduce.TABLES["cdigits"], b, "cdigits-fg", "dm", "vanilla", str(cell))
+    assert (cell / "cell.json").stat().st_mtime_ns == stamp and "dsa" not in again["settings"]["eval"]
+
+
+def test_cobra_idc_cells_recorded_with_fairdds_dsa_are_evaluated_again_without(tmp_path):
+    from fastfair import data
+
+    b = reproduce.BUDGETS["tiny"]
+    ds = data.load("cdigits-fg")
+    cell = tmp_path / "idc"
+    first = reproduce.run_cell(ds, reproduce.TABLES["cobra"], b, "cdigits-fg", "idc", "vanilla", str(cell))
+    assert first["eval_dsa"] is False and first["settings"]["eval"]["dsa"] is False
+    runs = [json.loads(x)["result"] for x in (cell / "eval_runs.jsonl").read_text().splitlines()]
+    assert [r["dsa"] for r in runs] == [False] * b.eval_runs
+    # A record from before (no dsa in its settings: reproduce evaluated with
+    # FairDD's IDC protocol, DSA on) is not COBRA's protocol: evaluated again.
+    _drop_recorded_dsa(cell)
+    again = reproduce.run_cell(ds, reproduce.TABLES["cobra"], b, "cdigits-fg", "idc", "vanilla", str(cell))
+    assert again["settings"]["eval"]["dsa"] is False and again["eval_dsa"] is False
+    lines = [json.loads(x) for x in (cell / "eval_runs.jsonl").read_text().splitlines()]
+    assert len(lines) == b.eval_runs and all(x["settings"]["eval"]["dsa"] is False for x in lines)
