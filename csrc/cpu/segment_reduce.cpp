@@ -275,13 +275,21 @@ void segment_sum_kernel(const at::Tensor& x, const index_t* ids,
     const int64_t nchunks = num_row_chunks(n, d, num_segments);
     const int64_t chunk_rows = (n + nchunks - 1) / nchunks;
     const int64_t stride = num_segments * d;
+    // A chunk's partial larger than L2 lives in the last-level cache, which
+    // x streams through too (N = 2^17, D = 64: 33.5 MB against 32 MB of L3):
+    // read x non-temporally there so that it does not evict the partials.
+    const int64_t nta_lines =
+        sc == 1 && stride * static_cast<int64_t>(sizeof(acc_t)) > kMaxChunkPartialBytes
+            ? std::min<int64_t>(kMaxPrefetchLines, (d * static_cast<int64_t>(sizeof(scalar_t)) + 63) / 64)
+            : 0;
     std::unique_ptr<acc_t[]> partial(new acc_t[nchunks * stride]);
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         acc_t* p = partial.get() + c * stride;
         std::fill(p, p + stride, acc_t(0));
         const int64_t r1 = std::min(n, (c + 1) * chunk_rows);
-        FASTFAIR_ISA_CALL(scatter_rows<scalar_t, acc_t, index_t>(p, xp, sr, sc, ids, c * chunk_rows, r1, d));
+        FASTFAIR_ISA_CALL(scatter_rows<scalar_t, acc_t, index_t>(p, xp, sr, sc, ids, c * chunk_rows, r1, d,
+                                                                 nta_lines, kPrefetchRows));
       }
     });
     // The mean's scaling happens in the same pass (one parallel region

@@ -28,10 +28,24 @@ inline void add_row(acc_t* __restrict__ dst, const scalar_t* __restrict__ src,
 }
 
 // Row chunks and the column pass: out[ids[i]] += x[i] for rows i in [i0, i1),
-// in row order. out is [G, d], zeroed by the caller.
+// in row order. out is [G, d], zeroed by the caller. `nta_lines` > 0: the
+// first nta_lines cache lines of the row `ahead` rows on are prefetched
+// non-temporally, so that streaming x does not evict the rows of `out` it
+// adds into (a hint only: no effect on results).
 template <typename scalar_t, typename acc_t, typename index_t>
 void scatter_rows(acc_t* out, const scalar_t* xp, int64_t sr, int64_t sc,
-                  const index_t* ids, int64_t i0, int64_t i1, int64_t d) {
+                  const index_t* ids, int64_t i0, int64_t i1, int64_t d,
+                  int64_t nta_lines = 0, int64_t ahead = 0) {
+  if (nta_lines > 0) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (i + ahead < i1) {
+        const char* next = reinterpret_cast<const char*>(xp + (i + ahead) * sr);
+        for (int64_t l = 0; l < nta_lines; ++l) __builtin_prefetch(next + 64 * l, 0, 0);
+      }
+      add_row(out + static_cast<int64_t>(ids[i]) * d, xp + i * sr, 0, d, sc);
+    }
+    return;
+  }
   for (int64_t i = i0; i < i1; ++i)
     add_row(out + static_cast<int64_t>(ids[i]) * d, xp + i * sr, 0, d, sc);
 }
