@@ -471,8 +471,20 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spread(a: argparse.Namespace) -> int:
+    from . import seed_spread
+
+    s = seed_spread.spread(a.dirs)
+    print(seed_spread.markdown(s))
+    if a.out:
+        _check_out_dir(a.out)
+        paths = seed_spread.write(s, a.out)
+        print(f"{len(s['cells'])} cells in {', '.join(paths)}")
+    return 0
+
+
 _COMMANDS = {"demo": cmd_demo, "distill": cmd_distill, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
-             "reproduce": cmd_reproduce}
+             "reproduce": cmd_reproduce, "spread": cmd_spread}
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -171,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--note", default=None, help="a note recorded with the machine (e.g. 'shared with 4 jobs')")
     r.add_argument("--progress", action="store_true", help="progress bars")
 
+    # -------------------------------------------------------------- spread
+    sp = sub.add_parser("spread", formatter_class=_FMT,
+                        help="a reproduce cell's mean and spread over distillation seeds (several --seed runs)",
+                        description="Read several `fastfair reproduce` output directories that ran the same cells "
+                                    "with different --seed, match the cells by their settings (seeds aside; any "
+                                    "other difference is an error) and print, per cell, every seed's Acc / DEO_M, "
+                                    "the mean over seeds and the standard deviation over seeds beside the mean "
+                                    "spread over evaluation networks within one seed. A cell's +- in results.md "
+                                    "is the latter only: all its networks train on one synthetic set.")
+    sp.add_argument("dirs", nargs="+", metavar="DIR", help="reproduce output directories (each with results.json)")
+    sp.add_argument("--out", default=None,
+                    help="write OUT/spread.json, spread.md and spread.png (default: print the table only)")
+
     # ------------------------------------------------------------- distill
     s = sub.add_parser("distill", formatter_class=_FMT, help="distil a dataset into a synthetic set",
                        description="Distil a dataset. Writes synset.pt, grid.png, log.jsonl and checkpoint.pt "

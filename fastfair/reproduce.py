@@ -79,7 +79,7 @@ def _previous_results(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _as_recorded(settings: Any) -> Any:
+def settings_as_recorded(settings: Any) -> Any:
     """A cell's settings as they read today. Records written before the
     evaluation's DSA was part of the settings were evaluated with FairDD's
     protocol for the method (reproduce did not pass the preset then), so
@@ -106,7 +106,7 @@ def _eval_runs_done(path: str, settings: dict[str, Any] | None) -> list[dict[str
                 break
             if not isinstance(rec, dict) or not isinstance(rec.get("result"), dict):
                 raise _bad_state(path, "an evaluation-runs file")
-            if _as_recorded(rec.get("settings")) != settings or rec.get("run") != len(done):
+            if settings_as_recorded(rec.get("settings")) != settings or rec.get("run") != len(done):
                 break
             done.append(rec["result"])
     return done
@@ -137,7 +137,7 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
     settings = cell_settings(table, budget, dataset, method, objective, seed)
     os.makedirs(out_dir, exist_ok=True)
     done = _read_object(os.path.join(out_dir, "cell.json"), "a cell record")
-    if done is not None and _as_recorded(done.get("settings")) == settings:
+    if done is not None and settings_as_recorded(done.get("settings")) == settings:
         return done
     # root is recorded so that `fastfair eval CELL_DIR` finds the data again.
     cfg = distill.DistillConfig(**settings["distill"], root=root, log_every=10, checkpoint_every=10)
