@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..augment import DEFAULT_STRATEGY
-from ..evaluate import preset_runs
+from ..eval_protocol import preset_runs
 from ..objectives import OBJECTIVES
 
 METHODS = ("dm", "dc", "dsa", "idc", "dream", "cafe")
