@@ -109,7 +109,9 @@ def spread(dirs: Sequence[str]) -> dict[str, Any]:
         for m in METRICS:
             vals = [p[m] for p in per_seed if isinstance(p[m], (int, float))]
             if vals:
-                cell[m], cell[f"{m}_seed_std"] = _mean_std(vals)
+                cell[m], std = _mean_std(vals)
+                # One seed has no spread to report (a 0 would read as "no spread").
+                cell[f"{m}_seed_std"] = std if len(vals) > 1 else None
             within = [p[f"{m}_eval_std"] for p in per_seed if isinstance(p[f"{m}_eval_std"], (int, float))]
             if within:
                 cell[f"{m}_eval_std"] = sum(within) / len(within)

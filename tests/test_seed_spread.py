@@ -90,3 +90,15 @@ def test_bad_directories_are_one_line_errors(two_seeds, tmp_path, capsys):
     assert "is not JSON" in capsys.readouterr().err
     assert main(["spread", str(two_seeds[0])]) == 2
     assert "at least two" in capsys.readouterr().err
+
+
+def test_a_cell_of_one_seed_has_no_seed_spread(two_seeds, tmp_path):
+    extra = tmp_path / "extra"
+    shutil.copytree(two_seeds[1], extra)
+    payload = json.loads((extra / "results.json").read_text())
+    payload["results"] = payload["results"][:1]  # seed 1 ran only the first cell
+    (extra / "results.json").write_text(json.dumps(payload))
+    s = seed_spread.spread([str(two_seeds[0]), str(extra)])
+    one = [c for c in s["cells"] if c["seeds"] == [0]]
+    assert len(one) == 1 and one[0]["deo_m_seed_std"] is None and one[0]["acc_seed_std"] is None
+    assert "| 1 |" in seed_spread.markdown(s)
