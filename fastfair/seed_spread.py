@@ -36,8 +36,11 @@ def _without_seeds(settings: dict[str, Any]) -> str:
     return json.dumps(s, sort_keys=True)
 
 
-def _seed(settings: dict[str, Any]) -> int:
-    return int(settings["distill"]["seed"])
+def _seed(settings: dict[str, Any], where: str) -> int:
+    seed = settings.get("distill", {}).get("seed") if isinstance(settings.get("distill"), dict) else None
+    if not isinstance(seed, int):
+        raise ValueError(f"{where}: a cell's settings carry no distillation seed (not a reproduce results file?)")
+    return seed
 
 
 def _results(path: str) -> list[dict[str, Any]]:
@@ -93,7 +96,7 @@ def spread(dirs: Sequence[str]) -> dict[str, Any]:
             if entry["settings"] != settings:
                 raise ValueError(f"cell {key[1]}:{key[2]} on {key[0]}: {entry['first']} and {d} ran it with "
                                  f"different settings beyond the seed ({_differences(entry['settings'], settings)})")
-            seed = _seed(r["settings"])
+            seed = _seed(r["settings"], os.path.join(d, "results.json"))
             if any(p["seed"] == seed for p in entry["per_seed"]):
                 raise ValueError(f"cell {key[1]}:{key[2]} on {key[0]}: seed {seed} appears twice "
                                  f"({entry['first']} and {d}); each directory should hold another --seed")

@@ -102,3 +102,14 @@ def test_a_cell_of_one_seed_has_no_seed_spread(two_seeds, tmp_path):
     one = [c for c in s["cells"] if c["seeds"] == [0]]
     assert len(one) == 1 and one[0]["deo_m_seed_std"] is None and one[0]["acc_seed_std"] is None
     assert "| 1 |" in seed_spread.markdown(s)
+
+
+def test_a_cell_without_a_seed_is_a_clear_error(two_seeds, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(two_seeds[1], broken)
+    payload = json.loads((broken / "results.json").read_text())
+    del payload["results"][0]["settings"]["distill"]["seed"]
+    (broken / "results.json").write_text(json.dumps(payload))
+    capsys.readouterr()
+    assert main(["spread", str(two_seeds[0]), str(broken)]) == 2
+    assert "carry no distillation seed" in capsys.readouterr().err
