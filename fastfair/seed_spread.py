@@ -31,8 +31,9 @@ METRICS = ("acc", "deo_m", "deo_a", "suf_m")
 
 def _without_seeds(settings: dict[str, Any]) -> str:
     s = json.loads(json.dumps(settings_as_recorded(settings)))
-    s.get("distill", {}).pop("seed", None)
-    s.get("eval", {}).pop("seed", None)
+    for part in ("distill", "eval"):
+        if isinstance(s.get(part), dict):
+            s[part].pop("seed", None)
     return json.dumps(s, sort_keys=True)
 
 
@@ -97,9 +98,10 @@ def spread(dirs: Sequence[str]) -> dict[str, Any]:
                 raise ValueError(f"cell {key[1]}:{key[2]} on {key[0]}: {entry['first']} and {d} ran it with "
                                  f"different settings beyond the seed ({_differences(entry['settings'], settings)})")
             seed = _seed(r["settings"], os.path.join(d, "results.json"))
-            if any(p["seed"] == seed for p in entry["per_seed"]):
+            twice = [p["dir"] for p in entry["per_seed"] if p["seed"] == seed]
+            if twice:
                 raise ValueError(f"cell {key[1]}:{key[2]} on {key[0]}: seed {seed} appears twice "
-                                 f"({entry['first']} and {d}); each directory should hold another --seed")
+                                 f"({twice[0]} and {d}); each directory should hold another --seed")
             row = {"seed": seed, "dir": d, **{m: r.get(m) for m in METRICS},
                    **{f"{m}_eval_std": r.get(f"{m}_std") for m in METRICS}, "eval_runs": r.get("eval_runs")}
             entry["per_seed"].append(row)
