@@ -17,8 +17,8 @@ between directories is an error, not a silent average.
 from __future__ import annotations
 
 import json
-import math
 import os
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,8 +78,7 @@ def _differences(a: str, b: str) -> str:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+    return statistics.fmean(values), statistics.pstdev(values)
 
 
 def spread(dirs: Sequence[str]) -> dict[str, Any]:
