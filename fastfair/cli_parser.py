@@ -101,7 +101,7 @@ def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastfair", formatter_class=_FMT,
-                description="Fair dataset distillation (DM, DC, IDC, DREAM x vanilla / FairDD / COBRA) "
+                description="Fair dataset distillation (DM, DC, IDC, DREAM, CAFE x vanilla / FairDD / COBRA) "
                             "with one-pass per-group statistics.")
     from . import __version__
 

@@ -5,22 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from .figures import pyplot, save_png
 from .interrupts import holds_interrupts
-
-
-def _save(fig: Any, path: str) -> str:
-    """``fig`` as a PNG through fastfair.distill.outdir.atomic_write: a reader
-    never sees half a file, and a failed write names ``path``."""
-    import matplotlib.pyplot as plt
-
-    from .distill.outdir import atomic_write
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-    return path
 
 
 @holds_interrupts
@@ -29,10 +15,7 @@ def cell_heatmap(cell_acc: Sequence[Sequence[float | None]], path: str, title: s
     """Draw ``cell_acc`` ([C][G] accuracy in percent, None for a cell without
     test samples, drawn grey and marked "-") to ``path``; returns the path.
     Written to a temporary file and renamed, so a reader never sees half a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     m = np.array([[np.nan if v is None else float(v) for v in row] for row in cell_acc], dtype=np.float64)
@@ -40,6 +23,8 @@ def cell_heatmap(cell_acc: Sequence[Sequence[float | None]], path: str, title: s
         raise ValueError(f"cell_acc must be a non-empty [classes][groups] matrix, got shape {m.shape}")
     C, G = m.shape
     fig, ax = plt.subplots(figsize=(1.6 + 0.55 * G, 1.2 + 0.42 * C))
+    import matplotlib
+
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d0d0d0")
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0, vmax=100, aspect="auto")
     for c in range(C):
@@ -55,7 +40,7 @@ def cell_heatmap(cell_acc: Sequence[Sequence[float | None]], path: str, title: s
     ax.set_title(title, fontsize=8)
     fig.colorbar(im, ax=ax, label="test accuracy (%)", fraction=0.05)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 @holds_interrupts
@@ -65,10 +50,7 @@ def worst_cells_plot(cell_acc: Sequence[Sequence[float | None]], path: str, titl
     """The ``k`` (class, group) cells of lowest test accuracy as horizontal
     bars, worst at the top: with 100 intersectional groups the full heatmap
     is too dense to read, and these are the cells a fair set must lift."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cells = [(float(v), c, a) for c, row in enumerate(cell_acc) for a, v in enumerate(row) if v is not None]
     if not cells:
@@ -87,7 +69,7 @@ def worst_cells_plot(cell_acc: Sequence[Sequence[float | None]], path: str, titl
     for i, (v, _, _) in enumerate(worst):
         ax.text(min(v + 1, 92), i, f"{v:.0f}", va="center", fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def attribute_plots(per_attribute_cells: dict[str, Sequence[Sequence[float | None]]], dataset: Any, stem: str,

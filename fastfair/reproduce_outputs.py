@@ -8,6 +8,7 @@ import os
 import time
 from typing import Any
 
+from .figures import pyplot, save_png
 from .interrupts import holds_interrupts
 from .provenance import machine
 from .reproduce_tables import BUDGETS, PAPER, TABLES, published
@@ -96,10 +97,7 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
 
 def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) -> None:
     """Measured (bars with std) and published (black ticks) DEO_M, DEO_A, Acc per cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not results:
         return
@@ -121,12 +119,7 @@ def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) 
         ax.set_ylim(0, 105)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    from .distill.outdir import atomic_write
-
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    save_png(fig, path)
 
 
 @holds_interrupts  # a Ctrl-C / SIGTERM lands after the three files, never inside matplotlib

@@ -22,6 +22,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from .figures import pyplot, save_png
 from .interrupts import holds_interrupts
 from .reproduce import settings_as_recorded
 from .reproduce_outputs import _write_json, _write_text
@@ -146,10 +147,7 @@ def markdown(s: dict[str, Any]) -> str:
 
 def plot(s: dict[str, Any], path: str) -> None:
     """Each seed's DEO_M with its evaluation spread, per cell, and the mean over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cells = s["cells"]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(cells) + 1.5), 3.6))
@@ -170,12 +168,7 @@ def plot(s: dict[str, Any], path: str) -> None:
     if cells:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    from .distill.outdir import atomic_write
-
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 @holds_interrupts  # a Ctrl-C / SIGTERM lands after the three files, never inside matplotlib

@@ -2,8 +2,7 @@
 benchmark's rows (:mod:`fastfair.bench.step_time`)."""
 from __future__ import annotations
 
-import os
-
+from ..figures import pyplot, save_png
 from ..interrupts import holds_interrupts
 
 # Issue #6 targets for fastfair FairDD / vanilla, and the FairDD paper's own code at G = 10.
@@ -78,10 +77,7 @@ def summary(rows: list[dict]) -> list[str]:
 def plot(rows: list[dict], dataset: str, method: str, title: str, path: str) -> None:
     """ms and peak_mb against G (log-x; log-y where the values span a decade),
     one line per implementation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sub = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -113,6 +109,4 @@ def plot(rows: list[dict], dataset: str, method: str, title: str, path: str) -> 
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..figures import pyplot, save_png
 from ..interrupts import holds_interrupts
 
 
@@ -195,10 +196,7 @@ def loglog_plot(rows: Sequence[dict], x: str, y: str, series: str | Callable[[di
                 path: str) -> None:
     """One line per implementation (``series``: a row key or a function of
     the row), log-log axes; writes a PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     key = series if callable(series) else (lambda r: r[series])
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -214,6 +212,4 @@ def loglog_plot(rows: Sequence[dict], x: str, y: str, series: str | Callable[[di
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..figures import pyplot, save_png
 from ..interrupts import holds_interrupts
 from .config import DistillConfig
 from .loop import run
@@ -81,10 +82,7 @@ def _config(method: str, objective: str, p: dict[str, Any], seed: int) -> Distil
 
 @holds_interrupts
 def bar_chart(rows: list[dict[str, Any]], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [f"{r['method']}\n{r['objective']}" for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(4 + 1.3 * len(rows) * 1.5, 3.6))
@@ -98,10 +96,7 @@ def bar_chart(rows: list[dict[str, Any]], path: str, title: str) -> None:
         ax.set_ylim(0, 100)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def _run_cell(method: str, objective: str, p: dict[str, Any], seed: int, device: str, out_dir: str,
