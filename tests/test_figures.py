@@ -1,4 +1,5 @@
-"""Every PNG of fastfair goes through one save (fastfair.figures.save_png):
+"""Every PNG of fastfair goes through one save (fastfair.figures.save_png),
+every benchmark JSON through atomic_write:
 a full disk mid-write is one OutputError naming the file, the previous PNG
 stays whole, no temporary file is left, and the figure is closed."""
 from __future__ import annotations
@@ -54,3 +55,35 @@ def test_a_benchmark_plot_on_a_full_disk_keeps_the_previous_png(tmp_path, monkey
     assert path.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
     assert set(plt.get_fignums()) == open_before
+
+
+def test_benchmark_json_on_a_full_disk_keeps_the_previous_results(tmp_path, monkeypatch) -> None:
+    # It wrote PATH.tmp and renamed: a failed write left the .tmp behind.
+    path = tmp_path / "bench.json"
+    timing.write_json(str(path), {"v": 1})
+    real_open = open
+
+    class FullFile:
+        def __init__(self, f) -> None:  # noqa: ANN001
+            self.f = f
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(self.f, name)
+
+        def __enter__(self):  # noqa: ANN204
+            return self
+
+        def __exit__(self, *exc) -> None:  # noqa: ANN002
+            self.f.close()
+
+        def write(self, data) -> int:  # noqa: ANN001
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    import os
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: FullFile(real_open(fd, mode, *a, **k)))
+    with pytest.raises(outdir.OutputError, match=r"cannot write .*bench\.json: No space left on device"):
+        timing.write_json(str(path), {"v": 2})
+    monkeypatch.undo()
+    assert path.read_text() == '{\n "v": 1\n}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]

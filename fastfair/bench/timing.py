@@ -184,11 +184,13 @@ def step_ratios(rows: Sequence[dict], ratios: Sequence[tuple]) -> dict[str, dict
 
 
 def write_json(path: str, payload: object) -> None:
+    """``payload`` as indented JSON at ``path`` through atomic_write: a full
+    disk keeps the previous results and leaves no temporary file."""
+    from ..distill.outdir import atomic_write
+
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=1).encode()
+    atomic_write(path, lambda f: f.write(text))
 
 
 @holds_interrupts
