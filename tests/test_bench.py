@@ -157,6 +157,20 @@ def test_bench_device_without_gpu_is_refused(tmp_path):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("module", ["segment", "dc_step", "cafe_step", "step_time", "wgrad", "wgrad_error"])
+def test_every_benchmark_names_a_bad_device_in_one_line(module, tmp_path, capsys):
+    # wgrad_error called check_device unguarded: a bad --device was a traceback.
+    import importlib
+
+    main = importlib.import_module(f"fastfair.bench.{module}").main
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "tpu", "--json", str(tmp_path / "x.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device 'tpu' is not a torch device" in err and "Traceback" not in err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_cli_bench_bad_subcommand_is_one_line_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "nope"])

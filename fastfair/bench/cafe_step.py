@@ -49,8 +49,8 @@ from .. import ops
 from ..nets import get_network, layer_features
 from .dc_step import make_batch
 from .segment import parse_groups, round_robin_ms
-from .timing import (check_device, default_json, describe_machine, loglog_plot, step_ratios, stopped_cleanly,
-                     write_json)
+from .timing import (add_run_args, default_json, describe_machine, loglog_plot, parse_device, step_ratios,
+                     stopped_cleanly, write_json)
 
 NAME = "cafe_step"
 GROUPS = [1, 10, 100]
@@ -161,10 +161,7 @@ FNS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"fastfair": fastfair_ste
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cafe_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="a real batch of 64 per class instead of 256")
-    p.add_argument("--json", default=None, help=f"output JSON (default benchmarks/results/{NAME}_<device>.json); "
-                                                "the PNG goes beside it")
+    add_run_args(p, NAME, "a real batch of 64 per class instead of 256", "the PNG goes beside it")
     p.add_argument("--groups", type=parse_groups, default=None,
                    help="comma-separated G values (default " + ",".join(map(str, GROUPS)) + ")")
     p.add_argument("--batch", type=int, default=None, help="real images per class (default 256; 64 with --quick)")
@@ -181,10 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     a = parser.parse_args(argv)
-    try:
-        device = check_device(a.device)
-    except ValueError as exc:
-        parser.error(str(exc))
+    device = parse_device(parser, a.device)
     C, ipc = 10, 10
     per_class = a.batch or (64 if a.quick else 256)
     if min(per_class, a.width, a.image_size, a.repeats) < 1:

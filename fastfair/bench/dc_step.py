@@ -66,8 +66,8 @@ from ..nets import get_network
 from ..distill.dc import compact_layout, present_segment_gradients
 from ..pergroup import segment_gradients
 from .segment import parse_groups
-from .timing import (check_device, default_json, describe_machine, loglog_plot, samples_ms, step_ratios,
-                     stopped_cleanly, write_json)
+from .timing import (add_run_args, default_json, describe_machine, loglog_plot, parse_device, samples_ms,
+                     step_ratios, stopped_cleanly, write_json)
 
 NAME = "dc_step"
 GROUPS = [1, 2, 5, 10, 20, 50, 100]
@@ -261,10 +261,7 @@ def check_point(model: nn.Module, params: list[nn.Parameter], batch: Batch, clas
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dc_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="a real batch of 40 per class instead of 256")
-    p.add_argument("--json", default=None, help=f"output JSON (default benchmarks/results/{NAME}_<device>.json); "
-                                                "the PNG goes beside it")
+    add_run_args(p, NAME, "a real batch of 40 per class instead of 256", "the PNG goes beside it")
     p.add_argument("--groups", type=parse_groups, default=None, help="comma-separated G values (default "
                                                                      + ",".join(map(str, GROUPS)) + ")")
     p.add_argument("--batch", type=int, default=None, help="real images per class (default 256; 40 with --quick)")
@@ -289,10 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     a = parser.parse_args(argv)
-    try:
-        device = check_device(a.device)
-    except ValueError as exc:
-        parser.error(str(exc))
+    device = parse_device(parser, a.device)
     per_class = a.batch or (40 if a.quick else 256)
     groups_list = a.groups or GROUPS
     if min(per_class, a.classes, a.width, a.depth, a.image_size) < 1:

@@ -46,8 +46,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .timing import (check_device, copy_bandwidth_gbs, default_json, describe_machine, loglog_plot, stopped_cleanly,
-                     time_call_ms, write_json)
+from .timing import (add_run_args, copy_bandwidth_gbs, default_json, describe_machine, loglog_plot, parse_device,
+                     stopped_cleanly, time_call_ms, write_json)
 
 NAME = "segment_ops"
 FULL_GROUPS = [1, 2, 4, 16, 100, 1000, 10_000, 100_000]
@@ -191,10 +191,7 @@ def parse_groups(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segment_ops", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="fewer rows and G up to 10^4 in the scaling cases")
-    p.add_argument("--json", default=None, help=f"output JSON (default benchmarks/results/{NAME}_<device>.json); "
-                                                "one PNG per case goes beside it")
+    add_run_args(p, NAME, "fewer rows and G up to 10^4 in the scaling cases", "one PNG per case goes beside it")
     p.add_argument("--cases", default=None,
                    help="comma-separated subset of the default cases (d64, d512, dm-emb, dc-bias; d512-scaling on CUDA)")
     p.add_argument("--n", type=int, default=None, help="one custom case: rows (default 2^17 on CPU, 2^20 on CUDA)")
@@ -231,10 +228,7 @@ def _select_cases(a: argparse.Namespace, device: str, parser: argparse.ArgumentP
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     a = parser.parse_args(argv)
-    try:
-        device = check_device(a.device)
-    except ValueError as exc:
-        parser.error(str(exc))
+    device = parse_device(parser, a.device)
     cuda = torch.device(device).type == "cuda"
     todo = _select_cases(a, device, parser)
     machine = describe_machine(device)

@@ -100,7 +100,7 @@ from .step_config import (DATASETS, DEFAULT_DATASETS, IMPLS, METHODS, Scale, bas
 from .step_loops import loop_dc_step, loop_dm_step
 from .step_memory import PeakMeter, cpu_too_big, free_cache, is_oom
 from .step_report import label, plot, ratios, summary
-from .timing import check_device, default_json, describe_machine, samples_ms, stopped_cleanly, write_json
+from .timing import add_run_args, default_json, describe_machine, parse_device, samples_ms, stopped_cleanly, write_json
 
 # The pieces live in step_config (sizes, datasets, configs), step_loops (the
 # reference-style loops), step_memory (peak memory, OOM guards) and
@@ -340,9 +340,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     one PNG per (dataset, method) beside it; returns the rows."""
     p = argparse.ArgumentParser(prog="fastfair bench step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="synthetic 10 classes x 64 at 32 px, width 32")
-    p.add_argument("--json", default=None, help="output (default benchmarks/results/step_time_<device>.json)")
+    add_run_args(p, "step_time", "synthetic 10 classes x 64 at 32 px, width 32",
+                 "one PNG per (dataset, method) goes beside it")
     p.add_argument("--dataset", default="both", choices=(*DATASETS, "both"),
                    help="both: cdigits-fg and synthetic (no files needed); cmnist-fgbg: the real C-MNIST with "
                         "digit and background colour (needs MNIST under --root): G = 10 its digit colours, 100 the "
@@ -389,10 +388,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
-    try:
-        device_name = check_device(a.device)
-    except ValueError as exc:
-        p.error(str(exc))
+    device_name = parse_device(p, a.device)
     device = torch.device(device_name)
     small = [k for k in ("classes", "batch", "image_size", "width", "ipc", "repeats")
              if getattr(a, k) is not None and getattr(a, k) < 1]

@@ -4,6 +4,7 @@ events and an L2 flush on CUDA, inputs rotated so caches do not flatter
 description, JSON output and log-log plots."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -34,6 +35,28 @@ def check_device(device: str) -> str:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__})")
     return device
+
+
+def add_run_args(p: argparse.ArgumentParser, name: str, quick: str | None,
+                 beside: str | None = "the PNG goes beside it") -> None:
+    """The options every benchmark takes: ``--device``, ``--quick`` (helped by
+    ``quick``; none when None) and ``--json`` (default_json(name, device);
+    ``beside`` says what is written next to it)."""
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    if quick is not None:
+        p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--json", default=None, help=f"output JSON (default benchmarks/results/{name}_<device>.json)"
+                                                + (f"; {beside}" if beside else ""))
+
+
+def parse_device(parser: argparse.ArgumentParser, device: str | None) -> str:
+    """check_device, with a bad ``--device`` as the parser's one-line usage
+    error (exit 2) instead of a traceback."""
+    try:
+        return check_device(device)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
 
 
 def default_json(name: str, device: str) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
 from typing import Callable
 
@@ -44,7 +43,7 @@ from .. import ops, wgrad
 from ..nets import get_network
 from ..pergroup import segment_gradients
 from .segment import parse_groups
-from .timing import check_device, default_json, describe_machine, samples_ms, write_json
+from .timing import add_run_args, default_json, describe_machine, parse_device, samples_ms, write_json
 
 NAME = "wgrad"
 GROUPS = [1, 2, 5, 10, 20, 50, 100]
@@ -213,24 +212,19 @@ def bench_network(device: str, rows_n: int, side: int, depth: int, width: int, g
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wgrad", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true",
-                   help="reduced sizes for a CPU: width 32, 40 / 20 rows, G = 1, 10, a width-16 network of 40 rows")
+    add_run_args(p, NAME, "reduced sizes for a CPU: width 32, 40 / 20 rows, G = 1, 10, a width-16 network of 40 rows",
+                 beside=None)
     p.add_argument("--groups", type=parse_groups, default=None, help="comma-separated G (default 1,2,5,10,20,50,100)")
     p.add_argument("--parts", default="layers,network", help="layers, network or both (default)")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per point")
     p.add_argument("--loop-budget", type=float, default=20.0, help="seconds for the reference loop per G")
-    p.add_argument("--json", default=None, help=f"output JSON (default benchmarks/results/{NAME}_<device>.json)")
     return p
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    a = build_parser().parse_args(argv)
-    try:
-        device = check_device(a.device)
-    except ValueError as exc:
-        print(f"wgrad: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    device = parse_device(parser, a.device)
     groups = a.groups or ([1, 10] if a.quick else GROUPS)
     scales = {"cdigits": (40, 32, 3), "imagenet": (20, 64, 4)} if a.quick else SCALES
     width = 32 if a.quick else WIDTH

@@ -34,7 +34,7 @@ from ..data.registry import load
 from ..nets import get_network
 from ..objectives import dc_matching_loss
 from ..pergroup import class_gradients, segment_gradients
-from .timing import check_device, default_json, describe_machine, write_json
+from .timing import default_json, describe_machine, parse_device, write_json
 
 
 @contextlib.contextmanager
@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per", type=int, default=256,
                    help="real images per class, at most all of them (default 256: cdigits-fg has ~125 per class)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/wgrad_error_<device>.json)")
     a = p.parse_args(argv)
-    device = check_device(a.device)
+    device = parse_device(p, a.device)
     data = load("cdigits-fg")
     C, G = data.num_classes, data.num_groups
     gen = torch.Generator().manual_seed(0)
