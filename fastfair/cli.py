@@ -455,6 +455,14 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
             if not sep or not method or not objective:
                 raise UsageError(f"--cells expects METHOD:OBJECTIVE items, got {item!r}")
             cells.append((method, objective))
+    if a.status:
+        from .reproduce_status import status, text
+
+        if not os.path.isdir(a.out):
+            raise UsageError(f"--out {a.out!r} does not exist: nothing has run there yet")
+        print(text(status(a.table, a.budget, a.out, datasets=_split_list(a.datasets), cells=cells, seed=a.seed)),
+              end="")
+        return 0
     if a.threads is not None and a.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {a.threads}")
     if a.root is not None and not os.path.isdir(a.root):
@@ -468,6 +476,10 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     with open(os.path.join(a.out, "results.md")) as f:
         print(f.read())
     print(f"{len(res['results'])} cells in {os.path.join(a.out, 'results.json')} (and results.md, results.png)")
+    if res.get("elsewhere"):
+        print(f"{len(res['elsewhere'])} cells were being run by another process and are left to it: "
+              f"{', '.join(res['elsewhere'])}; the results files gain them when it finishes them "
+              "(`fastfair reproduce ... --status` shows where they stand)")
     return 0
 
 

@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/results.md (measured mean +- std beside the paper's numbers: FairDD Tables "
                                    "1-2, COBRA's where given) and OUT/results.png. Resumable: run the same "
                                    "command again and finished cells are skipped, unfinished ones continue from "
-                                   "their checkpoint and finished evaluation runs.")
+                                   "their checkpoint and finished evaluation runs. Two processes on one --out "
+                                   "share it: a cell another process is running is left to it (the same command "
+                                   "started twice uses two cores).")
     r.add_argument("--table", default="fairdd-cmnist", choices=list(TABLES),
                    help="fairdd-cmnist: C-MNIST FG and BG at IPC 10, DM, DC, IDC and DREAM, each vanilla and +FairDD, "
                         "and DM+COBRA and DC+COBRA (FairDD Tables 1-2); fairdd-cfmnist: the same cells on C-FMNIST "
@@ -170,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     r.add_argument("--note", default=None, help="a note recorded with the machine (e.g. 'shared with 4 jobs')")
     r.add_argument("--progress", action="store_true", help="progress bars")
+    r.add_argument("--status", action="store_true",
+                   help="run nothing: list where each cell of this command stands in --out (done with its numbers, "
+                        "evaluating k of R runs, distilling at iteration i, not started; which process is running "
+                        "it), read without locking or writing, so safe beside the running processes")
 
     # -------------------------------------------------------------- spread
     sp = sub.add_parser("spread", formatter_class=_FMT,

@@ -112,6 +112,26 @@ def _eval_runs_done(path: str, settings: dict[str, Any] | None) -> list[dict[str
     return done
 
 
+def _keep_only(path: str, settings: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """Cut ``path`` to the runs that will be kept: lines after them (a line
+    cut by an interrupt, another settings' runs) would otherwise stand
+    between the kept runs and the ones appended next, and the next resume
+    would stop reading at them and redo those runs again."""
+    if not os.path.exists(path):
+        return
+    if not runs:
+        os.unlink(path)  # nothing to keep: start the file over
+        return
+    lines = [json.dumps({"settings": settings, "run": r, "result": rec}) + "\n" for r, rec in enumerate(runs)]
+    with open(path) as f:
+        if f.read() == "".join(lines):
+            return
+    from .distill.outdir import atomic_write
+
+    text = "".join(lines).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
 def _check_state(out: str, table: Table, datasets: list[str], plan: list[tuple[str, str]]) -> None:
     """Every state file the run would read holds what reproduce writes
     (ValueError naming the first that does not), checked before any work."""
@@ -127,7 +147,19 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
              seed: int = 0, device: str | None = None, progress: bool = False, log: Any = None,
              root: str | None = None) -> dict[str, Any]:
     """Distil (resuming a checkpoint) and evaluate (keeping finished runs) one
-    cell; returns its record (also written to ``out_dir/cell.json``)."""
+    cell; returns its record (also written to ``out_dir/cell.json``). The
+    cell's folder is locked for all of it, evaluation included, so a second
+    process on the same cell gets outdir.DirectoryInUse at once instead of
+    appending the same evaluation runs beside the first."""
+    from .distill import outdir
+
+    os.makedirs(out_dir, exist_ok=True)
+    with outdir.locked(out_dir):
+        return _run_cell(ds, table, budget, dataset, method, objective, out_dir, seed, device, progress, log, root)
+
+
+def _run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, objective: str, out_dir: str,
+              seed: int, device: str | None, progress: bool, log: Any, root: str | None) -> dict[str, Any]:
     import numpy as np
 
     from . import distill
@@ -147,8 +179,7 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
     runs_path = os.path.join(out_dir, "eval_runs.jsonl")
     ev = settings["eval"]
     runs = _eval_runs_done(runs_path, settings)
-    if not runs and os.path.exists(runs_path):
-        os.unlink(runs_path)  # another settings' runs: start the file over
+    _keep_only(runs_path, settings, runs)
     t1 = time.perf_counter()
     for r in range(len(runs), ev["runs"]):
         one = evaluate_synset(res.images, res.labels, ds, epochs=ev["epochs"], runs=1, seed=ev["seed"] + r,
@@ -203,15 +234,11 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
     return out
 
 
-def reproduce(table: str, budget: str, out: str, root: str | None = None, datasets: list[str] | None = None,
-              cells: list[tuple[str, str]] | None = None, seed: int = 0, device: str | None = None,
-              progress: bool = False, threads: int | None = None, note: str | None = None) -> dict[str, Any]:
-    """Run (or resume) every cell of ``table`` at ``budget`` and write the
-    results (module docstring). ``datasets`` / ``cells`` restrict the table."""
-    import torch
-
-    from . import data
-
+def planned(table: str, budget: str, datasets: list[str] | None = None,
+            cells: list[tuple[str, str]] | None = None) -> tuple[Table, Budget, list[str], list[tuple[str, str]]]:
+    """The table, the budget, the datasets and the (method, objective) cells
+    a run covers (all of the table's by default); ValueError naming any
+    unknown one."""
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
     if budget not in BUDGETS:
@@ -226,6 +253,20 @@ def reproduce(table: str, budget: str, out: str, root: str | None = None, datase
     if bad_cells:
         raise ValueError(f"table {table!r} has no cell {', '.join(bad_cells)}; it has "
                          f"{', '.join(f'{m}:{o}' for m, o in t.cells)}")
+    return t, b, dsets, plan
+
+
+def reproduce(table: str, budget: str, out: str, root: str | None = None, datasets: list[str] | None = None,
+              cells: list[tuple[str, str]] | None = None, seed: int = 0, device: str | None = None,
+              progress: bool = False, threads: int | None = None, note: str | None = None) -> dict[str, Any]:
+    """Run (or resume) every cell of ``table`` at ``budget`` and write the
+    results (module docstring). ``datasets`` / ``cells`` restrict the table."""
+    import torch
+
+    from . import data
+    from .distill.outdir import DirectoryInUse
+
+    t, b, dsets, plan = planned(table, budget, datasets, cells)
     if threads is not None:
         torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
@@ -236,6 +277,7 @@ def reproduce(table: str, budget: str, out: str, root: str | None = None, datase
 
     _check_state(out, t, dsets, plan)  # a damaged state file stops the run before any work
     records: list[dict[str, Any]] = []
+    elsewhere: list[str] = []  # cells another process was running
     # What an earlier run left for the cells this run does not plan; re-read
     # at every write (_merge_results), so that two runs into one --out (two
     # datasets or cells at once, a common way to use both cores) keep each
@@ -246,15 +288,24 @@ def reproduce(table: str, budget: str, out: str, root: str | None = None, datase
         for method, objective in plan:
             cell_dir = os.path.join(out, name, cell_name(method, objective, t.ipc))
             log(f"  {method}+{objective} -> {cell_dir}")
-            rec = run_cell(ds, t, b, name, method, objective, cell_dir, seed=seed, device=device,
-                           progress=progress, log=log, root=root)
+            try:
+                rec = run_cell(ds, t, b, name, method, objective, cell_dir, seed=seed, device=device,
+                               progress=progress, log=log, root=root)
+            except DirectoryInUse as exc:
+                # The same cell in another process (the same command started
+                # twice shares the cells this way): left to it; the results
+                # files gain it when that process finishes it.
+                log(f"  {method}+{objective}: being run by pid {exc.pid}; left to it")
+                elsewhere.append(f"{name}/{cell_name(method, objective, t.ipc)} (pid {exc.pid})")
+                continue
             log(f"  {method}+{objective}: acc {rec['acc']:.2f} DEO_M {rec['deo_m']:.2f} DEO_A {rec['deo_a']:.2f} "
                 f"(distil {rec['distill_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s)")
             records.append({k: v for k, v in rec.items() if k not in ("config",)})
             with _results_lock(out):
                 write_outputs(out, table, budget, _merge_results(out, records), started, note)
     with _results_lock(out):
-        return write_outputs(out, table, budget, _merge_results(out, records), started, note)
+        info = write_outputs(out, table, budget, _merge_results(out, records), started, note)
+    return {**info, "elsewhere": elsewhere}
 
 
 # Next to results.json: held while the top-level outputs are re-read and written.

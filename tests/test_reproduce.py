@@ -149,6 +149,10 @@ def test_unfinished_cell_keeps_its_finished_eval_runs(tmp_path):
     (cell / "eval_runs.jsonl").write_text(lines[0] + "\n" + lines[1][:20])
     again = reproduce.run_cell(ds, t, b, "cdigits-fg", "dm", "vanilla", str(cell))
     assert json.loads((cell / "eval_runs.jsonl").read_text().splitlines()[0]) == json.loads(lines[0])
+    # The cut line is gone, not left between run 0 and the redone run 1 (where
+    # the next resume would stop reading and redo run 1 once more).
+    recs = [json.loads(ln) for ln in (cell / "eval_runs.jsonl").read_text().splitlines()]
+    assert [r["run"] for r in recs] == list(range(b.eval_runs))
     for k in ("acc", "deo_m", "deo_a"):
         assert again[k] == pytest.approx(first[k])  # same seeds, same synthetic set (resumed checkpoint)
 

@@ -15,6 +15,15 @@ from typing import IO, Callable, Iterator
 LOCK = ".fastfair.lock"
 
 
+class DirectoryInUse(ValueError):
+    """Another fastfair process holds the output directory's lock; ``pid``
+    is the holder's (as it wrote it; "?" if unreadable)."""
+
+    def __init__(self, message: str, pid: str) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
 class OutputError(OSError):
     """A file of the run could not be written (disk full, read-only, ...);
     the message says which and that the previous version is kept."""
@@ -146,6 +155,47 @@ def locked(path: str) -> Iterator[None]:
                 os.rmdir(path)  # fails, as it should, when anything is inside
 
 
+def holder(path: str) -> str | None:
+    """The pid of the fastfair process holding ``path``'s lock, or None when
+    none does. Read from /proc/locks where there is one, so that asking
+    never takes the lock, not even for an instant in which a starting run
+    would find it held; elsewhere a non-blocking probe. Creates nothing."""
+    lock = os.path.join(path, LOCK)
+    try:
+        st = os.stat(lock)
+        with open("/proc/locks") as f:
+            table = f.read()
+    except FileNotFoundError as exc:
+        if exc.filename == lock:
+            return None
+        return _probe_holder(lock)
+    except OSError:
+        return _probe_holder(lock)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        f = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; "1: -> FLOCK ..." is a waiter
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5] == ident:
+            return f[4]
+    return None
+
+
+def _probe_holder(lock: str) -> str | None:
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)  # releases the shared lock if it was taken
+    return None
+
+
 def _only_lock(path: str) -> bool:
     try:
         return os.listdir(path) == [LOCK]
@@ -171,8 +221,8 @@ def _acquire(path: str, lock: str) -> int:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ValueError(f"cannot lock {lock!r}: {_reason(exc)}") from None
-            raise ValueError(f"{path!r} is in use by another fastfair run (pid {holder}); wait for it, or "
-                             "choose another --out") from None
+            raise DirectoryInUse(f"{path!r} is in use by another fastfair run (pid {holder}); wait for it, or "
+                                 "choose another --out", holder) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except OSError:
