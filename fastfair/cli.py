@@ -472,7 +472,8 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     from .reproduce import reproduce
 
     res = reproduce(a.table, a.budget, a.out, root=a.root, datasets=_split_list(a.datasets), cells=cells,
-                    seed=a.seed, device=a.device, progress=a.progress, threads=a.threads, note=a.note)
+                    seed=a.seed, device=a.device,
+                    progress=sys.stderr.isatty() if a.progress is None else a.progress, threads=a.threads, note=a.note)
     with open(os.path.join(a.out, "results.md")) as f:
         print(f.read())
     print(f"{len(res['results'])} cells in {os.path.join(a.out, 'results.json')} (and results.md, results.png)")

@@ -171,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(r)
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     r.add_argument("--note", default=None, help="a note recorded with the machine (e.g. 'shared with 4 jobs')")
-    r.add_argument("--progress", action="store_true", help="progress bars")
+    bars = r.add_mutually_exclusive_group()
+    bars.add_argument("--progress", dest="progress", action="store_true", default=None,
+                      help="progress bars of each cell's distillation and evaluation (default: when stderr is a "
+                           "terminal; a log file gets the per-cell lines only)")
+    bars.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     r.add_argument("--status", action="store_true",
                    help="run nothing: list where each cell of this command stands in --out (done with its numbers, "
                         "evaluating k of R runs, distilling at iteration i, not started; which process is running "

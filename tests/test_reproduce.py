@@ -337,3 +337,30 @@ def test_cobra_idc_cells_recorded_with_fairdds_dsa_are_evaluated_again_without(t
     assert again["settings"]["eval"]["dsa"] is False and again["eval_dsa"] is False
     lines = [json.loads(x) for x in (cell / "eval_runs.jsonl").read_text().splitlines()]
     assert len(lines) == b.eval_runs and all(x["settings"]["eval"]["dsa"] is False for x in lines)
+
+
+@pytest.mark.parametrize("flags, tty, bars", [([], False, False), ([], True, True), (["--progress"], False, True),
+                                              (["--no-progress"], True, False)])
+def test_progress_bars_follow_the_terminal_unless_asked(tmp_path, monkeypatch, capsys, flags, tty, bars):
+    # A log file (nohup, CI) gets the per-cell lines only; a terminal gets bars.
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        (tmp_path / "r").mkdir(exist_ok=True)
+        (tmp_path / "r" / "results.md").write_text("table\n")
+        return {"results": []}
+
+    monkeypatch.setattr(reproduce, "reproduce", fake)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: tty)
+    assert main(["reproduce", "--table", "cdigits", "--budget", "tiny", "--out", str(tmp_path / "r"), *flags]) == 0
+    assert seen["progress"] is bars
+    capsys.readouterr()
+
+
+def test_progress_and_no_progress_together_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--out", str(tmp_path / "r"), "--progress", "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not allowed with argument" in err
