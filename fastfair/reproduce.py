@@ -18,7 +18,11 @@ settings) is skipped; an unfinished one continues its distillation from its
 checkpoint and keeps the evaluation runs it already finished
 (``eval_runs.jsonl``). Outputs in ``--out``: one folder per cell, and
 ``results.json``, ``results.md`` (measured mean +- std beside the paper) and
-``results.png``, rewritten after every cell.
+``results.png``, rewritten after every cell. A process holds a cell's folder
+(an flock) while it distils and evaluates it; another process planning the
+same cell leaves it to the holder and goes on, so two processes on one
+command share its cells (:mod:`fastfair.reproduce_status` reads where each
+stands).
 
 This module imports torch only inside the functions that run cells, so the
 CLI's parser can read its tables without paying for torch. The tables and
