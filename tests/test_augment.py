@@ -257,6 +257,7 @@ def test_errors_and_none():
     assert parse_strategy(DEFAULT_STRATEGY) == list(FAMILIES)
 
 
+@pytest.mark.filterwarnings("ignore:Default grid_sample and affine_grid behavior:UserWarning")  # the default is the point
 def test_affine_uses_pytorch_default_align_corners():
     # The reference resamples with affine_grid / grid_sample at PyTorch's
     # default align_corners=False. (Both conventions give the same scaling or

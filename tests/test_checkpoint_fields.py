@@ -101,6 +101,7 @@ def _damaged(kind: str, good_bytes: bytes) -> bytes:
     ("truncated", "cannot read"), ("random", "cannot read"), ("empty", "cannot read"),
     ("foreign-pickle", "cannot read"), ("list", "not a fastfair checkpoint"), ("no-version", "version None"),
 ])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch's, about the foreign pickle
 def test_damaged_files_are_one_line_exit_2(good, tmp_path, capsys, kind, match):
     out = tmp_path / "run"
     out.mkdir()
