@@ -179,6 +179,24 @@ at::Tensor block_rows(const at::Tensor& t, const at::Tensor& perm, int64_t r0, i
   return rows.to(acc).contiguous();
 }
 
+// Each segment's rows in blocks of at most `rows`, gathered in sorted order
+// and cast to `acc`; add_block(slot, b, a, first) puts one block's weight
+// gradient into the segment's slot of `out` (the first block writes, later
+// ones add: the fixed order keeps the sums deterministic).
+template <typename AddBlock>
+void for_each_row_block(at::Tensor& out, const at::Tensor& grad_out, const at::Tensor& input,
+                        const at::Tensor& perm, const std::vector<int64_t>& offsets, int64_t rows,
+                        at::ScalarType acc, AddBlock&& add_block) {
+  for (int64_t s = 0; s + 1 < static_cast<int64_t>(offsets.size()); ++s) {
+    at::Tensor slot = out.select(0, s);
+    for (int64_t r0 = offsets[s]; r0 < offsets[s + 1]; r0 += rows) {
+      const int64_t r1 = std::min(r0 + rows, offsets[s + 1]);
+      add_block(slot, block_rows(grad_out, perm, r0, r1, acc), block_rows(input, perm, r0, r1, acc),
+                r0 == offsets[s]);
+    }
+  }
+}
+
 at::Tensor segment_linear_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input,
                                           const at::Tensor& ids, int64_t num_segments) {
   check_linear_weight_grad_args(grad_out, input, ids, num_segments);
@@ -189,20 +207,14 @@ at::Tensor segment_linear_weight_grad_cpu(const at::Tensor& grad_out, const at::
   const at::Tensor perm = sorted_rows(ids, num_segments, "segment_linear_weight_grad", offsets);
   zero_empty_segments(out, offsets);
   const int64_t rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, o + k));
-  for (int64_t s = 0; s < num_segments; ++s) {
-    at::Tensor slot = out.select(0, s);
-    for (int64_t r0 = offsets[s]; r0 < offsets[s + 1]; r0 += rows) {
-      const int64_t r1 = std::min(r0 + rows, offsets[s + 1]);
-      const at::Tensor b = block_rows(grad_out, perm, r0, r1, acc);
-      const at::Tensor a = block_rows(input, perm, r0, r1, acc);
-      // First block writes, later ones add: the fixed order keeps it deterministic.
-      if (r0 == offsets[s]) {
-        at::mm_out(slot, b.t(), a);
-      } else {
-        slot.addmm_(b.t(), a);
-      }
-    }
-  }
+  for_each_row_block(out, grad_out, input, perm, offsets, rows, acc,
+                     [](at::Tensor& slot, const at::Tensor& b, const at::Tensor& a, bool first) {
+                       if (first) {
+                         at::mm_out(slot, b.t(), a);
+                       } else {
+                         slot.addmm_(b.t(), a);
+                       }
+                     });
   return acc == input.scalar_type() ? out : out.to(input.scalar_type());
 }
 
@@ -294,24 +306,19 @@ at::Tensor segment_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::
   }
   const int64_t rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, per_row));
   const std::vector<int64_t> no_output_padding{0, 0};
-  for (int64_t s = 0; s < num_segments; ++s) {
-    at::Tensor slot = out.select(0, s);
-    for (int64_t r0 = offsets[s]; r0 < offsets[s + 1]; r0 += rows) {
-      const int64_t r1 = std::min(r0 + rows, offsets[s + 1]);
-      const at::Tensor b = block_rows(grad_out, perm, r0, r1, acc);
-      const at::Tensor a = block_rows(input, perm, r0, r1, acc);
-      // ATen's dense conv weight gradient of this block (oneDNN or im2col +
-      // GEMM per sample): it never unfolds more than the block.
-      const at::Tensor w = std::get<1>(at::convolution_backward(
-          b, a, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,
-          no_output_padding, /*groups=*/1, {false, true, false}));
-      if (r0 == offsets[s]) {
-        slot.copy_(w);
-      } else {
-        slot.add_(w);
-      }
-    }
-  }
+  for_each_row_block(out, grad_out, input, perm, offsets, rows, acc,
+                     [&](at::Tensor& slot, const at::Tensor& b, const at::Tensor& a, bool first) {
+                       // ATen's dense conv weight gradient of this block (oneDNN or
+                       // im2col + GEMM per sample): it never unfolds more than the block.
+                       const at::Tensor w = std::get<1>(at::convolution_backward(
+                           b, a, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,
+                           no_output_padding, /*groups=*/1, {false, true, false}));
+                       if (first) {
+                         slot.copy_(w);
+                       } else {
+                         slot.add_(w);
+                       }
+                     });
   return acc == input.scalar_type() ? out : out.to(input.scalar_type());
 }
 
