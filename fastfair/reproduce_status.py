@@ -38,8 +38,8 @@ def _last_iteration(path: str) -> int | None:
 
 
 def cell_status(cell_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """One cell's state: ``state`` (done, evaluating, distilling, not
-    started, stale, damaged), ``detail`` (one line), ``pid`` (the process
+    """One cell's state: ``state`` (done, evaluating, distilling, starting,
+    not started, stale, damaged), ``detail`` (one line), ``pid`` (the process
     holding the cell's folder, or None) and, when done, its record."""
     out: dict[str, Any] = {"pid": holder(cell_dir) if os.path.isdir(cell_dir) else None}
     try:
@@ -67,7 +67,9 @@ def cell_status(cell_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
                 "detail": detail}
     if rec is not None:
         return {**out, "state": "stale", "detail": "a cell.json of other settings: this command runs the cell again"}
-    return {**out, "state": "not started", "detail": ""}
+    # Held but nothing written yet: a process is loading the data or
+    # building its first iterations.
+    return {**out, "state": "starting" if out["pid"] else "not started", "detail": ""}
 
 
 def status(table: str, budget: str, out: str, datasets: list[str] | None = None,

@@ -104,14 +104,17 @@ def test_status_says_where_each_cell_stands(tmp_path, capsys) -> None:
     (cell_dir("dc:fairdd") / "eval_runs.jsonl").write_text("[1, 2]\n")
     before = _files(out)
     other = Holder(cell_dir("dc:vanilla"))
+    starting = Holder(cell_dir("idc:vanilla"))  # held, nothing written yet
     try:
         s = reproduce_status.status("cdigits", "cpu", str(out), datasets=["cdigits-fg"])
         assert main(["reproduce", "--table", "cdigits", "--budget", "cpu", "--datasets", "cdigits-fg",
                      "--out", str(out), "--status"]) == 0
     finally:
         other.release()
+        starting.release()
     after = _files(out)
-    after.pop(str(Path("cdigits-fg", "dc_vanilla_ipc10", outdir.LOCK)))  # the holder's own lock file
+    for cell in ("dc_vanilla_ipc10", "idc_vanilla_ipc10"):
+        after.pop(str(Path("cdigits-fg", cell, outdir.LOCK)))  # the holders' own lock files
     assert after == before  # the status wrote nothing and made no lock file
     by = {r["cell"]: r for r in s["cells"]}
     assert by["dm:vanilla"]["state"] == "done" and by["dm:vanilla"]["detail"].startswith("Acc 21.50, DEO_M 100.00")
@@ -123,6 +126,7 @@ def test_status_says_where_each_cell_stands(tmp_path, capsys) -> None:
     assert by["dm:cobra"]["state"] == "stale"
     assert by["dc:fairdd"]["state"] == "damaged" and "eval_runs.jsonl" in by["dc:fairdd"]["detail"]
     assert by["dc:cobra"]["state"] == "not started"
+    assert by["idc:vanilla"]["state"] == "starting" and by["idc:vanilla"]["pid"] == str(starting.p.pid)
     assert s["done"] == 1 and len(s["cells"]) == len(t.cells)
     text = capsys.readouterr().out
     assert text.splitlines()[0].endswith(f"1 of {len(t.cells)} cells done")
