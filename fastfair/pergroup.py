@@ -566,7 +566,7 @@ def class_gradients(
                 f"to {syn_labels.shape[0]}, got {list(class_sizes)}"
             )
     per_class: list[list[Tensor]] = []
-    for c, (x, y) in enumerate(zip(syn_images.split(sizes), syn_labels.split(sizes))):
+    for x, y in zip(syn_images.split(sizes), syn_labels.split(sizes)):
         if x.shape[0] == 0:
             per_class.append([p.new_zeros(p.shape) for p in params])
             continue
