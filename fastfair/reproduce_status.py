@@ -20,21 +20,32 @@ from .reproduce import _eval_runs_done, _read_object, planned, settings_as_recor
 from .reproduce_tables import cell_name, cell_settings
 
 
-def _last_iteration(path: str) -> int | None:
-    """The last iteration ``log.jsonl`` recorded (None: no log yet)."""
-    last = None
+def _progress(path: str) -> tuple[int, float | None] | None:
+    """The last iteration ``log.jsonl`` recorded and the seconds per
+    iteration over its last ten records (None: no log yet; rate None when
+    the records carry no times)."""
+    recs: list[tuple[int, Any]] = []
     try:
         with open(path) as f:
             for line in f:
                 try:
-                    it = json.loads(line).get("iteration")
+                    rec = json.loads(line)
+                    it = rec.get("iteration")
                 except (ValueError, AttributeError):
                     continue  # a line cut by an interrupt, or not a record
-                if isinstance(it, int):
-                    last = it
+                if isinstance(it, int) and "eval" not in rec:
+                    recs.append((it, rec.get("seconds")))
     except OSError:
         return None
-    return last
+    if not recs:
+        return None
+    (i0, t0), (i1, t1) = recs[max(0, len(recs) - 11)], recs[-1]
+    timed = isinstance(t0, (int, float)) and isinstance(t1, (int, float)) and i1 > i0 and t1 > t0
+    return i1, (t1 - t0) / (i1 - i0) if timed else None
+
+
+def _minutes(seconds: float) -> str:
+    return f"~{seconds / 60:.0f} min" if seconds >= 60 else "<1 min"
 
 
 def cell_status(cell_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -57,12 +68,18 @@ def cell_status(cell_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
         return {**out, "state": "evaluating", "runs_done": len(runs),
                 "detail": f"{len(runs)} of {total} evaluation runs finished"}
     iterations = settings["distill"].get("iterations")
-    last = _last_iteration(os.path.join(cell_dir, "log.jsonl"))
-    if last is not None:
+    progress = _progress(os.path.join(cell_dir, "log.jsonl"))
+    if progress is not None:
+        last, rate = progress
         of = f" of {iterations}" if iterations else ""
         finished = iterations is not None and last >= iterations
-        detail = (f"distilled ({last}{of} iterations), evaluation not started" if finished
-                  else f"iteration {last}{of}")
+        if finished:
+            detail = f"distilled ({last}{of} iterations), evaluation not started"
+        else:
+            # The rate of the last records: a resumed or shared run's pace, not its average.
+            left = f", {_minutes(rate * (iterations - last))} of distillation left at the last pace" \
+                if rate is not None and iterations else ""
+            detail = f"iteration {last}{of}{left}"
         return {**out, "state": "evaluating" if finished else "distilling", "runs_done": 0, "iteration": last,
                 "detail": detail}
     if rec is not None:
@@ -96,6 +113,7 @@ def text(s: dict[str, Any]) -> str:
     wd = max([len(r["dataset"]) for r in rows] + [7])
     wc = max([len(r["cell"]) for r in rows] + [4])
     for r in rows:
-        running = f" [running, pid {r['pid']}]" if r["pid"] else ""
-        lines.append(f"  {r['dataset']:<{wd}}  {r['cell']:<{wc}}  {r['state']:<11}  {r['detail']}{running}".rstrip())
+        running = f"[running, pid {r['pid']}]" if r["pid"] else ""
+        tail = " ".join(t for t in (r["detail"], running.strip()) if t)
+        lines.append(f"  {r['dataset']:<{wd}}  {r['cell']:<{wc}}  {r['state']:<11}  {tail}".rstrip())
     return "\n".join(lines) + "\n"

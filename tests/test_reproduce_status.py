@@ -97,7 +97,9 @@ def test_status_says_where_each_cell_stands(tmp_path, capsys) -> None:
     # finished under other settings (a stale cell.json); dc:fairdd damaged.
     (cell_dir("dm:vanilla") / "cell.json").write_text(json.dumps(
         {"settings": settings("dm:vanilla"), "acc": 21.5, "deo_m": 100.0, "deo_m_std": 0.0, "deo_a": 99.1}))
-    (cell_dir("dc:vanilla") / "log.jsonl").write_text('{"iteration": 10, "loss": 2.0}\n{"iteration": 20, "lo')
+    (cell_dir("dc:vanilla") / "log.jsonl").write_text(
+        '{"iteration": 10, "loss": 2.0, "seconds": 5.0}\n{"iteration": 20, "loss": 1.5, "seconds": 35.0}\n'
+        '{"iteration": 20, "eval": {}, "seconds": 99.0}\n{"iteration": 30, "lo')
     (cell_dir("dm:fairdd") / "eval_runs.jsonl").write_text(
         json.dumps({"settings": settings("dm:fairdd"), "run": 0, "result": {"acc": 50.0}}) + "\n")
     (cell_dir("dm:cobra") / "cell.json").write_text(json.dumps({"settings": settings("dm:cobra", 7), "acc": 1.0}))
@@ -120,7 +122,7 @@ def test_status_says_where_each_cell_stands(tmp_path, capsys) -> None:
     assert by["dm:vanilla"]["state"] == "done" and by["dm:vanilla"]["detail"].startswith("Acc 21.50, DEO_M 100.00")
     iterations = settings("dc:vanilla")["distill"]["iterations"]
     assert iterations > 10
-    assert by["dc:vanilla"]["state"] == "distilling" and by["dc:vanilla"]["iteration"] == 10
+    assert by["dc:vanilla"]["state"] == "distilling" and by["dc:vanilla"]["iteration"] == 20
     assert by["dc:vanilla"]["pid"] == str(other.p.pid) and by["dm:vanilla"]["pid"] is None
     assert by["dm:fairdd"]["state"] == "evaluating" and by["dm:fairdd"]["runs_done"] == 1
     assert by["dm:cobra"]["state"] == "stale"
@@ -130,7 +132,12 @@ def test_status_says_where_each_cell_stands(tmp_path, capsys) -> None:
     assert s["done"] == 1 and len(s["cells"]) == len(t.cells)
     text = capsys.readouterr().out
     assert text.splitlines()[0].endswith(f"1 of {len(t.cells)} cells done")
-    assert f"iteration 10 of {iterations} [running, pid {other.p.pid}]" in text
+    # 3 s per iteration over the log's timed records (an evaluation record is not one)
+    left = (iterations - 20) * 3.0
+    eta = f"~{left / 60:.0f} min" if left >= 60 else "<1 min"
+    assert f"iteration 20 of {iterations}, {eta} of distillation left at the last pace " \
+           f"[running, pid {other.p.pid}]" in text
+    assert f"starting     [running, pid {starting.p.pid}]" in text
     assert f"1 of {b.eval_runs} evaluation runs finished" in text
 
 
