@@ -186,6 +186,7 @@ def _run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, 
     _keep_only(runs_path, settings, runs)
     t1 = time.perf_counter()
     for r in range(len(runs), ev["runs"]):
+        t_run = time.perf_counter()
         one = evaluate_synset(res.images, res.labels, ds, epochs=ev["epochs"], runs=1, seed=ev["seed"] + r,
                               dsa=ev["dsa"], device=device, progress=progress, net_kwargs=ev["net_kwargs"],
                               method=method)
@@ -194,6 +195,7 @@ def _run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, 
         if one["per_attribute"]:  # several protected attributes: each one's marginal DEO / SUF
             rec["per_attribute"] = {n: {k: v[0] for k, v in m.items()} for n, m in one["per_attribute"].items()}
             rec["per_attribute_cells"] = one["per_attribute_cells"]
+        rec["seconds"] = round(time.perf_counter() - t_run, 1)  # the run's wall time (`--status` reads the pace)
         with open(runs_path, "a") as f:
             f.write(json.dumps({"settings": settings, "run": r, "result": rec}) + "\n")
             f.flush()

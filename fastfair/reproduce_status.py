@@ -65,8 +65,11 @@ def cell_status(cell_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
                 "detail": f"Acc {rec['acc']:.2f}, DEO_M {deo}, DEO_A {rec['deo_a']:.2f}"}
     total = settings["eval"]["runs"]
     if runs:
+        timed = [r["seconds"] for r in runs if isinstance(r.get("seconds"), (int, float))]
+        left = (f", {_minutes(sum(timed) / len(timed) * (total - len(runs)))} left at their pace"
+                if timed and len(runs) < total else "")
         return {**out, "state": "evaluating", "runs_done": len(runs),
-                "detail": f"{len(runs)} of {total} evaluation runs finished"}
+                "detail": f"{len(runs)} of {total} evaluation runs finished{left}"}
     iterations = settings["distill"].get("iterations")
     progress = _progress(os.path.join(cell_dir, "log.jsonl"))
     if progress is not None:

@@ -153,6 +153,7 @@ def test_unfinished_cell_keeps_its_finished_eval_runs(tmp_path):
     # the next resume would stop reading and redo run 1 once more).
     recs = [json.loads(ln) for ln in (cell / "eval_runs.jsonl").read_text().splitlines()]
     assert [r["run"] for r in recs] == list(range(b.eval_runs))
+    assert all(r["result"]["seconds"] >= 0 for r in recs)  # each run's wall time, for `--status`
     for k in ("acc", "deo_m", "deo_a"):
         assert again[k] == pytest.approx(first[k])  # same seeds, same synthetic set (resumed checkpoint)
 

@@ -101,7 +101,10 @@ def test_status_says_where_each_cell_stands(tmp_path, capsys) -> None:
         '{"iteration": 10, "loss": 2.0, "seconds": 5.0}\n{"iteration": 20, "loss": 1.5, "seconds": 35.0}\n'
         '{"iteration": 20, "eval": {}, "seconds": 99.0}\n{"iteration": 30, "lo')
     (cell_dir("dm:fairdd") / "eval_runs.jsonl").write_text(
-        json.dumps({"settings": settings("dm:fairdd"), "run": 0, "result": {"acc": 50.0}}) + "\n")
+        json.dumps({"settings": settings("dm:fairdd"), "run": 0, "result": {"acc": 50.0, "seconds": 150.0}}) + "\n")
+    # an older runs file (no times): no estimate
+    (cell_dir("idc:fairdd") / "eval_runs.jsonl").write_text(
+        json.dumps({"settings": settings("idc:fairdd"), "run": 0, "result": {"acc": 50.0}}) + "\n")
     (cell_dir("dm:cobra") / "cell.json").write_text(json.dumps({"settings": settings("dm:cobra", 7), "acc": 1.0}))
     (cell_dir("dc:fairdd") / "eval_runs.jsonl").write_text("[1, 2]\n")
     before = _files(out)
@@ -138,7 +141,9 @@ def test_status_says_where_each_cell_stands(tmp_path, capsys) -> None:
     assert f"iteration 20 of {iterations}, {eta} of distillation left at the last pace " \
            f"[running, pid {other.p.pid}]" in text
     assert f"starting     [running, pid {starting.p.pid}]" in text
-    assert f"1 of {b.eval_runs} evaluation runs finished" in text
+    assert by["idc:fairdd"]["state"] == "evaluating" and "left" not in by["idc:fairdd"]["detail"]
+    eta = f"~{150.0 * (b.eval_runs - 1) / 60:.0f} min"
+    assert f"1 of {b.eval_runs} evaluation runs finished, {eta} left at their pace" in text
 
 
 def test_status_of_a_missing_out_is_one_line(tmp_path, capsys) -> None:
