@@ -99,11 +99,21 @@ def settings_as_recorded(settings: Any) -> Any:
 def _eval_runs_done(path: str, settings: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Finished evaluation runs of this cell's settings, in run order
     (``settings`` None: only check the file's shape)."""
+    return _read_eval_runs(path, settings)[0]
+
+
+def _read_eval_runs(path: str, settings: dict[str, Any] | None) -> tuple[list[dict[str, Any]], int]:
+    """:func:`_eval_runs_done` and the bytes of the lines they were read from:
+    what follows (a line cut by an interrupt, another settings' runs) is not
+    kept."""
     done: list[dict[str, Any]] = []
+    end = 0
     if not os.path.isfile(path):
-        return done
-    with open(path) as f:
+        return done, end
+    with open(path, "rb") as f:
         for line in f:
+            if not line.endswith(b"\n"):  # a record is written with its newline in one write
+                break
             try:
                 rec = json.loads(line)
             except ValueError:  # a line cut by an interrupt: that run is redone
@@ -113,27 +123,8 @@ def _eval_runs_done(path: str, settings: dict[str, Any] | None) -> list[dict[str
             if settings_as_recorded(rec.get("settings")) != settings or rec.get("run") != len(done):
                 break
             done.append(rec["result"])
-    return done
-
-
-def _keep_only(path: str, settings: dict[str, Any], runs: list[dict[str, Any]]) -> None:
-    """Cut ``path`` to the runs that will be kept: lines after them (a line
-    cut by an interrupt, another settings' runs) would otherwise stand
-    between the kept runs and the ones appended next, and the next resume
-    would stop reading at them and redo those runs again."""
-    if not os.path.exists(path):
-        return
-    if not runs:
-        os.unlink(path)  # nothing to keep: start the file over
-        return
-    lines = [json.dumps({"settings": settings, "run": r, "result": rec}) + "\n" for r, rec in enumerate(runs)]
-    with open(path) as f:
-        if f.read() == "".join(lines):
-            return
-    from .distill.outdir import atomic_write
-
-    text = "".join(lines).encode()
-    atomic_write(path, lambda f: f.write(text))
+            end += len(line)
+    return done, end
 
 
 def _check_state(out: str, table: Table, datasets: list[str], plan: list[tuple[str, str]]) -> None:
@@ -182,8 +173,11 @@ def _run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, 
     t_distil = res.seconds
     runs_path = os.path.join(out_dir, "eval_runs.jsonl")
     ev = settings["eval"]
-    runs = _eval_runs_done(runs_path, settings)
-    _keep_only(runs_path, settings, runs)
+    runs, end = _read_eval_runs(runs_path, settings)
+    if os.path.isfile(runs_path) and os.path.getsize(runs_path) > end:
+        # Lines after the kept runs would stand between them and the runs
+        # appended next, and the next resume would stop reading there.
+        os.truncate(runs_path, end)
     t1 = time.perf_counter()
     for r in range(len(runs), ev["runs"]):
         t_run = time.perf_counter()
