@@ -16,6 +16,7 @@ def cell_heatmap(cell_acc: Sequence[Sequence[float | None]], path: str, title: s
     test samples, drawn grey and marked "-") to ``path``; returns the path.
     Written to a temporary file and renamed, so a reader never sees half a PNG."""
     plt = pyplot()
+    import matplotlib
     import numpy as np
 
     m = np.array([[np.nan if v is None else float(v) for v in row] for row in cell_acc], dtype=np.float64)
@@ -23,8 +24,6 @@ def cell_heatmap(cell_acc: Sequence[Sequence[float | None]], path: str, title: s
         raise ValueError(f"cell_acc must be a non-empty [classes][groups] matrix, got shape {m.shape}")
     C, G = m.shape
     fig, ax = plt.subplots(figsize=(1.6 + 0.55 * G, 1.2 + 0.42 * C))
-    import matplotlib
-
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d0d0d0")
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0, vmax=100, aspect="auto")
     for c in range(C):
