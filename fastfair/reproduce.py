@@ -162,7 +162,6 @@ def _run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, 
     from .heatmap import cell_heatmap
 
     settings = cell_settings(table, budget, dataset, method, objective, seed)
-    os.makedirs(out_dir, exist_ok=True)
     done = _read_object(os.path.join(out_dir, "cell.json"), "a cell record")
     if done is not None and settings_as_recorded(done.get("settings")) == settings:
         return done
