@@ -38,6 +38,14 @@ def _attr(r: dict[str, Any], attr: str) -> str:
     return "-" if a is None else f"{_fmt(a.get('deo_m'))} / {_fmt(a.get('deo_a'))}"
 
 
+def in_table_order(table: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cells in the table's order (its datasets, then its cells), not the order they finished in."""
+    t = TABLES[table]
+    order = {c: i for i, c in enumerate(t.cells)}
+    return sorted(results, key=lambda r: (t.datasets.index(r["dataset"]) if r["dataset"] in t.datasets else 99,
+                                          order.get((r["method"], r["objective"]), 99)))
+
+
 def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[str, Any]) -> str:
     """The measured numbers beside the published ones, one row per cell."""
     t, b = TABLES[table], BUDGETS[budget]
@@ -62,9 +70,7 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
     if floors:
         lines[-2] = lines[-2].replace(" | worst cell |", " | worst cell | chance DEO_M |")
         lines[-1] = lines[-1] + "---|"
-    order = {c: i for i, c in enumerate(t.cells)}
-    rows = sorted(results, key=lambda r: (t.datasets.index(r["dataset"]) if r["dataset"] in t.datasets else 99,
-                                          order.get((r["method"], r["objective"]), 99)))
+    rows = in_table_order(table, results)
     for r in rows:
         p = published(table, r["dataset"], r["ipc"], r["method"], r["objective"])
         paper = " / ".join(_fmt(v) for v in p[:3]) if p else "-"
@@ -96,28 +102,39 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
 
 
 def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) -> None:
-    """Measured (bars with std) and published (black ticks) DEO_M, DEO_A, Acc per cell."""
+    """Measured (bars with std) and published (black ticks) DEO_M, DEO_A, Acc per cell.
+
+    The three metrics are stacked, one row each over the same cells, so that a
+    table of 40+ cells stays readable (side by side it was a 80-inch strip)."""
     plt = pyplot()
+    from matplotlib.patches import Patch
 
     if not results:
         return
+    results = in_table_order(table, results)
     names = [f"{r['dataset']}\n{r['method']}+{r['objective']}" for r in results]
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.1 * len(results) * 1.5, 3.8))
+    n = len(results)
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 2.0 + 0.4 * n), 9.0), sharex=True)
     colour = {"vanilla": "#8c8c8c", "fairdd": "#1f77b4", "cobra": "#d62728"}
-    for ax, (key, label, idx) in zip(axes, (("deo_m", "DEO_M (%) lower is fairer", 0),
-                                            ("deo_a", "DEO_A (%) lower is fairer", 1),
-                                            ("acc", "Acc (%) higher is better", 2))):
-        xs = range(len(results))
+    xs = range(n)
+    for ax, (key, label, idx) in zip(axes, (("deo_m", "DEO_M (%), lower is fairer", 0),
+                                            ("deo_a", "DEO_A (%), lower is fairer", 1),
+                                            ("acc", "Acc (%), higher is better", 2))):
         ax.bar(xs, [r[key] for r in results], yerr=[r[f"{key}_std"] for r in results], capsize=3,
                color=[colour.get(r["objective"], "#2ca02c") for r in results])
         for x, r in zip(xs, results):
             p = published(table, r["dataset"], r["ipc"], r["method"], r["objective"])
             if p and p[idx] is not None:
                 ax.plot([x - 0.4, x + 0.4], [p[idx]] * 2, color="black", lw=2)
-        ax.set_xticks(list(xs), names, fontsize=6, rotation=90)
-        ax.set_title(label + "\n(black: paper)", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
         ax.set_ylim(0, 105)
-    fig.suptitle(title, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1].set_xticks(list(xs), names, fontsize=7, rotation=90)
+    objectives = dict.fromkeys(r["objective"] for r in results)
+    handles = [Patch(color=colour.get(o, "#2ca02c"), label=o) for o in objectives]
+    handles.append(Patch(color="black", label="paper"))
+    axes[0].legend(handles=handles, fontsize=7, ncol=len(handles), loc="upper right")
+    axes[0].set_title(title, fontsize=9)
     fig.tight_layout()
     save_png(fig, path)
 

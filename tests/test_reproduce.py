@@ -365,3 +365,21 @@ def test_progress_and_no_progress_together_are_refused(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not allowed with argument" in err
+
+
+def test_results_chart_stacks_the_metrics_over_the_cells_in_table_order(tmp_path, monkeypatch):
+    # Cells arrive in the order they finish; the chart, like results.md, lists
+    # them in the table's order, one row per metric so that 40+ cells stay legible.
+    from fastfair import reproduce_outputs
+    figs = []
+    monkeypatch.setattr(reproduce_outputs, "save_png", lambda fig, path: figs.append(fig))
+    finished = [_record("cmnist-bg", "dm", "fairdd", 30.0), _record("cmnist-fg", "dm", "cobra", 25.0),
+                _record("cmnist-fg", "dm", "vanilla", 100.0), _record("cmnist-fg", "dm", "fairdd", 20.0)]
+    reproduce_outputs.bar_chart("fairdd-cmnist", finished, str(tmp_path / "r.png"), "t")
+    (fig,) = figs
+    axes = fig.get_axes()
+    assert len(axes) == 3 and len({round(ax.get_position().x0, 3) for ax in axes}) == 1  # stacked
+    labels = [t.get_text().replace("\n", " ") for t in axes[-1].get_xticklabels()]
+    assert labels == ["cmnist-fg dm+vanilla", "cmnist-fg dm+fairdd", "cmnist-fg dm+cobra", "cmnist-bg dm+fairdd"]
+    heights = [p.get_height() for p in axes[0].patches if p.get_width() < 1]
+    assert heights[:4] == [100.0, 20.0, 25.0, 30.0]  # DEO_M bars follow their labels
