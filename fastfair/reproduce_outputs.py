@@ -105,7 +105,7 @@ def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) 
     """Measured (bars with std) and published (black ticks) DEO_M, DEO_A, Acc per cell.
 
     The three metrics are stacked, one row each over the same cells, so that a
-    table of 40+ cells stays readable (side by side it was a 80-inch strip)."""
+    table of 40+ cells stays readable (side by side it was an 80-inch strip)."""
     plt = pyplot()
     from matplotlib.patches import Patch
 
@@ -117,6 +117,7 @@ def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) 
     fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 2.0 + 0.4 * n), 9.0), sharex=True)
     colour = {"vanilla": "#8c8c8c", "fairdd": "#1f77b4", "cobra": "#d62728"}
     xs = range(n)
+    drew_paper = False
     for ax, (key, label, idx) in zip(axes, (("deo_m", "DEO_M (%), lower is fairer", 0),
                                             ("deo_a", "DEO_A (%), lower is fairer", 1),
                                             ("acc", "Acc (%), higher is better", 2))):
@@ -126,13 +127,18 @@ def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) 
             p = published(table, r["dataset"], r["ipc"], r["method"], r["objective"])
             if p and p[idx] is not None:
                 ax.plot([x - 0.4, x + 0.4], [p[idx]] * 2, color="black", lw=2)
+                drew_paper = True
         ax.set_ylabel(label, fontsize=8)
         ax.set_ylim(0, 105)
         ax.grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(list(xs), names, fontsize=7, rotation=90)
-    objectives = dict.fromkeys(r["objective"] for r in results)
-    handles = [Patch(color=colour.get(o, "#2ca02c"), label=o) for o in objectives]
-    handles.append(Patch(color="black", label="paper"))
+    # One legend entry per colour: the objectives without a colour of their own share green.
+    by_colour: dict[str, list[str]] = {}
+    for o in dict.fromkeys(r["objective"] for r in results):
+        by_colour.setdefault(colour.get(o, "#2ca02c"), []).append(o)
+    handles = [Patch(color=c, label=", ".join(os_)) for c, os_ in by_colour.items()]
+    if drew_paper:
+        handles.append(Patch(color="black", label="paper"))
     axes[0].legend(handles=handles, fontsize=7, ncol=len(handles), loc="upper right")
     axes[0].set_title(title, fontsize=9)
     fig.tight_layout()

@@ -383,3 +383,17 @@ def test_results_chart_stacks_the_metrics_over_the_cells_in_table_order(tmp_path
     assert labels == ["cmnist-fg dm+vanilla", "cmnist-fg dm+fairdd", "cmnist-fg dm+cobra", "cmnist-bg dm+fairdd"]
     heights = [p.get_height() for p in axes[0].patches if p.get_width() < 1]
     assert heights[:4] == [100.0, 20.0, 25.0, 30.0]  # DEO_M bars follow their labels
+
+
+def test_results_chart_legend_names_each_colour_once_and_the_paper_only_when_drawn(tmp_path, monkeypatch):
+    from fastfair import reproduce_outputs
+    figs = []
+    monkeypatch.setattr(reproduce_outputs, "save_png", lambda fig, path: figs.append(fig))
+    cells = [_record("cmnist-fg", "dm", "fairdd-mean", 30.0), _record("cmnist-fg", "dc", "fairdd-raked", 20.0),
+             _record("cmnist-fg", "dm", "vanilla", 100.0)]
+    reproduce_outputs.bar_chart("cobra", cells, str(tmp_path / "a.png"), "t")  # no published numbers
+    labels = [t.get_text() for t in figs[-1].get_axes()[0].get_legend().get_texts()]
+    assert labels == ["vanilla", "fairdd-mean, fairdd-raked"]  # in the table's order
+    reproduce_outputs.bar_chart("fairdd-cmnist", [_record("cmnist-fg", "dm", "fairdd", 20.0)],
+                                str(tmp_path / "b.png"), "t")
+    assert [t.get_text() for t in figs[-1].get_axes()[0].get_legend().get_texts()] == ["fairdd", "paper"]
