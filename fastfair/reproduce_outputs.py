@@ -115,14 +115,19 @@ def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) 
     names = [f"{r['dataset']}\n{r['method']}+{r['objective']}" for r in results]
     n = len(results)
     fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 2.0 + 0.4 * n), 9.0), sharex=True)
-    colour = {"vanilla": "#8c8c8c", "fairdd": "#1f77b4", "cobra": "#d62728"}
+    palette = {"vanilla": "#8c8c8c", "fairdd": "#1f77b4", "cobra": "#d62728"}
+
+    def colour(objective: str) -> str:
+        # "fairdd@fg", "cobra@intersection+balanced": the objective before what it is fair over.
+        return palette.get(objective.split("@")[0], "#2ca02c")
+
     xs = range(n)
     drew_paper = False
     for ax, (key, label, idx) in zip(axes, (("deo_m", "DEO_M (%), lower is fairer", 0),
                                             ("deo_a", "DEO_A (%), lower is fairer", 1),
                                             ("acc", "Acc (%), higher is better", 2))):
         ax.bar(xs, [r[key] for r in results], yerr=[r[f"{key}_std"] for r in results], capsize=3,
-               color=[colour.get(r["objective"], "#2ca02c") for r in results])
+               color=[colour(r["objective"]) for r in results])
         for x, r in zip(xs, results):
             p = published(table, r["dataset"], r["ipc"], r["method"], r["objective"])
             if p and p[idx] is not None:
@@ -134,14 +139,15 @@ def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) 
     axes[-1].set_xticks(list(xs), names, fontsize=7, rotation=90)
     # One legend entry per colour: the objectives without a colour of their own share green.
     by_colour: dict[str, list[str]] = {}
-    for o in dict.fromkeys(r["objective"] for r in results):
-        by_colour.setdefault(colour.get(o, "#2ca02c"), []).append(o)
+    for o in dict.fromkeys(r["objective"].split("@")[0] for r in results):
+        by_colour.setdefault(colour(o), []).append(o)
     handles = [Patch(color=c, label=", ".join(os_)) for c, os_ in by_colour.items()]
     if drew_paper:
         handles.append(Patch(color="black", label="paper"))
-    axes[0].legend(handles=handles, fontsize=7, ncol=len(handles), loc="upper right")
-    axes[0].set_title(title, fontsize=9)
-    fig.tight_layout()
+    # Above the plots: a legend inside the top row would cover the 100% bars.
+    fig.legend(handles=handles, fontsize=7, ncol=len(handles), loc="upper right")
+    fig.suptitle(title, fontsize=9, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     save_png(fig, path)
 
 

@@ -392,8 +392,17 @@ def test_results_chart_legend_names_each_colour_once_and_the_paper_only_when_dra
     cells = [_record("cmnist-fg", "dm", "fairdd-mean", 30.0), _record("cmnist-fg", "dc", "fairdd-raked", 20.0),
              _record("cmnist-fg", "dm", "vanilla", 100.0)]
     reproduce_outputs.bar_chart("cobra", cells, str(tmp_path / "a.png"), "t")  # no published numbers
-    labels = [t.get_text() for t in figs[-1].get_axes()[0].get_legend().get_texts()]
+    labels = [t.get_text() for t in figs[-1].legends[0].get_texts()]
     assert labels == ["vanilla", "fairdd-mean, fairdd-raked"]  # in the table's order
     reproduce_outputs.bar_chart("fairdd-cmnist", [_record("cmnist-fg", "dm", "fairdd", 20.0)],
                                 str(tmp_path / "b.png"), "t")
-    assert [t.get_text() for t in figs[-1].get_axes()[0].get_legend().get_texts()] == ["fairdd", "paper"]
+    assert [t.get_text() for t in figs[-1].legends[0].get_texts()] == ["fairdd", "paper"]
+    # Several attributes: a cell's colour is its objective's, whatever it is fair over.
+    reproduce_outputs.bar_chart("intersectional", [_record("cmnist-fgbg", "dm", "cobra@intersection", 40.0),
+                                                   _record("cmnist-fgbg", "dm", "fairdd@fg", 90.0)],
+                                str(tmp_path / "c.png"), "t")
+    fig = figs[-1]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["fairdd", "cobra"]
+    bars = {round(p.get_height()): p.get_facecolor()[:3] for p in fig.get_axes()[0].patches}
+    assert bars[40] == pytest.approx((0.839, 0.153, 0.157), abs=1e-2)  # COBRA's red
+    assert bars[90] == pytest.approx((0.122, 0.467, 0.706), abs=1e-2)  # FairDD's blue
