@@ -11,7 +11,7 @@ from typing import Any
 from .figures import pyplot, save_png
 from .interrupts import holds_interrupts
 from .provenance import machine
-from .reproduce_tables import BUDGETS, PAPER, TABLES, published
+from .reproduce_tables import BUDGETS, PAPER, TABLES, published, split_cell_objective
 
 
 def _write_text(path: str, text: str) -> None:
@@ -118,8 +118,8 @@ def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) 
     palette = {"vanilla": "#8c8c8c", "fairdd": "#1f77b4", "cobra": "#d62728"}
 
     def colour(objective: str) -> str:
-        # "fairdd@fg", "cobra@intersection+balanced": the objective before what it is fair over.
-        return palette.get(objective.split("@")[0], "#2ca02c")
+        # "fairdd@fg", "cobra@intersection+balanced": the objective's colour, whatever it is fair over.
+        return palette.get(split_cell_objective(objective)[0], "#2ca02c")
 
     xs = range(n)
     drew_paper = False
@@ -139,7 +139,7 @@ def bar_chart(table: str, results: list[dict[str, Any]], path: str, title: str) 
     axes[-1].set_xticks(list(xs), names, fontsize=7, rotation=90)
     # One legend entry per colour: the objectives without a colour of their own share green.
     by_colour: dict[str, list[str]] = {}
-    for o in dict.fromkeys(r["objective"].split("@")[0] for r in results):
+    for o in dict.fromkeys(split_cell_objective(r["objective"])[0] for r in results):
         by_colour.setdefault(colour(o), []).append(o)
     handles = [Patch(color=c, label=", ".join(os_)) for c, os_ in by_colour.items()]
     if drew_paper:

@@ -279,19 +279,25 @@ def cell_name(method: str, objective: str, ipc: int) -> str:
     return f"{method}_{objective.replace('@', '_over_').replace('+', '_')}_ipc{ipc}"
 
 
+def split_cell_objective(name: str) -> tuple[str, str, str]:
+    """A cell's objective name as (objective, fair_over, sampling):
+    "fairdd@fg" is the objective fair over one attribute (or "marginal"), as
+    the several-attribute tables name their cells; "+balanced" is how the
+    class batches are drawn (SAMPLINGS); either may be absent ("")."""
+    rest, _, sampling = name.partition("+")
+    objective, _, over = rest.partition("@")
+    return objective, over, sampling
+
+
 def cell_settings(table: Table, budget: Budget, dataset: str, method: str, objective: str,
                   seed: int) -> dict[str, Any]:
     """Everything that defines a cell's result (a finished cell is reused
     only when these are equal)."""
     fam = _family(method)
-    # "fairdd@fg": the objective fair over one attribute (or "marginal"); the
-    # several-attribute tables name their cells so.
-    # "+balanced": how the class batches are drawn (SAMPLINGS).
-    objective, _, sampling = objective.partition("+")
+    obj, over, sampling = split_cell_objective(objective)
     if sampling and sampling not in SAMPLINGS:
-        raise ValueError(f"unknown sampling {sampling!r} in cell {method}:{objective}+{sampling}; "
+        raise ValueError(f"unknown sampling {sampling!r} in cell {method}:{objective}; "
                          f"choose {', '.join(SAMPLINGS)}")
-    obj, _, over = objective.partition("@")
     distill = {"dataset": dataset, "method": method, "objective": obj, "ipc": table.ipc,
                "preset": table.preset, "seed": seed, **budget.distill.get(method, budget.distill.get(fam, {}))}
     if over:

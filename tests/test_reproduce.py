@@ -406,3 +406,7 @@ def test_results_chart_legend_names_each_colour_once_and_the_paper_only_when_dra
     bars = {round(p.get_height()): p.get_facecolor()[:3] for p in fig.get_axes()[0].patches}
     assert bars[40] == pytest.approx((0.839, 0.153, 0.157), abs=1e-2)  # COBRA's red
     assert bars[90] == pytest.approx((0.122, 0.467, 0.706), abs=1e-2)  # FairDD's blue
+    # A sampling without an attribute keeps the colour too.
+    reproduce_outputs.bar_chart("intersectional", [_record("cmnist-fgbg", "dm", "cobra+balanced", 40.0)],
+                                str(tmp_path / "d.png"), "t")
+    assert figs[-1].get_axes()[0].patches[0].get_facecolor()[:3] == pytest.approx((0.839, 0.153, 0.157), abs=1e-2)
