@@ -300,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--norm", default="instancenorm", help="normalisation layer of the network")
     s.add_argument("--init", default="real", choices=list(INITS),
                    help="synthetic set initialisation (default: real) [the family's own spelling and values; "
-                        "FairDD's and COBRA's DC and DM code default to real images too]")
+                        "FairDD's and COBRA's DC and DM code default to real images too]; real-balanced: real images "
+                        "spread as evenly as the data allow over each class's groups and every attribute's values "
+                        "(fastfair's option: a biased class otherwise starts ~90%% in its majority group)")
     s.add_argument("--dsa", default=None, choices=["on", "off"],
                    help="DSA augmentation while distilling; default: the method's paper: on for dm, dsa, idc, "
                         "dream; off for dc and cafe (FairDD main_DC.py and COBRA train_dc.py distil DC without DSA; COBRA's "

@@ -58,7 +58,7 @@ IDC_RECIPES = ("idc", "cobra")
 # Where a preset's code distils a method with or without DSA unlike the
 # method's paper default: COBRA's train_idc.py defaults to no DSA strategy.
 PRESET_DSA = {("cobra", "idc"): False}
-INITS = ("real", "noise")
+INITS = ("real", "real-balanced", "noise")
 GROUP_SOURCES = ("true", "pseudo")
 
 # Fields that may change between an interrupted run and its resumption: they

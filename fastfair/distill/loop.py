@@ -172,8 +172,11 @@ def _run(config: DistillConfig, dataset: Any, out_dir: str | None, device: str |
         source.load_state_dict(saved["source"])
         start, log, elapsed = int(saved["iteration"]), list(saved["log"]), float(saved["seconds"])
     else:
+        attrs = getattr(ctx.dataset, "attributes", None)
         images, _ = init_images(ctx.sampler.class_pool, ctx.train_images, cfg.ipc, cfg.init, ctx.factor,
-                                rng.generator(cfg.seed, 0, rng.INIT), tile=cfg.idc_recipe != "cobra")
+                                rng.generator(cfg.seed, 0, rng.INIT), tile=cfg.idc_recipe != "cobra",
+                                cell_pools=ctx.sampler.cell_pool,
+                                attribute_sizes=attrs.sizes if attrs is not None else None)
         images, buf = images.to(dev), None
         start, log, elapsed = 0, [], 0.0
     if write:
