@@ -139,3 +139,56 @@ def partitions(groups: Tensor, num_groups: int, attributes: "Attributes | None",
         return [(groups, num_groups)]
     ks = range(len(attributes.names)) if over == "marginal" else [attributes.index(over)]
     return [(attributes.marginal(groups, k), attributes.sizes[k]) for k in ks]
+
+
+def balanced_rows(cells: list[Tensor], sizes: tuple[int, ...], need: int, gen: torch.Generator,
+                  tries: int = 64) -> Tensor:
+    """``need`` rows of one class spread over its groups so that every
+    attribute's values are covered as evenly as the data allow.
+
+    ``cells[g]`` holds the class's rows of intersectional group ``g`` (the
+    mixed-radix id of fastfair.attributes; ``sizes`` the attributes' numbers
+    of values, ``(G,)`` for one attribute). Greedy: each pick takes the group
+    used least so far, then the one whose attribute values are least covered,
+    ties broken at random; a group gives a row it has not given yet while it
+    has one. A greedy pass can paint itself into a corner (the groups left
+    repeat a value already taken), so up to ``tries`` random tie orders are
+    run and the most even cover kept (the first perfectly even one ends the
+    search): over two 10-valued attributes and 10 picks, a Latin square on
+    the groups the class has, where the data hold one.
+    """
+    present = [g for g, c in enumerate(cells) if c.numel() > 0]
+    if not present:
+        raise ValueError("balanced_rows needs a class with at least one image")
+    values = []
+    for g in present:
+        v, rest = [], g
+        for k in reversed(sizes):
+            rest, r = divmod(rest, k)
+            v.append(r)
+        values.append(tuple(reversed(v)))
+    orders = [cells[g][torch.randperm(cells[g].numel(), generator=gen)] for g in present]
+    best, best_score = None, None
+    for _ in range(max(1, tries)):
+        tiebreak = torch.randperm(len(present), generator=gen).tolist()
+        used = [0] * len(present)
+        cover = [[0] * k for k in sizes]
+        picks = []
+        for _ in range(need):
+            j = min(range(len(present)),
+                    key=lambda i: (used[i], sum(cover[a][v] for a, v in enumerate(values[i])), tiebreak[i]))
+            picks.append(j)
+            used[j] += 1
+            for a, v in enumerate(values[j]):
+                cover[a][v] += 1
+        score = sum(x * x for col in cover for x in col)
+        if best_score is None or score < best_score:
+            best, best_score = picks, score
+        if all(max(col) - min(col) <= 1 for col in cover):
+            break
+    taken = [0] * len(present)
+    rows = []
+    for j in best:
+        rows.append(orders[j][taken[j] % orders[j].numel()])
+        taken[j] += 1
+    return torch.stack(rows)

@@ -16,6 +16,7 @@ BUDGETS = ("paper", "cpu", "cpu-long", "cpu-20min", "cpu-short", "tiny")
 TABLES = ("fairdd-cmnist", "fairdd-cfmnist", "fairdd", "cobra-cifar10s", "cobra-cmnist", "intersectional",
           "cdigits-intersectional", "cobra", "cobra-cafe", "cdigits-cafe", "cdigits")
 INITS = ("real", "real-balanced", "noise")
+BASELINES = ("random", "random-balanced", "whole")
 GROUP_SOURCES = ("true", "pseudo")
 DC_METRICS = ("ours", "mse", "cos")
 NETWORKS = ("ConvNet", "AlexNet", "VGG11", "ResNet18", "ViT")

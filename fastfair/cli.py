@@ -287,14 +287,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
         if a.json:  # before any training: metrics that cannot be written would be lost
             outdir.check_writable_file(a.json, "--json")
         ds = _load_data(a.dataset, a.root, a.bias_ratio, _parse_options(a.data_option), a.download)
-        if a.baseline == "random":
+        if a.baseline != "whole":
             _check_ipc(ds, a.ipc)
         res = evaluate_baseline(a.baseline, ds, ipc=a.ipc, **kw)
         row = {"method": a.baseline, "objective": "-", "dataset": a.dataset}
         out_path = a.json
     else:
         if a.path is None:
-            raise UsageError("give PATH (a synset.pt) or --baseline random|whole")
+            raise UsageError("give PATH (a synset.pt) or --baseline random|random-balanced|whole")
         sp = _synset_path(a.path)
         syn = _read_synset(sp)
         out_path = a.json or os.path.join(os.path.dirname(os.path.abspath(sp)), "metrics.json")

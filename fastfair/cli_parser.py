@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .choices import (BUDGETS, DC_METRICS, DSA_STRATEGY, EXPORT_FORMATS, GROUP_SOURCES, INITS, METHODS, NETWORKS,
+from .choices import (BASELINES, BUDGETS, DC_METRICS, DSA_STRATEGY, EXPORT_FORMATS, GROUP_SOURCES, INITS, METHODS, NETWORKS,
                       OBJECTIVES, PRESETS, TABLES)
 
 EXIT_USAGE = 2
@@ -373,9 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metrics.json beside it, or evaluate a baseline with --baseline and --dataset. "
                                    + FAMILY_NOTE)
     e.add_argument("path", nargs="?", default=None, help="synset.pt or its directory (not with --baseline)")
-    e.add_argument("--baseline", default=None, choices=["random", "whole"],
-                   help="evaluate IPC random real images per class, or the whole training set, instead of PATH "
-                        "(default: none, evaluate PATH)")
+    e.add_argument("--baseline", default=None, choices=list(BASELINES),
+                   help="evaluate IPC random real images per class (random: as the data are biased; "
+                        "random-balanced: spread over each class's groups and every attribute's values, "
+                        "fastfair's), or the whole training set, instead of PATH (default: none, evaluate PATH)")
     _add_data(e, required=False)
     e.add_argument("--ipc", type=int, default=10, help="images per class of the random baseline")
     e.add_argument("--model", default="ConvNet", choices=list(NETWORKS),

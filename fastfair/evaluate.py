@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .attributes import balanced_rows
 from .augment import DEFAULT_STRATEGY, dsa as dsa_augment
 from .metrics import attribute_reports, class_accuracy, deo_chance_floor, fairness_report
 from .eval_protocol import (DEFAULT_EPOCHS, METHOD_PROTOCOL, PRESET_METHOD_RUNS, PRESET_PROTOCOL,  # noqa: F401
@@ -241,24 +242,40 @@ def chance_note(acc: float, num_classes: int) -> str | None:
             "its DEO says nothing about fairness")
 
 
+BASELINES = ("random", "random-balanced", "whole")
+
+
 def baseline_set(kind: str, dataset: Any, ipc: int = 10, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Training set of a baseline: ``"random"`` = ``ipc`` real train images per
-    class drawn with ``seed`` (all of a class's images if it has fewer),
-    ``"whole"`` = the full train split."""
+    class drawn with ``seed`` (all of a class's images if it has fewer, so
+    on biased data mostly the class's majority group); ``"random-balanced"``
+    = ``ipc`` real images per class spread over its groups and every
+    attribute's values as evenly as the data allow
+    (fastfair.attributes.balanced_rows; a group-balanced real subset of the
+    synthetic set's size, fastfair's reference point for what IPC real
+    images can be at best); ``"whole"`` = the full train split."""
     train = dataset.train
     if kind == "whole":
         return train.images, train.labels
-    if kind != "random":
-        raise ValueError(f"unknown baseline kind {kind!r}; expected 'random' or 'whole'")
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline kind {kind!r}; expected one of {', '.join(BASELINES)}")
     if ipc < 1:
         raise ValueError(f"ipc must be >= 1, got {ipc}")
     gen = torch.Generator().manual_seed(seed)
     labels = train.labels.cpu()
+    groups = train.groups.cpu().long()
+    attrs = getattr(dataset, "attributes", None)
+    sizes = attrs.sizes if attrs is not None else (int(dataset.num_groups),)
     picks = []
     for c in range(dataset.num_classes):
         idx = (labels == c).nonzero().flatten()
         if idx.numel() == 0:
             raise ValueError(f"class {c} has no training images")
+        if kind == "random-balanced":
+            g = groups[idx]
+            cells = [idx[g == k] for k in range(int(dataset.num_groups))]
+            picks.append(balanced_rows(cells, sizes, min(ipc, idx.numel()), gen))
+            continue
         picks.append(idx[torch.randperm(idx.numel(), generator=gen)[:ipc]])
     sel = torch.cat(picks).to(train.images.device)
     return train.images[sel], train.labels[sel]
@@ -270,5 +287,5 @@ def evaluate_baseline(kind: str, dataset: Any, ipc: int = 10, **kwargs: Any) -> 
     (None for ``"whole"``) to the result."""
     images, labels = baseline_set(kind, dataset, ipc=ipc, seed=int(kwargs.get("seed", 0)))
     res = evaluate_synset(images, labels, dataset, **kwargs)
-    res.update(kind=kind, ipc=ipc if kind == "random" else None)
+    res.update(kind=kind, ipc=None if kind == "whole" else ipc)
     return res

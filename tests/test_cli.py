@@ -71,6 +71,8 @@ def _png(path: str) -> None:
     (["eval", "{tmp}/a_file"], ["a_file", "synthetic set"]),
     (["eval", "--baseline", "random", "--dataset", "cdigits-fg", "--ipc", "500", *TINY_EVAL],
      ["ipc 500", "larger than class"]),
+    (["eval", "--baseline", "random-balanced", "--dataset", "cdigits-fg", "--ipc", "500", *TINY_EVAL],
+     ["ipc 500", "larger than class"]),
     (["eval", "--baseline", "random"], ["--dataset"]),
     (["eval", "--baseline", "whole", "--dataset", "no-such-set"], ["'no-such-set'"]),
     (["demo", "--threads", "0"], ["--threads", "0"]),

@@ -82,12 +82,13 @@ def test_the_probe_sees_torch_when_it_is_imported():
 
 
 def test_choice_lists_match_the_modules_that_own_them():
-    from fastfair import augment, choices, nets, objectives
+    from fastfair import augment, choices, evaluate, nets, objectives
     from fastfair.distill import config
 
     assert choices.OBJECTIVES == tuple(objectives.OBJECTIVES)
     assert choices.METHODS == config.METHODS
     assert choices.INITS == config.INITS
+    assert choices.BASELINES == evaluate.BASELINES
     assert choices.GROUP_SOURCES == config.GROUP_SOURCES
     assert choices.NETWORKS == nets.NETWORKS
     assert choices.DSA_STRATEGY == augment.DEFAULT_STRATEGY

@@ -10,7 +10,8 @@ import torch
 
 from fastfair import data, distill
 from fastfair.distill.context import build_context
-from fastfair.distill.synset import balanced_rows, init_images
+from fastfair.attributes import balanced_rows
+from fastfair.distill.synset import init_images
 
 
 def _cells(presence) -> list[torch.Tensor]:  # noqa: ANN001
@@ -86,3 +87,28 @@ def test_cli_and_config_accept_the_balanced_init() -> None:
     assert "real-balanced" in choices.INITS and "real-balanced" in distill.config.INITS
     with pytest.raises(ValueError, match="unknown init"):
         distill.config.resolve(distill.DistillConfig(dataset="cdigits-fgbg", method="dm", init="balanced"))
+
+
+def test_balanced_baseline_spreads_each_class_over_its_groups() -> None:
+    from fastfair.evaluate import baseline_set, evaluate_baseline
+
+    ds = data.load("cdigits-fgbg", fg_colours=3, bg_colours=2, bias_ratio=0.8)
+    imgs, labels = baseline_set("random-balanced", ds, ipc=6, seed=1)
+    assert imgs.shape[0] == 60 and labels.bincount().tolist() == [6] * 10
+    flat = ds.train.images.reshape(ds.train.images.shape[0], -1)
+    for c in range(10):
+        rows = [int((flat == x.flatten()).all(1).nonzero()[0, 0]) for x in imgs[labels == c]]
+        assert all(int(ds.train.labels[r]) == c for r in rows) and len(set(rows)) == 6
+        g = [int(ds.train.groups[r]) for r in rows]
+        assert collections.Counter(x // 2 for x in g) == {0: 2, 1: 2, 2: 2}
+        assert collections.Counter(x % 2 for x in g) == {0: 3, 1: 3}
+    # The plain random baseline keeps the bias (~0.8 x 0.8 in the class's own cell).
+    imgs_r, labels_r = baseline_set("random", ds, ipc=6, seed=1)
+    own = 0
+    for x, y in zip(imgs_r, labels_r):
+        r = int((flat == x.flatten()).all(1).nonzero()[0, 0])
+        own += int(ds.train.groups[r]) == (int(y) % 3) * 2 + int(y) % 2
+    assert own > 25
+    res = evaluate_baseline("random-balanced", ds, ipc=6, epochs=2, runs=1, batch_size=16, device="cpu",
+                            progress=False, net_kwargs={"width": 8, "depth": 2})
+    assert res["kind"] == "random-balanced" and res["ipc"] == 6 and "per_attribute" in res

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..attributes import balanced_rows
 from ..interrupts import holds_interrupts
 from .outdir import atomic_write
 
@@ -63,59 +64,6 @@ def encode(images: Tensor, factor: int) -> Tensor:
     return grid.reshape(n, c, h, w).contiguous()
 
 
-def balanced_rows(cells: list[Tensor], sizes: tuple[int, ...], need: int, gen: torch.Generator,
-                  tries: int = 64) -> Tensor:
-    """``need`` rows of one class spread over its groups so that every
-    attribute's values are covered as evenly as the data allow.
-
-    ``cells[g]`` holds the class's rows of intersectional group ``g`` (the
-    mixed-radix id of fastfair.attributes; ``sizes`` the attributes' numbers
-    of values, ``(G,)`` for one attribute). Greedy: each pick takes the group
-    used least so far, then the one whose attribute values are least covered,
-    ties broken at random; a group gives a row it has not given yet while it
-    has one. A greedy pass can paint itself into a corner (the groups left
-    repeat a value already taken), so up to ``tries`` random tie orders are
-    run and the most even cover kept (the first perfectly even one ends the
-    search): over two 10-valued attributes and 10 picks, a Latin square on
-    the groups the class has, where the data hold one.
-    """
-    present = [g for g, c in enumerate(cells) if c.numel() > 0]
-    if not present:
-        raise ValueError("balanced_rows needs a class with at least one image")
-    values = []
-    for g in present:
-        v, rest = [], g
-        for k in reversed(sizes):
-            rest, r = divmod(rest, k)
-            v.append(r)
-        values.append(tuple(reversed(v)))
-    orders = [cells[g][torch.randperm(cells[g].numel(), generator=gen)] for g in present]
-    best, best_score = None, None
-    for _ in range(max(1, tries)):
-        tiebreak = torch.randperm(len(present), generator=gen).tolist()
-        used = [0] * len(present)
-        cover = [[0] * k for k in sizes]
-        picks = []
-        for _ in range(need):
-            j = min(range(len(present)),
-                    key=lambda i: (used[i], sum(cover[a][v] for a, v in enumerate(values[i])), tiebreak[i]))
-            picks.append(j)
-            used[j] += 1
-            for a, v in enumerate(values[j]):
-                cover[a][v] += 1
-        score = sum(x * x for col in cover for x in col)
-        if best_score is None or score < best_score:
-            best, best_score = picks, score
-        if all(max(col) - min(col) <= 1 for col in cover):
-            break
-    taken = [0] * len(present)
-    rows = []
-    for j in best:
-        rows.append(orders[j][taken[j] % orders[j].numel()])
-        taken[j] += 1
-    return torch.stack(rows)
-
-
 def init_images(class_pools: list[Tensor], train_images: Tensor, ipc: int, init: str, factor: int,
                 gen: torch.Generator, tile: bool = True, cell_pools: list[list[Tensor]] | None = None,
                 attribute_sizes: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
@@ -127,7 +75,7 @@ def init_images(class_pools: list[Tensor], train_images: Tensor, ipc: int, init:
     one whole real image per stored image, as COBRA's train_idc.py
     initialises). ``init="real-balanced"`` (fastfair's option, not the
     papers'): real images as evenly spread over each class's groups and
-    attribute values as the data allow (:func:`balanced_rows`; needs
+    attribute values as the data allow (fastfair.attributes.balanced_rows; needs
     ``cell_pools``, the sampler's per-(class, group) rows, and the
     attributes' ``attribute_sizes``, default one attribute). A biased class
     otherwise starts ~90% in its majority group. ``init="noise"``: standard
