@@ -102,8 +102,12 @@ _COBRA_CELLS = (*((m, o) for m in ("dm", "dc", "idc") for o in ("vanilla", "fair
 _INTERSECTIONAL_CELLS = (*((m, o) for m in ("dm", "dc") for o in (
     "vanilla", "fairdd@fg", "fairdd@bg", "fairdd@marginal", "fairdd@intersection", "cobra@intersection")),
     ("dm", "fairdd@intersection+balanced"), ("dm", "cobra@intersection+balanced"),
-    ("dc", "fairdd@intersection+balanced"), ("dm", "fairdd-raked@intersection+balanced"))
-SAMPLINGS = {"balanced": {"sample_per_group": True}}
+    ("dc", "fairdd@intersection+balanced"), ("dm", "fairdd-raked@intersection+balanced"),
+    ("dm", "fairdd@intersection+balanced-init"))
+# "+balanced-init": "+balanced" and the initial real images spread over the class's groups and colours
+# (--init real-balanced): the reference's real init starts ~8 of a class's 10 images in its own colours.
+SAMPLINGS = {"balanced": {"sample_per_group": True},
+             "balanced-init": {"sample_per_group": True, "init": "real-balanced"}}
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table("fairdd-cmnist", ("cmnist-fg", "cmnist-bg"), 10, _CMNIST_CELLS, "fairdd",
           "FairDD Tables 1-2, C-MNIST FG and BG rows at IPC 10 (DM, DC, IDC, DREAM, each vanilla and +FairDD), "
@@ -121,7 +125,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
           "fastfair's two-attribute C-MNIST / C-FMNIST (digit colour x background colour, 10 x 10 groups) at IPC "
           "10: vanilla, FairDD over fg only, over bg only, over the marginals, over the intersection, COBRA over "
           "the intersection, and FairDD / COBRA / fastfair's raked FairDD over the intersection with every group "
-          "sampled (+balanced) (no published numbers: no paper defines these sets)"),
+          "sampled (+balanced), FairDD so and started from colour-balanced real images (+balanced-init) (no "
+          "published numbers: no paper defines these sets)"),
     Table("cdigits-intersectional", ("cdigits-fgbg",), 10, _INTERSECTIONAL_CELLS, "fairdd",
           "the intersectional cells on the embedded cdigits-fgbg (4 x 4 groups; needs no download)"),
     Table("cobra", ("cmnist-fg", "cmnist-bg", "cfmnist-fg", "cfmnist-bg"), 10, _COBRA_CELLS, "cobra",
@@ -283,7 +288,7 @@ def split_cell_objective(name: str) -> tuple[str, str, str]:
     """A cell's objective name as (objective, fair_over, sampling):
     "fairdd@fg" is the objective fair over one attribute (or "marginal"), as
     the several-attribute tables name their cells; "+balanced" is how the
-    class batches are drawn (SAMPLINGS); either may be absent ("")."""
+    class batches are drawn and the set starts (SAMPLINGS); either may be absent ("")."""
     rest, _, sampling = name.partition("+")
     objective, _, over = rest.partition("@")
     return objective, over, sampling

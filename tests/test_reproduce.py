@@ -207,6 +207,23 @@ def test_balanced_cells_sample_every_group(tmp_path, capsys) -> None:
     assert rec["objective"] == "fairdd@intersection+balanced"
     assert rec["config"]["sample_per_group"] is True  # what the distillation really ran with
     assert "fairdd@intersection+balanced" in (out / "results.md").read_text()
+    assert rec["config"]["init"] == "real"
+    capsys.readouterr()
+
+
+def test_balanced_init_cells_also_start_from_balanced_real_images(tmp_path, capsys) -> None:
+    t, b = reproduce.TABLES["intersectional"], reproduce.BUDGETS["tiny"]
+    s = reproduce.cell_settings(t, b, "cmnist-fgbg", "dm", "fairdd@intersection+balanced-init", 0)["distill"]
+    assert s["sample_per_group"] is True and s["init"] == "real-balanced" and s["fair_over"] == "intersection"
+    assert "init" not in reproduce.cell_settings(t, b, "cmnist-fgbg", "dm", "fairdd@intersection+balanced",
+                                                 0)["distill"]  # the committed cells' settings are unchanged
+    assert ("dm", "fairdd@intersection+balanced-init") in t.cells
+    out = tmp_path / "r"
+    assert main(["reproduce", "--table", "cdigits-intersectional", "--budget", "tiny", "--cells",
+                 "dm:fairdd@intersection+balanced-init", "--out", str(out), "--threads", "1"]) == 0
+    rec = json.loads((out / "cdigits-fgbg" / "dm_fairdd_over_intersection_balanced-init_ipc10" / "cell.json")
+                     .read_text())
+    assert rec["config"]["init"] == "real-balanced" and rec["config"]["sample_per_group"] is True
     capsys.readouterr()
 
 
