@@ -633,7 +633,7 @@ def test_celeba_several_group_attributes(tmp_path):
 def test_utkface_race_by_gender(tmp_path):
     folder = tmp_path / "UTKFace"
     k = 0
-    for bucket, age in enumerate((10, 30, 50)):
+    for age in (10, 30, 50):
         for race in range(4):
             for gender in (0, 1):
                 for j in range(2):
