@@ -140,7 +140,7 @@ def _check_state(out: str, table: Table, datasets: list[str], plan: list[tuple[s
 
 def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, objective: str, out_dir: str,
              seed: int = 0, device: str | None = None, progress: bool = False, log: Any = None,
-             root: str | None = None) -> dict[str, Any]:
+             root: str | None = None, note: str | None = None) -> dict[str, Any]:
     """Distil (resuming a checkpoint) and evaluate (keeping finished runs) one
     cell; returns its record (also written to ``out_dir/cell.json``). The
     cell's folder is locked for all of it, evaluation included, so a second
@@ -150,11 +150,13 @@ def run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, o
 
     os.makedirs(out_dir, exist_ok=True)
     with outdir.locked(out_dir):
-        return _run_cell(ds, table, budget, dataset, method, objective, out_dir, seed, device, progress, log, root)
+        return _run_cell(ds, table, budget, dataset, method, objective, out_dir, seed, device, progress, log, root,
+                         note)
 
 
 def _run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, objective: str, out_dir: str,
-              seed: int, device: str | None, progress: bool, log: Any, root: str | None) -> dict[str, Any]:
+              seed: int, device: str | None, progress: bool, log: Any, root: str | None,
+              note: str | None) -> dict[str, Any]:
     import numpy as np
 
     from . import distill
@@ -215,7 +217,7 @@ def _run_cell(ds: Any, table: Table, budget: Budget, dataset: str, method: str, 
     out["deo_floor"] = chance_floor(out["cell_acc"], ds)
     out.update(eval_epochs=runs[0]["epochs"], eval_dsa=runs[0]["dsa"], eval_runs=len(runs),
                distill_seconds=round(t_distil, 1), eval_seconds=round(t_eval, 1),
-               wall_seconds=round(time.perf_counter() - t0, 1), build=build())
+               wall_seconds=round(time.perf_counter() - t0, 1), build=build(), machine=machine(), note=note)
     title = f"{dataset} {method}+{objective} IPC {table.ipc} ({budget.name} budget)"
     cell_heatmap(out["cell_acc"], os.path.join(out_dir, "cells.png"), class_names=ds.class_names,
                  group_names=ds.group_names, title=title)
@@ -289,7 +291,7 @@ def reproduce(table: str, budget: str, out: str, root: str | None = None, datase
             log(f"  {method}+{objective} -> {cell_dir}")
             try:
                 rec = run_cell(ds, t, b, name, method, objective, cell_dir, seed=seed, device=device,
-                               progress=progress, log=log, root=root)
+                               progress=progress, log=log, root=root, note=note)
             except DirectoryInUse as exc:
                 # The same cell in another process (the same command started
                 # twice shares the cells this way): left to it; the results
@@ -321,8 +323,18 @@ def _merge_results(out: str, records: list[dict[str, Any]]) -> list[dict[str, An
     and the old record of a planned cell this run has not reached yet (it is
     replaced when the cell finishes)."""
     mine = {_key(r) for r in records}
-    disk = [r for r in _previous_results(os.path.join(out, "results.json")) if _key(r) not in mine]
-    return disk + _finished_cells(out, mine | {_key(r) for r in disk}) + records
+    path = os.path.join(out, "results.json")
+    disk = [r for r in _previous_results(path) if _key(r) not in mine]
+    merged = disk + _finished_cells(out, mine | {_key(r) for r in disk}) + records
+    # Cells recorded before each cell kept its machine ran where the table
+    # said they ran when they were written: keep that, not the machine of
+    # whichever run writes the table next.
+    prev = _read_object(path, "a results file") or {}
+    for r in merged:
+        if "machine" not in r and isinstance(prev.get("machine"), dict):
+            r["machine"] = prev["machine"]
+            r.setdefault("note", prev.get("note"))
+    return merged
 
 
 def _finished_cells(out: str, known: set[tuple]) -> list[dict[str, Any]]:

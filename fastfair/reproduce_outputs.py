@@ -46,6 +46,27 @@ def in_table_order(table: str, results: list[dict[str, Any]]) -> list[dict[str, 
                                           order.get((r["method"], r["objective"]), 99)))
 
 
+def _machine_text(mach: dict[str, Any], note: str | None) -> str:
+    return (f"{mach.get('cpu', mach.get('processor', '?'))}, {mach.get('cpu_count', '?')} cores"
+            + (f", GPU {mach['gpu']}" if mach.get("gpu") else "")
+            + f", torch {mach.get('torch', '?')}, {mach.get('threads', '?')} threads" + (f"; {note}" if note else ""))
+
+
+def machines_line(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    """Where the cells ran: each cell's own machine and note (a table is
+    often filled over several sessions, on different machines); cells
+    recorded without one fall back to the table's."""
+    seen: dict[str, int] = {}
+    for r in results:
+        mach = r.get("machine") if isinstance(r.get("machine"), dict) else info.get("machine", {})
+        text = _machine_text(mach, r.get("note") if "machine" in r else info.get("note"))
+        seen[text] = seen.get(text, 0) + 1
+    if len(seen) <= 1:
+        text = next(iter(seen), _machine_text(info.get("machine", {}), info.get("note")))
+        return f"Machine: {text}."
+    return "Machines: " + "; ".join(f"{text} ({n} cell{'s' if n > 1 else ''})" for text, n in seen.items()) + "."
+
+
 def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[str, Any]) -> str:
     """The measured numbers beside the published ones, one row per cell."""
     t, b = TABLES[table], BUDGETS[budget]
@@ -53,10 +74,7 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], info: dict[
              f"{t.description}. Measured: mean +- std (population) over the evaluation runs; "
              f"paper: the published mean. SUF_M / SUF_A: COBRA's max / mean sufficiency gap ('-': runs "
              f"recorded before fastfair reported it). Budget `{budget}`: {b.summary}.", ""]
-    mach = info.get("machine", {})
-    lines += [f"Machine: {mach.get('cpu', mach.get('processor', '?'))}, {mach.get('cpu_count', '?')} cores, "
-              f"torch {mach.get('torch', '?')}, {mach.get('threads', '?')} threads"
-              + (f"; {info['note']}" if info.get("note") else "") + ".", ""]
+    lines += [machines_line(results, info), ""]
     lines += ["| dataset | IPC | method | objective | DEO_M | DEO_A | Acc | SUF_M | SUF_A | worst cell "
               "| paper DEO_M / DEO_A / Acc | source | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     # Several protected attributes: each attribute's marginal DEO_M / DEO_A beside the intersectional ones.

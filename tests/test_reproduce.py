@@ -427,3 +427,31 @@ def test_results_chart_legend_names_each_colour_once_and_the_paper_only_when_dra
     reproduce_outputs.bar_chart("intersectional", [_record("cmnist-fgbg", "dm", "cobra+balanced", 40.0)],
                                 str(tmp_path / "d.png"), "t")
     assert figs[-1].get_axes()[0].patches[0].get_facecolor()[:3] == pytest.approx((0.839, 0.153, 0.157), abs=1e-2)
+
+
+def test_each_cell_keeps_the_machine_it_ran_on(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "m"
+    # A table written before cells kept their machine: one old cell, the table's machine.
+    out.mkdir()
+    old = _record("cdigits-fg", "dm", "vanilla", 99.0)
+    (out / "results.json").write_text(json.dumps({"machine": {"cpu": "Old EPYC", "cpu_count": 2, "torch": "2.14",
+                                                              "threads": 1}, "note": "beside two jobs",
+                                                  "results": [old]}))
+    monkeypatch.setattr(reproduce, "machine", lambda: {"cpu": "New Xeon", "cpu_count": 2, "torch": "2.14",
+                                                       "threads": 1})
+    assert main(["reproduce", "--table", "cdigits", "--budget", "tiny", "--cells", "dm:fairdd", "--out", str(out),
+                 "--threads", "1", "--note", "alone"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    new = [r for r in res["results"] if r["objective"] == "fairdd"]
+    (kept,) = [r for r in res["results"] if r["objective"] == "vanilla"]
+    assert kept["machine"]["cpu"] == "Old EPYC" and kept["note"] == "beside two jobs"
+    assert new and all(r["machine"]["cpu"] == "New Xeon" and r["note"] == "alone" for r in new)
+    md = (out / "results.md").read_text()
+    line = [ln for ln in md.splitlines() if ln.startswith("Machine")][0]
+    assert line.startswith("Machines: ") and "Old EPYC" in line and "beside two jobs (1 cell)" in line
+    n = len(new)
+    assert "New Xeon" in line and f"alone ({n} cell{'s' if n > 1 else ''})" in line
+    # One machine for every cell: the one-line form.
+    one = reproduce.markdown("cdigits", "tiny", new[:1], {"machine": {"cpu": "Y"}})
+    assert "Machine: New Xeon, 2 cores, torch 2.14, 1 threads; alone." in one
+    capsys.readouterr()
