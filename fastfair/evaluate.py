@@ -252,8 +252,9 @@ def baseline_set(kind: str, dataset: Any, ipc: int = 10, seed: int = 0) -> tuple
     = ``ipc`` real images per class spread over its groups and every
     attribute's values as evenly as the data allow
     (fastfair.attributes.balanced_rows; a group-balanced real subset of the
-    synthetic set's size, fastfair's reference point for what IPC real
-    images can be at best); ``"whole"`` = the full train split."""
+    synthetic set's size: over several attributes each image still carries
+    one combination of values, which a few images per class can tie to the
+    class, docs/reproduction.md); ``"whole"`` = the full train split."""
     train = dataset.train
     if kind == "whole":
         return train.images, train.labels

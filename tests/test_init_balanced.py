@@ -112,3 +112,13 @@ def test_balanced_baseline_spreads_each_class_over_its_groups() -> None:
     res = evaluate_baseline("random-balanced", ds, ipc=6, epochs=2, runs=1, batch_size=16, device="cpu",
                             progress=False, net_kwargs={"width": 8, "depth": 2})
     assert res["kind"] == "random-balanced" and res["ipc"] == 6 and "per_attribute" in res
+
+
+def test_a_value_the_class_lacks_does_not_stop_an_even_cover() -> None:
+    # Background value 2 never occurs: the cover is even over the values there are.
+    cells = [torch.arange(g * 100, g * 100 + (0 if g % 3 == 2 else 5)) for g in range(9)]  # sizes (3, 3)
+    rows = balanced_rows(cells, (3, 3), 6, torch.Generator().manual_seed(0))
+    groups = (rows // 100).tolist()
+    assert collections.Counter(g // 3 for g in groups) == {0: 2, 1: 2, 2: 2}
+    assert collections.Counter(g % 3 for g in groups) == {0: 3, 1: 3}
+    assert len(set(groups)) == 6
