@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .choices import (BASELINES, BUDGETS, DC_METRICS, DSA_STRATEGY, EXPORT_FORMATS, GROUP_SOURCES, INITS, METHODS, NETWORKS,
-                      OBJECTIVES, PRESETS, TABLES)
+from .choices import (BASELINES, BUDGETS, DC_METRICS, DSA_STRATEGY, EXPORT_FORMATS, GROUP_SOURCES, INITS, METHODS,
+                      NETWORKS, OBJECTIVES, PRESETS, TABLES)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPT = 130
