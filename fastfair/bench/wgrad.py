@@ -144,7 +144,9 @@ def bench_layers(device: str, scales: dict, groups: list[int], repeats: int, log
                         got = fn(b, a, ids, s)
                         err = _rel(got, want)
                         del got
-                        t = samples_ms(lambda i: fn(b, a, ids, s), device=device, repeats=repeats, max_seconds=10)
+                        # The operands bound now: the loop deletes a and b after its last method.
+                        t = samples_ms(lambda i, fn=fn, a=a, b=b, ids=ids, s=s: fn(b, a, ids, s), device=device,
+                                       repeats=repeats, max_seconds=10)
                     ms = statistics.median(t)
                     rows.append({"part": "layers", "scale": scale, "layer": name, "rows": n, "in": ci, "out": co,
                                  "side": h, "groups": g, "segments": s, "method": method, "ms": ms,
