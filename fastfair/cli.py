@@ -146,6 +146,15 @@ def cmd_distill(a: argparse.Namespace) -> int:
     _check_device(a.device)
     outdir.check_writable_dir(a.out)
     _check_network(a.eval_model, "--eval-model")
+    unused = [flag for flag, given in (("--eval-runs", a.eval_runs is not None), ("--eval-epochs", a.eval_epochs
+              is not None), ("--eval-width", a.eval_width is not None), ("--eval-model", a.eval_model != "ConvNet"))
+              if given]
+    if unused and not a.eval_every:
+        # Said before the run, not discovered after it: these shape the
+        # evaluations DURING the run, and --eval-every 0 (the default) has none.
+        print(f"note: {', '.join(unused)} set but --eval-every is 0, so the run evaluates nothing; add "
+              f"--eval-every N (N = --iterations for one evaluation at the end) or run `fastfair eval {a.out}` "
+              "afterwards", file=sys.stderr)
     # Under torchrun: join the group, and destroy it however the run ends (a
     # group that the caller set up before calling main() is left alone).
     if a.tensorboard is not None:

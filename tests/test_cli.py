@@ -195,6 +195,20 @@ def test_demo_tiny_writes_schema_grids_and_chart(tmp_path, capsys):
         assert any(line.split()[:2] == [method, objective] and "+-" in line for line in stdout.splitlines())
 
 
+def test_evaluation_options_without_evaluations_are_said(tmp_path, capsys):
+    base = ["distill", "--dataset", "cdigits-fg", "--method", "dm", "--ipc", "1", "--iterations", "1", *TINY_DISTILL]
+    assert run_cli([*base, "--out", str(tmp_path / "a"), "--eval-runs", "5", "--eval-width", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --eval-runs, --eval-width set but --eval-every is 0" in err and "fastfair eval" in err
+    assert not os.path.exists(tmp_path / "a" / "metrics.json")  # indeed nothing was evaluated
+    # With --eval-every, or without evaluation options, no note.
+    assert run_cli([*base, "--out", str(tmp_path / "b"), "--eval-runs", "1", "--eval-epochs", "1", "--eval-width", "8",
+                    "--eval-every", "1"]) == 0
+    assert "--eval-every is 0" not in capsys.readouterr().err
+    assert run_cli([*base, "--out", str(tmp_path / "c")]) == 0
+    assert "--eval-every is 0" not in capsys.readouterr().err
+
+
 def test_distill_resume_then_eval(tmp_path, capsys):
     out = str(tmp_path / "run")
     base = ["distill", "--dataset", "cdigits-fg", "--method", "dm", "--objective", "fairdd", "--ipc", "2",
