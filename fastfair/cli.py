@@ -146,9 +146,9 @@ def cmd_distill(a: argparse.Namespace) -> int:
     _check_device(a.device)
     outdir.check_writable_dir(a.out)
     _check_network(a.eval_model, "--eval-model")
-    unused = [flag for flag, given in (("--eval-runs", a.eval_runs is not None), ("--eval-epochs", a.eval_epochs
-              is not None), ("--eval-width", a.eval_width is not None), ("--eval-model", a.eval_model != "ConvNet"))
-              if given]
+    given = {"--eval-runs": a.eval_runs is not None, "--eval-epochs": a.eval_epochs is not None,
+             "--eval-width": a.eval_width is not None, "--eval-model": a.eval_model != "ConvNet"}
+    unused = [flag for flag, on in given.items() if on]
     if unused and not a.eval_every:
         # Said before the run, not discovered after it: these shape the
         # evaluations DURING the run, and --eval-every 0 (the default) has none.
