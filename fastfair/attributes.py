@@ -161,15 +161,11 @@ def balanced_rows(cells: list[Tensor], sizes: tuple[int, ...], need: int, gen: t
     present = [g for g, c in enumerate(cells) if c.numel() > 0]
     if not present:
         raise ValueError("balanced_rows needs a class with at least one image")
-    values = []
-    for g in present:
-        v, rest = [], g
-        for k in reversed(sizes):
-            rest, r = divmod(rest, k)
-            v.append(r)
-        values.append(tuple(reversed(v)))
     orders = [cells[g][torch.randperm(cells[g].numel(), generator=gen)] for g in present]
-    vals = torch.tensor(values, dtype=torch.int64)  # [P, A]
+    ids = torch.tensor(present, dtype=torch.int64)
+    # Each present group's attribute values [P, A], as Attributes.marginal decodes the mixed-radix id.
+    vals = torch.stack([torch.div(ids, math.prod(sizes[a + 1:]), rounding_mode="floor") % k
+                        for a, k in enumerate(sizes)], 1)
     # One key per group, ordered as (times used, coverage of its values, tie):
     # coverage is an integer <= need * A and the tie is in [0, 1).
     dominate = float(need * len(sizes) + 2)
