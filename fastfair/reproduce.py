@@ -74,8 +74,10 @@ def _read_object(path: str, what: str) -> dict[str, Any] | None:
     return obj
 
 
-def _previous_results(path: str) -> list[dict[str, Any]]:
-    prev = _read_object(path, "a results file") or {}
+def _previous_results(path: str, prev: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The cell records of a results file (``prev``: the file already read)."""
+    if prev is None:
+        prev = _read_object(path, "a results file") or {}
     rows = prev.get("results", [])
     if not isinstance(rows, list) or not all(isinstance(r, dict) and {"dataset", "method", "objective"} <= r.keys()
                                              for r in rows):
@@ -324,12 +326,12 @@ def _merge_results(out: str, records: list[dict[str, Any]]) -> list[dict[str, An
     replaced when the cell finishes)."""
     mine = {_key(r) for r in records}
     path = os.path.join(out, "results.json")
-    disk = [r for r in _previous_results(path) if _key(r) not in mine]
+    prev = _read_object(path, "a results file") or {}
+    disk = [r for r in _previous_results(path, prev) if _key(r) not in mine]
     merged = disk + _finished_cells(out, mine | {_key(r) for r in disk}) + records
     # Cells recorded before each cell kept its machine ran where the table
     # said they ran when they were written: keep that, not the machine of
     # whichever run writes the table next.
-    prev = _read_object(path, "a results file") or {}
     for r in merged:
         if "machine" not in r and isinstance(prev.get("machine"), dict):
             r["machine"] = prev["machine"]

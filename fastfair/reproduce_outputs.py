@@ -58,8 +58,8 @@ def machines_line(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
     recorded without one fall back to the table's."""
     seen: dict[str, int] = {}
     for r in results:
-        mach = r.get("machine") if isinstance(r.get("machine"), dict) else info.get("machine", {})
-        text = _machine_text(mach, r.get("note") if "machine" in r else info.get("note"))
+        own = r if isinstance(r.get("machine"), dict) else info
+        text = _machine_text(own.get("machine", {}), own.get("note"))
         seen[text] = seen.get(text, 0) + 1
     if len(seen) <= 1:
         text = next(iter(seen), _machine_text(info.get("machine", {}), info.get("note")))

@@ -106,8 +106,8 @@ _INTERSECTIONAL_CELLS = (*((m, o) for m in ("dm", "dc") for o in (
     ("dm", "fairdd@intersection+balanced-init"))
 # "+balanced-init": "+balanced" and the initial real images spread over the class's groups and colours
 # (--init real-balanced): the reference's real init starts ~8 of a class's 10 images in its own colours.
-SAMPLINGS = {"balanced": {"sample_per_group": True},
-             "balanced-init": {"sample_per_group": True, "init": "real-balanced"}}
+SAMPLINGS = {"balanced": {"sample_per_group": True}}
+SAMPLINGS["balanced-init"] = {**SAMPLINGS["balanced"], "init": "real-balanced"}
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table("fairdd-cmnist", ("cmnist-fg", "cmnist-bg"), 10, _CMNIST_CELLS, "fairdd",
           "FairDD Tables 1-2, C-MNIST FG and BG rows at IPC 10 (DM, DC, IDC, DREAM, each vanilla and +FairDD), "
